@@ -1,0 +1,39 @@
+# moe-lab: every target creates what it needs; `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch: it installs from this machine's local disk. A bare `torch` pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test lint format run bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install moe-lab with its dev tools (torch pinned to the CPU build)
+
+test: $(STAMP) ## run the test suite
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## check style with ruff
+	$(BIN)/ruff check moe_lab tests
+	$(BIN)/ruff format --check moe_lab tests
+
+format: $(STAMP) ## format the code with ruff
+	$(BIN)/ruff check --fix moe_lab tests
+	$(BIN)/ruff format moe_lab tests
+
+bench: $(STAMP) ## benchmark the dispatch backends, JSON to results/bench/dispatch.json
+	$(BIN)/moe-lab bench dispatch --json results/bench/dispatch.json
+
+clean: ## remove the environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

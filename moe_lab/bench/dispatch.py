@@ -1,0 +1,184 @@
+"""Forward+backward throughput of the MoE layer per dispatch backend, against the dense speed limit."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_lab.moe import MoEConfig, MoELayer
+from moe_lab.moe.experts import Experts
+
+OUR_BACKENDS = ("sorted", "loop", "einsum")
+PEERS = ("hf-mixtral", "hf-mixtral-grouped_mm")
+ALL_BACKENDS = ("dense", *OUR_BACKENDS, *PEERS)
+
+
+@dataclass
+class BenchRecord:
+    """One timed configuration; `ratio_to_dense` = dense tokens/s / this row's tokens/s (1.0 = at the limit)."""
+
+    backend: str
+    num_experts: int
+    top_k: int
+    tokens: int
+    d_model: int
+    d_ff: int
+    capacity_factor: float | None
+    activation: str
+    seconds_median: float
+    seconds_min: float
+    tokens_per_s: float
+    ratio_to_dense: float | None
+    dropped_frac: float | None
+    threads: int
+    torch_version: str
+    device: str
+
+
+class DenseFFN(nn.Module):
+    """The speed limit: one dense FFN over the k*T routed token copies, the same FLOPs as the experts."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.ffn = Experts(1, d_model, d_ff, activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_ND = x.reshape(-1, x.shape[-1]).repeat(self.top_k, 1)
+        y_ND = self.ffn.forward_one(x_ND, self.ffn.w_in_EDH[0], self.ffn.w_out_EFD[0])
+        return y_ND.view(self.top_k, *x.shape).sum(0)  # the combine: k outputs per token
+
+
+def _hf_mixtral(d_model: int, d_ff: int, num_experts: int, top_k: int, implementation: str) -> nn.Module:
+    """Hugging Face's Mixtral sparse MoE block from a small config (no download); dropless, SwiGLU."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=d_model,
+        intermediate_size=d_ff,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        hidden_act="silu",
+    )
+    config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():  # its weights are allocated uninitialised outside from_pretrained
+            p.normal_(std=p.shape[-1] ** -0.5)
+    return block
+
+
+def _time(fn: Callable[[], None], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_dispatch(
+    experts: tuple[int, ...] = (8, 32, 64),
+    top_ks: tuple[int, ...] = (1, 2),
+    tokens: int = 8192,
+    d_model: int = 256,
+    d_ff: int = 1024,
+    capacity_factor: float | None = 1.25,
+    activation: str = "swiglu",
+    backends: tuple[str, ...] = ALL_BACKENDS,
+    repeats: int = 5,
+    warmup: int = 2,
+    seed: int = 0,
+    device: str = "cpu",
+    on_record: Callable[[BenchRecord], None] | None = None,
+) -> list[BenchRecord]:
+    """Time forward+backward for every (E, k, backend); the dense row of each (E, k) sets the limit."""
+    unknown = sorted(set(backends) - set(ALL_BACKENDS))
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; valid: {list(ALL_BACKENDS)}")
+    records: list[BenchRecord] = []
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, tokens, d_model, generator=gen).to(device)
+    grad = torch.randn(1, tokens, d_model, generator=gen).to(device)
+    # the dense limit first: every other row's ratio refers to it
+    order = sorted(backends, key=lambda b: b != "dense")
+    for num_experts in experts:
+        for top_k in top_ks:
+            torch.manual_seed(seed)
+            base = MoELayer(
+                MoEConfig(
+                    d_model=d_model,
+                    d_ff=d_ff,
+                    num_experts=num_experts,
+                    top_k=top_k,
+                    train_capacity_factor=capacity_factor,
+                    activation=activation,
+                )
+            ).to(device)
+            dense_tps = None
+            for backend in order:
+                dropped = None
+                if backend == "dense":
+                    module: nn.Module = DenseFFN(d_model, d_ff, activation, top_k).to(device)
+                elif backend in OUR_BACKENDS:
+                    module = copy.deepcopy(base)
+                    module.backend = backend
+                else:
+                    impl = "grouped_mm" if backend.endswith("grouped_mm") else "eager"
+                    module = _hf_mixtral(d_model, d_ff, num_experts, top_k, impl).to(device)
+
+                def step(module: nn.Module = module) -> None:
+                    xx = x.detach().requires_grad_()
+                    (module(xx) * grad).sum().backward()
+                    module.zero_grad(set_to_none=True)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+
+                times = _time(step, repeats, warmup)
+                if isinstance(module, MoELayer):
+                    dropped = module.metrics("train")["dropped_frac"]
+                median = statistics.median(times)
+                tps = tokens / median
+                if backend == "dense":
+                    dense_tps = tps
+                record = BenchRecord(
+                    backend=backend,
+                    num_experts=num_experts,
+                    top_k=top_k,
+                    tokens=tokens,
+                    d_model=d_model,
+                    d_ff=d_ff,
+                    capacity_factor=capacity_factor,
+                    activation=activation,
+                    seconds_median=median,
+                    seconds_min=min(times),
+                    tokens_per_s=tps,
+                    ratio_to_dense=None if dense_tps is None else dense_tps / tps,
+                    dropped_frac=dropped,
+                    threads=torch.get_num_threads(),
+                    torch_version=torch.__version__,
+                    device=device,
+                )
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
+    return records
+
+
+def write_json(records: list[BenchRecord], path: Path) -> None:
+    """Write the records as a JSON list, with the machine they ran on in each record's `machine` key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    path.write_text(json.dumps([{**asdict(r), "machine": machine} for r in records], indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""The moe-lab command line: thin commands that compose a configuration and call one function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="moe-lab: reproduce the ST-MoE and StableMoE ablations at small scale.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks of the MoE core (JSON output).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes comma-separated integers, got {text!r}") from None
+
+
+def _not_built(command: str, issue: int) -> None:
+    console.print(f"[red]moe-lab {command}[/red] is not built yet (issue #{issue}).")
+    raise typer.Exit(code=1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def pretrain(name: Annotated[str, typer.Argument(help="preset: tiny, small, dense-small")] = "small") -> None:
+    """Pretrain a sparse or dense language model (e.g. `moe-lab pretrain small`)."""
+    _not_built("pretrain", 3)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def finetune(task: Annotated[str, typer.Argument(help="task: cb, sst2, ...")] = "cb") -> None:
+    """Fine-tune a pretrained checkpoint on a classification task."""
+    _not_built("finetune", 4)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep(name: Annotated[str, typer.Argument(help="a study in experiments/")] = "capacity-factor") -> None:
+    """Run an ablation study as a Hydra multirun."""
+    _not_built("sweep", 4)
+
+
+@app.command()
+def report() -> None:
+    """Render the papers' tables with our numbers beside them."""
+    _not_built("report", 6)
+
+
+@bench_app.command("dispatch")
+def bench_dispatch_cmd(
+    experts: Annotated[str, typer.Option(help="numbers of experts, comma-separated")] = "8,32,64",
+    top_k: Annotated[str, typer.Option(help="top-k values, comma-separated")] = "1,2",
+    tokens: Annotated[int, typer.Option(help="tokens per forward")] = 8192,
+    d_model: Annotated[int, typer.Option()] = 256,
+    d_ff: Annotated[int, typer.Option()] = 1024,
+    capacity_factor: Annotated[float, typer.Option(help="train capacity factor; 0 = dropless")] = 1.25,
+    activation: Annotated[str, typer.Option(help="relu, gelu, geglu or swiglu (Mixtral's)")] = "swiglu",
+    backends: Annotated[str, typer.Option(help="comma-separated rows to time")] = ",".join(
+        ("dense", "sorted", "loop", "einsum", "hf-mixtral", "hf-mixtral-grouped_mm")
+    ),
+    repeats: Annotated[int, typer.Option(help="timed repeats per row (the median is reported)")] = 5,
+    warmup: Annotated[int, typer.Option()] = 2,
+    threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default")] = 0,
+    device: Annotated[str, typer.Option()] = "cpu",
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the records here")] = None,
+) -> None:
+    """Time forward+backward of the MoE layer per dispatch backend against a dense FFN of equal FLOPs."""
+    import torch
+
+    from moe_lab.bench.dispatch import bench_dispatch, write_json
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    table = Table(title=f"MoE dispatch, fwd+bwd, T={tokens}, d={d_model}, d_ff={d_ff}, {activation}")
+    for col in ("backend", "E", "k", "tokens/s", "x dense", "dropped"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+
+    def show(r) -> None:
+        ratio = "-" if r.ratio_to_dense is None else f"{r.ratio_to_dense:.2f}"
+        dropped = "-" if r.dropped_frac is None else f"{r.dropped_frac:.1%}"
+        table.add_row(r.backend, str(r.num_experts), str(r.top_k), f"{r.tokens_per_s:,.0f}", ratio, dropped)
+        console.print(f"  {r.backend:<22} E={r.num_experts:<3} k={r.top_k} {r.tokens_per_s:>10,.0f} tok/s  x{ratio}")
+
+    try:
+        records = bench_dispatch(
+            experts=_ints(experts, "--experts"),
+            top_ks=_ints(top_k, "--top-k"),
+            tokens=tokens,
+            d_model=d_model,
+            d_ff=d_ff,
+            capacity_factor=capacity_factor or None,
+            activation=activation,
+            backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+            on_record=show,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console.print(table)
+    if json_path is not None:
+        write_json(records, json_path)
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+def version() -> None:
+    """Print moe-lab's version."""
+    from moe_lab import __version__
+
+    console.print(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,107 @@
+"""Dispatch backends: send each kept slot's token to its expert and combine the weighted outputs.
+
+All backends take the same `Routing` and must agree on which slots are kept (the first
+`capacity_G[g]` slots of each (group, expert) in claim order), on the output and on gradients. They
+differ only in how they move tokens:
+
+- `einsum`: the GShard / Mesh TensorFlow reference. Positions from a cumulative sum of one-hot masks,
+  a [tokens, experts, capacity] dispatch tensor, and two einsums. Readable, quadratic in memory.
+- `loop`: a Python loop over experts that masks the slots of each one, as Hugging Face's models do.
+- `sorted`: the fast path (MegaBlocks / ScatterMoE): sort slots by expert, gather the tokens once,
+  a grouped matmul over contiguous expert blocks, a weighted scatter-add back. It never builds a
+  [tokens, experts, capacity] tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moe_lab.moe.experts import Experts
+from moe_lab.moe.router import Routing
+
+Backend = Callable[[torch.Tensor, Routing, Experts], tuple[torch.Tensor, torch.Tensor]]
+
+
+def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort + gather + grouped matmul + scatter-add. Returns (y_TD, keep_S)."""
+    num_experts, num_groups = routing.num_experts, routing.num_groups
+    # segments by (expert, group): a stable sort keeps claim order inside each segment and leaves
+    # the slots of each expert contiguous, which is what the grouped matmul needs
+    key_S = routing.expert_S * num_groups + routing.group_S
+    sorted_idx = torch.argsort(key_S, stable=True)
+    if routing.capacity_G is None:
+        kept_idx = sorted_idx
+    else:
+        counts = torch.bincount(key_S, minlength=num_experts * num_groups)
+        starts = counts.cumsum(0) - counts
+        key_sorted = key_S[sorted_idx]
+        rank = torch.arange(key_S.numel(), device=key_S.device) - starts[key_sorted]
+        capacity_G = torch.tensor(routing.capacity_G, device=key_S.device)
+        kept_idx = sorted_idx[rank < capacity_G[key_sorted % num_groups]]
+    keep_S = torch.zeros_like(key_S, dtype=torch.bool).index_fill_(0, kept_idx, True)
+
+    token_N = routing.token_S[kept_idx]
+    counts_E = torch.bincount(routing.expert_S[kept_idx], minlength=num_experts).tolist()
+    h_ND = experts.forward_grouped(x_TD.index_select(0, token_N), counts_E)
+    h_ND = h_ND * routing.gate_S[kept_idx].to(h_ND.dtype)[:, None]
+    return torch.zeros_like(x_TD).index_add(0, token_N, h_ND), keep_S
+
+
+def dispatch_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """One masked pass per expert. Returns (y_TD, keep_S)."""
+    y_TD = torch.zeros_like(x_TD)
+    keep_S = torch.zeros_like(routing.expert_S, dtype=torch.bool)
+    w_in, w_out = experts.w_in_EDH.unbind(0), experts.w_out_EFD.unbind(0)
+    for e in range(routing.num_experts):
+        idx = torch.nonzero(routing.expert_S == e).squeeze(1)  # this expert's slots, in claim order
+        if routing.capacity_G is not None and idx.numel() > 0:
+            # slots are group-major, so each group's slots of this expert form one run
+            group = routing.group_S[idx]
+            per_group = torch.bincount(group, minlength=routing.num_groups)
+            rank = torch.arange(idx.numel(), device=idx.device) - (per_group.cumsum(0) - per_group)[group]
+            idx = idx[rank < torch.tensor(routing.capacity_G, device=idx.device)[group]]
+        if idx.numel() == 0:
+            continue
+        keep_S[idx] = True
+        token = routing.token_S[idx]
+        h = experts.forward_one(x_TD[token], w_in[e], w_out[e])
+        y_TD = y_TD.index_add(0, token, h * routing.gate_S[idx].to(h.dtype)[:, None])
+    return y_TD, keep_S
+
+
+def dispatch_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """GShard's one-hot dispatch and combine, one routing group at a time. Returns (y_TD, keep_S)."""
+    num_experts = routing.num_experts
+    outputs, keeps = [], []
+    slot_counts = torch.bincount(routing.group_S, minlength=routing.num_groups).tolist()
+    slot_start = 0
+    for g, (t0, t1) in enumerate(routing.group_token_bounds()):
+        s = slice(slot_start, slot_start + slot_counts[g])
+        slot_start = s.stop
+        token_S, expert_S, gate_S = routing.token_S[s] - t0, routing.expert_S[s], routing.gate_S[s]
+        # position of each slot in its expert's buffer: cumulative count of that expert so far
+        mask_SE = F.one_hot(expert_S, num_experts)
+        position_S = ((mask_SE.cumsum(0) - 1) * mask_SE).sum(-1)
+        if routing.capacity_G is None:
+            capacity = int(mask_SE.sum(0).max().item()) if expert_S.numel() else 1
+        else:
+            capacity = routing.capacity_G[g]
+        keep = position_S < capacity
+        keeps.append(keep)
+        # dispatch[t, e, c] = 1 if token t sits in slot c of expert e; combine adds the gate
+        cell = expert_S[keep] * capacity + position_S[keep]
+        shape = (t1 - t0, num_experts * capacity)
+        dispatch_TEC = x_TD.new_zeros(shape).index_put((token_S[keep], cell), x_TD.new_ones(()))
+        combine_TEC = x_TD.new_zeros(shape).index_put((token_S[keep], cell), gate_S[keep].to(x_TD.dtype))
+        dispatch_TEC = dispatch_TEC.view(-1, num_experts, capacity)
+        combine_TEC = combine_TEC.view(-1, num_experts, capacity)
+        x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD[t0:t1])
+        h_ECD = experts.forward_padded(x_ECD)
+        outputs.append(torch.einsum("tec,ecd->td", combine_TEC, h_ECD))
+    return torch.cat(outputs), torch.cat(keeps)
+
+
+BACKENDS: dict[str, Backend] = {"sorted": dispatch_sorted, "loop": dispatch_loop, "einsum": dispatch_einsum}

@@ -1,0 +1,68 @@
+"""The experts: E feed-forward networks with stacked weights, run in the layouts the backends need."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATED = {"geglu": F.gelu, "swiglu": F.silu}
+PLAIN = {"relu": F.relu, "gelu": F.gelu}
+
+
+class Experts(nn.Module):
+    """E FFNs, w_in [E, D, H] and w_out [E, F, D]; H = 2F for gated units (GEGLU, SwiGLU)."""
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_ff: int, activation: str = "geglu", dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if activation not in GATED and activation not in PLAIN:
+            raise ValueError(f"activation={activation!r} is not one of {sorted({**GATED, **PLAIN})}")
+        self.num_experts = num_experts
+        self.d_ff = d_ff
+        self.gated = activation in GATED
+        self.act = GATED.get(activation) or PLAIN[activation]
+        hidden = 2 * d_ff if self.gated else d_ff
+        self.w_in_EDH = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.w_out_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fan-in scaled normal init (T5/Mesh TensorFlow): std = fan_in ** -0.5."""
+        nn.init.normal_(self.w_in_EDH, std=self.w_in_EDH.shape[1] ** -0.5)
+        nn.init.normal_(self.w_out_EFD, std=self.w_out_EFD.shape[1] ** -0.5)
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Activation (gated or not) and expert dropout on pre-activations [..., H] -> [..., F]."""
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(h)
+
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own fixed-size buffer: two batched matmuls."""
+        return torch.bmm(self.hidden(torch.bmm(x_ECD, self.w_in_EDH)), self.w_out_EFD)
+
+    def forward_one(self, x_ND: torch.Tensor, w_in_DH: torch.Tensor, w_out_FD: torch.Tensor) -> torch.Tensor:
+        """One expert, given its weights (slices from `unbind`, never `w[e]`: see forward_grouped)."""
+        return self.hidden(x_ND @ w_in_DH) @ w_out_FD
+
+    def forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Grouped matmul: rows sorted by expert, counts[e] contiguous rows for expert e.
+
+        The weights are split with one `unbind` per forward: its backward stacks the E gradients once,
+        where indexing `w[e]` per expert would build a full [E, D, H] gradient for every expert.
+        """
+        active = [e for e, n in enumerate(counts) if n > 0]
+        if not active:
+            return x_ND.new_zeros(0, self.w_out_EFD.shape[-1])
+        w_in = self.w_in_EDH.unbind(0)
+        w_out = self.w_out_EFD.unbind(0)
+        x_chunks = x_ND.split(counts)
+        # the whole FFN per block, then one concatenation of the [N, D] outputs: running the
+        # activation over one [N, H] tensor instead was 1.5x slower on CPU (memory-bound, cache-cold)
+        return torch.cat([self.forward_one(x_chunks[e], w_in[e], w_out[e]) for e in active])

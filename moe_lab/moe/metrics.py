@@ -1,0 +1,76 @@
+"""Routing metrics each MoE layer accumulates itself; training code only reads and resets them."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RouterMetrics:
+    """Running sums over forwards, kept as tensors on the layer's device so no step syncs the host."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated."""
+        self.num_forwards = 0
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+
+    def _max(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        self._sums[name] = torch.maximum(self._sums[name], value) if name in self._sums else value.clone()
+
+    @torch.no_grad()
+    def update(
+        self,
+        logits_TE: torch.Tensor,
+        probs_TE: torch.Tensor,
+        expert_S: torch.Tensor,
+        token_S: torch.Tensor,
+        keep_S: torch.Tensor,
+        aux_loss: torch.Tensor,
+        z_loss: torch.Tensor,
+    ) -> None:
+        """Add one forward's routing statistics."""
+        num_tokens = probs_TE.shape[0]
+        self.num_forwards += 1
+        self._add("tokens", torch.tensor(float(num_tokens), device=probs_TE.device))
+        self._add("routed_E", torch.bincount(expert_S, minlength=self.num_experts).float())
+        self._add("kept_E", torch.bincount(expert_S[keep_S], minlength=self.num_experts).float())
+        kept_per_token = torch.bincount(token_S[keep_S], minlength=num_tokens)
+        self._add("tokens_fully_dropped", (kept_per_token == 0).sum().float())
+        log_probs = torch.log_softmax(logits_TE.float(), dim=-1)
+        self._add("entropy_sum", -(log_probs.exp() * log_probs).sum(-1).sum())
+        self._add("max_prob_sum", probs_TE.max(dim=-1).values.sum())
+        self._max("max_logit", logits_TE.max())
+        self._add("aux_loss_sum", aux_loss.float())
+        self._add("z_loss_sum", z_loss.float())
+
+    def compute(self) -> dict[str, float | list[float]]:
+        """The averages since the last reset (empty if nothing was routed)."""
+        if self.num_forwards == 0:
+            return {}
+        s = {k: v.cpu() for k, v in self._sums.items()}
+        routed, kept, tokens = s["routed_E"], s["kept_E"], s["tokens"]
+        total_slots = routed.sum().clamp(min=1)
+        return {
+            # fractions of all routed assignments (before capacity): what the router asked for
+            "tokens_per_expert": (routed / total_slots).tolist(),
+            "kept_per_expert": (kept / kept.sum().clamp(min=1)).tolist(),
+            # max/mean of routed assignments per expert: 1.0 is perfectly balanced
+            "load_imbalance": float(routed.max() / routed.mean().clamp(min=1e-9)),
+            # fraction of token-expert assignments dropped by capacity
+            "dropped_frac": float(1 - kept.sum() / total_slots),
+            # fraction of tokens none of whose assignments were kept (they only pass the residual)
+            "tokens_fully_dropped_frac": float(s["tokens_fully_dropped"] / tokens),
+            "router_entropy": float(s["entropy_sum"] / tokens),
+            "mean_max_prob": float(s["max_prob_sum"] / tokens),
+            "max_logit": float(s["max_logit"]),
+            "aux_loss": float(s["aux_loss_sum"] / self.num_forwards),
+            "z_loss": float(s["z_loss_sum"] / self.num_forwards),
+        }

@@ -1,0 +1,191 @@
+"""The router and the two routing rules; both produce a `Routing` of slots in claim order."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_lab.moe.config import expert_capacity
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass
+class Routing:
+    """Token-to-expert assignments ("slots") of one forward, in the order they claim capacity.
+
+    The order is group-major: all slots of group 0 come first. Inside a group, token-choice slots are
+    ordered by choice rank (every first choice before any second choice), then by the drop policy's
+    token priority. Dispatch backends keep a slot when fewer than `capacity_G[group]` earlier slots of
+    its group went to the same expert.
+    """
+
+    token_S: torch.Tensor  # [S] long, token index in the flattened input
+    expert_S: torch.Tensor  # [S] long
+    gate_S: torch.Tensor  # [S] float32, differentiable: the combine weight of the slot
+    group_S: torch.Tensor  # [S] long
+    choice_S: torch.Tensor  # [S] long, the slot's choice rank (0 = first choice)
+    capacity_G: list[int] | None  # slots per expert in each group; None = dropless
+    group_T: torch.Tensor  # [T] long, routing group of every token
+    num_groups: int
+    num_experts: int
+    expert_index_TK: torch.Tensor  # [T, K] long: the experts each token chose (argmax for expert choice)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.group_T.numel()
+
+    def group_token_bounds(self) -> list[tuple[int, int]]:
+        """[start, end) token range of every group."""
+        counts = torch.bincount(self.group_T, minlength=self.num_groups).tolist()
+        return [(end - n, end) for n, end in zip(counts, itertools.accumulate(counts), strict=True)]
+
+
+class Router(nn.Module):
+    """Linear router: logits and softmax probabilities, computed in its own dtype."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        dtype: str = "float32",
+        jitter_eps: float = 0.0,
+        bias: bool = False,
+        init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.compute_dtype = _DTYPES[dtype]
+        self.jitter_eps = jitter_eps
+        self.init_scale = init_scale
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Switch Transformer init: truncated normal with std sqrt(scale / fan_in)."""
+        std = math.sqrt(self.init_scale / self.weight.shape[1])
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits_TE, probs_TE), both float32 tensors holding values computed in the router dtype."""
+        if self.training and self.jitter_eps > 0:
+            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            x_TD = x_TD * noise
+        dt = self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dt)
+        logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt), bias)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        return logits_TE.float(), probs_TE.float()
+
+
+def group_ids(num_tokens: int, group_size: int | None, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Routing group of each token (consecutive runs of group_size; the last may be shorter)."""
+    if group_size is None or group_size >= num_tokens:
+        return torch.zeros(num_tokens, dtype=torch.long, device=device), 1
+    group_T = torch.arange(num_tokens, device=device) // group_size
+    return group_T, math.ceil(num_tokens / group_size)
+
+
+def _group_capacities(
+    group_T: torch.Tensor, num_groups: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> list[int] | None:
+    if capacity_factor is None:
+        return None
+    sizes = torch.bincount(group_T, minlength=num_groups).tolist()
+    return [expert_capacity(n, num_experts, top_k, capacity_factor) for n in sizes]
+
+
+def route_token_choice(
+    probs_TE: torch.Tensor,
+    top_k: int,
+    capacity_factor: float | None,
+    drop_policy: str = "position",
+    renormalize: bool = False,
+    group_size: int | None = None,
+) -> Routing:
+    """Token-choice top-k routing: each token picks its k most probable experts."""
+    num_tokens, num_experts = probs_TE.shape
+    device = probs_TE.device
+    group_T, num_groups = group_ids(num_tokens, group_size, device)
+    gate_TK, expert_TK = probs_TE.topk(top_k, dim=-1)
+    top1_T = gate_TK[:, 0].detach()
+    if renormalize:
+        gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True)
+
+    # token priority inside each group: position = token order; priority = BPR, highest top-1 prob first
+    if drop_policy == "priority":
+        order_T = torch.argsort(-top1_T, stable=True)
+        order_T = order_T[torch.argsort(group_T[order_T], stable=True)]
+    else:
+        order_T = torch.arange(num_tokens, device=device)
+
+    # slots in claim order: group, then choice rank, then token priority
+    token_TK = order_T[:, None].expand(num_tokens, top_k)
+    choice_TK = torch.arange(top_k, device=device)[None, :].expand(num_tokens, top_k)
+    claim_key = (group_T[token_TK] * top_k + choice_TK).reshape(-1)
+    perm = torch.argsort(claim_key, stable=True)
+    token_S = token_TK.reshape(-1)[perm]
+    choice_S = choice_TK.reshape(-1)[perm]
+    return Routing(
+        token_S=token_S,
+        expert_S=expert_TK[token_S, choice_S],
+        gate_S=gate_TK[token_S, choice_S],
+        group_S=group_T[token_S],
+        choice_S=choice_S,
+        capacity_G=_group_capacities(group_T, num_groups, num_experts, top_k, capacity_factor),
+        group_T=group_T,
+        num_groups=num_groups,
+        num_experts=num_experts,
+        expert_index_TK=expert_TK,
+    )
+
+
+def route_expert_choice(
+    probs_TE: torch.Tensor, top_k: int, capacity_factor: float, group_size: int | None = None
+) -> Routing:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens of every group."""
+    num_tokens, num_experts = probs_TE.shape
+    device = probs_TE.device
+    group_T, num_groups = group_ids(num_tokens, group_size, device)
+    capacity_G = _group_capacities(group_T, num_groups, num_experts, top_k, capacity_factor)
+    routing = Routing(
+        token_S=torch.empty(0, dtype=torch.long, device=device),
+        expert_S=torch.empty(0, dtype=torch.long, device=device),
+        gate_S=probs_TE.new_empty(0),
+        group_S=torch.empty(0, dtype=torch.long, device=device),
+        choice_S=torch.empty(0, dtype=torch.long, device=device),
+        capacity_G=None,
+        group_T=group_T,
+        num_groups=num_groups,
+        num_experts=num_experts,
+        expert_index_TK=probs_TE.argmax(dim=-1, keepdim=True),
+    )
+    tokens, experts, gates, groups, caps = [], [], [], [], []
+    for g, (start, end) in enumerate(routing.group_token_bounds()):
+        cap = min(capacity_G[g], end - start)
+        gate_EC, token_EC = probs_TE[start:end].t().topk(cap, dim=-1)
+        tokens.append(token_EC.reshape(-1) + start)
+        experts.append(torch.arange(num_experts, device=device).repeat_interleave(cap))
+        gates.append(gate_EC.reshape(-1))
+        groups.append(torch.full((num_experts * cap,), g, dtype=torch.long, device=device))
+        caps.append(cap)
+    routing.token_S = torch.cat(tokens)
+    routing.expert_S = torch.cat(experts)
+    routing.gate_S = torch.cat(gates)
+    routing.group_S = torch.cat(groups)
+    # an expert's picks are ranked by score; none is a "second choice" of its token
+    routing.choice_S = torch.zeros_like(routing.token_S)
+    routing.capacity_G = caps
+    return routing
