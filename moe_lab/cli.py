@@ -85,10 +85,12 @@ def bench_dispatch_cmd(
         table.add_column(col, justify="left" if col == "backend" else "right")
 
     def show(r) -> None:
-        ratio = "-" if r.ratio_to_dense is None else f"{r.ratio_to_dense:.2f}"
+        ratio = f"{r.ratio_to_dense:.2f}"
         dropped = "-" if r.dropped_frac is None else f"{r.dropped_frac:.1%}"
         table.add_row(r.backend, str(r.num_experts), str(r.top_k), f"{r.tokens_per_s:,.0f}", ratio, dropped)
-        console.print(f"  {r.backend:<22} E={r.num_experts:<3} k={r.top_k} {r.tokens_per_s:>10,.0f} tok/s  x{ratio}")
+        console.print(
+            f"  {r.backend:<22} E={r.num_experts:<3} k={r.top_k} {r.tokens_per_s:>10,.0f} tok/s  x{ratio}"
+        )
 
     try:
         records = bench_dispatch(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ ALL_BACKENDS = ("dense", *OUR_BACKENDS, *PEERS)
 
 @dataclass
 class BenchRecord:
-    """One timed configuration; `ratio_to_dense` = dense tokens/s / this row's tokens/s (1.0 = at the limit)."""
+    """One timed row; `ratio_to_dense` = dense tokens/s / this row's tokens/s (1.0 = at the limit)."""
 
     backend: str
     num_experts: int
@@ -37,7 +36,7 @@ class BenchRecord:
     seconds_median: float
     seconds_min: float
     tokens_per_s: float
-    ratio_to_dense: float | None
+    ratio_to_dense: float
     dropped_frac: float | None
     threads: int
     torch_version: str
@@ -78,14 +77,47 @@ def _hf_mixtral(d_model: int, d_ff: int, num_experts: int, top_k: int, implement
     return block
 
 
-def _time(fn: Callable[[], None], repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+def _dropped(module: nn.Module) -> float | None:
+    return module.metrics("train")["dropped_frac"] if isinstance(module, MoELayer) else None
+
+
+def _build(backend: str, config: MoEConfig, device: str, seed: int) -> nn.Module:
+    """The module a bench row times; every MoELayer row starts from the same seeded weights."""
+    if backend == "dense":
+        return DenseFFN(config.d_model, config.d_ff, config.activation, config.top_k).to(device)
+    if backend in OUR_BACKENDS:
+        torch.manual_seed(seed)
+        return MoELayer(replace(config, backend=backend)).to(device)
+    impl = "grouped_mm" if backend.endswith("grouped_mm") else "eager"
+    return _hf_mixtral(config.d_model, config.d_ff, config.num_experts, config.top_k, impl).to(device)
+
+
+def _time_interleaved(
+    modules: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Forward+backward seconds per module, in round-robin rounds so that drift in the machine's speed
+    (shared CPUs, frequency scaling) falls on every row alike instead of on whichever ran last."""
+
+    def step(module: nn.Module) -> float:
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        xx = x.detach().requires_grad_()
+        (module(xx) * grad).sum().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        module.zero_grad(set_to_none=True)
+        return elapsed
+
+    for _ in range(warmup):
+        for module in modules.values():
+            step(module)
+    for module in modules.values():
+        if isinstance(module, MoELayer):
+            module.metrics("train")  # count drops over the timed steps only
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    for _ in range(repeats):
+        for name, module in modules.items():
+            times[name].append(step(module))
     return times
 
 
@@ -108,51 +140,28 @@ def bench_dispatch(
     unknown = sorted(set(backends) - set(ALL_BACKENDS))
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; valid: {list(ALL_BACKENDS)}")
+    if "dense" not in backends:
+        backends = ("dense", *backends)  # every ratio refers to it
     records: list[BenchRecord] = []
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, tokens, d_model, generator=gen).to(device)
     grad = torch.randn(1, tokens, d_model, generator=gen).to(device)
-    # the dense limit first: every other row's ratio refers to it
-    order = sorted(backends, key=lambda b: b != "dense")
     for num_experts in experts:
         for top_k in top_ks:
-            torch.manual_seed(seed)
-            base = MoELayer(
-                MoEConfig(
-                    d_model=d_model,
-                    d_ff=d_ff,
-                    num_experts=num_experts,
-                    top_k=top_k,
-                    train_capacity_factor=capacity_factor,
-                    activation=activation,
-                )
-            ).to(device)
-            dense_tps = None
-            for backend in order:
-                dropped = None
-                if backend == "dense":
-                    module: nn.Module = DenseFFN(d_model, d_ff, activation, top_k).to(device)
-                elif backend in OUR_BACKENDS:
-                    module = copy.deepcopy(base)
-                    module.backend = backend
-                else:
-                    impl = "grouped_mm" if backend.endswith("grouped_mm") else "eager"
-                    module = _hf_mixtral(d_model, d_ff, num_experts, top_k, impl).to(device)
-
-                def step(module: nn.Module = module) -> None:
-                    xx = x.detach().requires_grad_()
-                    (module(xx) * grad).sum().backward()
-                    module.zero_grad(set_to_none=True)
-                    if device.startswith("cuda"):
-                        torch.cuda.synchronize()
-
-                times = _time(step, repeats, warmup)
-                if isinstance(module, MoELayer):
-                    dropped = module.metrics("train")["dropped_frac"]
-                median = statistics.median(times)
+            config = MoEConfig(
+                d_model=d_model,
+                d_ff=d_ff,
+                num_experts=num_experts,
+                top_k=top_k,
+                train_capacity_factor=capacity_factor,
+                activation=activation,
+            )
+            modules = {b: _build(b, config, device, seed) for b in backends}
+            times = _time_interleaved(modules, x, grad, repeats, warmup)
+            dense_tps = tokens / statistics.median(times["dense"])
+            for backend, module in modules.items():
+                median = statistics.median(times[backend])
                 tps = tokens / median
-                if backend == "dense":
-                    dense_tps = tps
                 record = BenchRecord(
                     backend=backend,
                     num_experts=num_experts,
@@ -163,10 +172,10 @@ def bench_dispatch(
                     capacity_factor=capacity_factor,
                     activation=activation,
                     seconds_median=median,
-                    seconds_min=min(times),
+                    seconds_min=min(times[backend]),
                     tokens_per_s=tps,
-                    ratio_to_dense=None if dense_tps is None else dense_tps / tps,
-                    dropped_frac=dropped,
+                    ratio_to_dense=dense_tps / tps,
+                    dropped_frac=_dropped(module),
                     threads=torch.get_num_threads(),
                     torch_version=torch.__version__,
                     device=device,

@@ -102,7 +102,9 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"MoEConfig.{name}={value!r} is not one of {list(allowed)}")
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int | None:
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> int | None:
     """Slots per expert in a group of num_tokens: ceil(cf * k * tokens / E) (GShard Alg. 1, Switch Eq. 3)."""
     if capacity_factor is None:
         return None

@@ -25,7 +25,9 @@ from moe_lab.moe.router import Routing
 Backend = Callable[[torch.Tensor, Routing, Experts], tuple[torch.Tensor, torch.Tensor]]
 
 
-def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_sorted(
+    x_TD: torch.Tensor, routing: Routing, experts: Experts
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort + gather + grouped matmul + scatter-add. Returns (y_TD, keep_S)."""
     num_experts, num_groups = routing.num_experts, routing.num_groups
     # segments by (expert, group): a stable sort keeps claim order inside each segment and leaves
@@ -50,7 +52,9 @@ def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> t
     return torch.zeros_like(x_TD).index_add(0, token_N, h_ND), keep_S
 
 
-def dispatch_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_loop(
+    x_TD: torch.Tensor, routing: Routing, experts: Experts
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One masked pass per expert. Returns (y_TD, keep_S)."""
     y_TD = torch.zeros_like(x_TD)
     keep_S = torch.zeros_like(routing.expert_S, dtype=torch.bool)
@@ -72,7 +76,9 @@ def dispatch_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tup
     return y_TD, keep_S
 
 
-def dispatch_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_einsum(
+    x_TD: torch.Tensor, routing: Routing, experts: Experts
+) -> tuple[torch.Tensor, torch.Tensor]:
     """GShard's one-hot dispatch and combine, one routing group at a time. Returns (y_TD, keep_S)."""
     num_experts = routing.num_experts
     outputs, keeps = [], []

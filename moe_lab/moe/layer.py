@@ -54,7 +54,10 @@ class MoELayer(nn.Module):
             config.num_experts, config.d_model, config.d_ff, config.activation, config.expert_dropout
         )
         self.backend = config.backend
-        self._metrics = {"train": RouterMetrics(config.num_experts), "eval": RouterMetrics(config.num_experts)}
+        self._metrics = {
+            "train": RouterMetrics(config.num_experts),
+            "eval": RouterMetrics(config.num_experts),
+        }
         self.last_losses: MoELosses | None = None
         self.last_expert_index: torch.Tensor | None = None
         self.last_keep_TK: torch.Tensor | None = None
@@ -72,7 +75,12 @@ class MoELayer(nn.Module):
             routing = route_expert_choice(probs_TE, cfg.top_k, self.capacity_factor, cfg.group_size)
         else:
             routing = route_token_choice(
-                probs_TE, cfg.top_k, self.capacity_factor, cfg.drop_policy, cfg.renormalize_gates, cfg.group_size
+                probs_TE,
+                cfg.top_k,
+                self.capacity_factor,
+                cfg.drop_policy,
+                cfg.renormalize_gates,
+                cfg.group_size,
             )
         return logits_TE, probs_TE, routing
 

@@ -1,0 +1,43 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moe_lab.moe import MoEConfig, MoELayer
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def run_backend(layer: MoELayer, backend: str, x: torch.Tensor, grad_out: torch.Tensor) -> dict:
+    """Forward+backward a copy of `layer` under `backend`; return outputs, keep mask and gradients."""
+    layer = copy.deepcopy(layer)
+    layer.backend = backend
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    (y.float() * grad_out).sum().backward()
+
+    def grad(p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p) if p.grad is None else p.grad
+
+    return {
+        "y": y.detach(),
+        "keep": layer.last_keep_TK,
+        "x_grad": x.grad,
+        "router_grad": grad(layer.router.weight),
+        "w_in_grad": grad(layer.experts.w_in_EDH),
+        "w_out_grad": grad(layer.experts.w_out_EFD),
+        "losses": layer.last_losses,
+    }
+
+
+def make_layer(dtype: torch.dtype = torch.float32, **overrides) -> MoELayer:
+    """A small layer with test-friendly defaults."""
+    values = {"d_model": 8, "d_ff": 16, "num_experts": 4, "top_k": 2, **overrides}
+    return MoELayer(MoEConfig(**values)).to(dtype)
