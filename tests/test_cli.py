@@ -52,3 +52,17 @@ def test_bench_rejects_an_unknown_backend() -> None:
     result = run("bench", "dispatch", "--backends", "sorted,warp", "--tokens", "64")
     assert result.returncode != 0
     assert "unknown backend(s) ['warp']" in result.stdout + result.stderr
+
+
+def test_bench_capacity_factor_zero_is_dropless(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run(
+        "bench", "dispatch", "--experts", "8", "--top-k", "2", "--tokens", "128", "--d-model", "8", "--d-ff", "8",
+        "--capacity-factor", "0", "--backends", "sorted,einsum", "--repeats", "1", "--warmup", "0",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    records = json.loads(out.read_text())
+    assert [r["backend"] for r in records] == ["dense", "sorted", "einsum"]
+    assert all(r["capacity_factor"] is None for r in records)
+    assert [r["dropped_frac"] for r in records[1:]] == [0.0, 0.0]

@@ -20,9 +20,7 @@ def uniform_layer(**overrides) -> MoELayer:
 
 
 @pytest.mark.parametrize("num_experts", [2, 8])
-@pytest.mark.parametrize(
-    ("top_k", "aux_type", "expected"), [(1, "topk", 1.0), (2, "topk", 2.0), (2, "top1", 1.0)]
-)
+@pytest.mark.parametrize(("top_k", "aux_type", "expected"), [(1, "topk", 1.0), (2, "topk", 2.0), (2, "top1", 1.0)])
 def test_aux_loss_of_uniform_router(num_experts: int, top_k: int, aux_type: str, expected: float) -> None:
     # P_i = 1/E for all i, so E * sum_i f_i P_i = sum_i f_i: k for "topk", 1 for "top1"
     layer = uniform_layer(num_experts=num_experts, top_k=top_k, aux_loss_type=aux_type)
@@ -49,9 +47,7 @@ def test_aux_loss_against_a_hand_computation() -> None:
     top1 = torch.tensor([(chosen[:, 0] == i).float().mean() for i in range(4)])
     layer.config.aux_loss_type = "top1"
     layer(x)
-    assert layer.last_losses.aux_loss.item() == pytest.approx(
-        (4 * (top1 * probs.mean(0)).sum()).item(), rel=1e-5
-    )
+    assert layer.last_losses.aux_loss.item() == pytest.approx((4 * (top1 * probs.mean(0)).sum()).item(), rel=1e-5)
 
 
 def test_aux_loss_after_capacity_counts_only_kept_assignments() -> None:
@@ -133,9 +129,7 @@ def test_expert_dropout_only_in_training() -> None:
     x = torch.randn(4, 8)
     w_in, w_out = layer.experts.w_in_EDH[0], layer.experts.w_out_EFD[0]
     layer.eval()
-    torch.testing.assert_close(
-        layer.experts.forward_one(x, w_in, w_out), layer.experts.forward_one(x, w_in, w_out)
-    )
+    torch.testing.assert_close(layer.experts.forward_one(x, w_in, w_out), layer.experts.forward_one(x, w_in, w_out))
     layer.train()
     h = layer.experts.hidden(torch.ones(1000, 128))
     zero_frac = (h == 0).float().mean().item()
@@ -160,9 +154,7 @@ def test_bad_config_names_the_field(overrides: dict, message: str) -> None:
 
 
 def test_unknown_config_key_lists_valid_keys() -> None:
-    with pytest.raises(
-        ValueError, match=r"unknown MoEConfig key\(s\) \['num_expert'\]; valid keys: .*'num_experts'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown MoEConfig key\(s\) \['num_expert'\]; valid keys: .*'num_experts'"):
         MoEConfig.from_dict({"num_expert": 8})
     assert MoEConfig.from_dict({"num_experts": 16}).num_experts == 16
 

@@ -36,9 +36,7 @@ ALL_PREFER_0 = torch.stack([MARGINS, torch.zeros(8)], dim=1)
     ],
 )
 def test_top1_all_tokens_prefer_one_expert(backend: str, policy: str, kept: list[int]) -> None:
-    layer, x = controlled_layer(
-        ALL_PREFER_0, top_k=1, train_capacity_factor=1.0, drop_policy=policy, backend=backend
-    )
+    layer, x = controlled_layer(ALL_PREFER_0, top_k=1, train_capacity_factor=1.0, drop_policy=policy, backend=backend)
     y = layer(x)
     assert layer.last_keep_TK[0, :, 0].nonzero().squeeze(1).tolist() == kept
     dropped = [t for t in range(8) if t not in kept]
@@ -57,9 +55,7 @@ def test_top1_all_tokens_prefer_one_expert(backend: str, policy: str, kept: list
 )
 def test_top2_second_choices_fill_the_other_expert(backend: str, policy: str, kept: list[int]) -> None:
     # CF 0.5, top-2, 2 experts: capacity ceil(0.5 * 2 * 8 / 2) = 4 per expert
-    layer, x = controlled_layer(
-        ALL_PREFER_0, top_k=2, train_capacity_factor=0.5, drop_policy=policy, backend=backend
-    )
+    layer, x = controlled_layer(ALL_PREFER_0, top_k=2, train_capacity_factor=0.5, drop_policy=policy, backend=backend)
     layer(x)
     keep = layer.last_keep_TK[0]
     assert keep[:, 0].nonzero().squeeze(1).tolist() == kept
@@ -90,9 +86,7 @@ def test_dropless_keeps_everything(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_groups_have_their_own_capacity(backend: str) -> None:
     # groups of 4 tokens: capacity ceil(1.0 * 1 * 4 / 2) = 2 in each group, so tokens 0, 1 and 4, 5 win
-    layer, x = controlled_layer(
-        ALL_PREFER_0, top_k=1, train_capacity_factor=1.0, group_size=4, backend=backend
-    )
+    layer, x = controlled_layer(ALL_PREFER_0, top_k=1, train_capacity_factor=1.0, group_size=4, backend=backend)
     layer(x)
     assert layer.last_keep_TK[0, :, 0].nonzero().squeeze(1).tolist() == [0, 1, 4, 5]
 
@@ -100,9 +94,7 @@ def test_groups_have_their_own_capacity(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ragged_last_group(backend: str) -> None:
     # groups of 5: [0..4] capacity ceil(5 / 2) = 3, [5..7] capacity ceil(3 / 2) = 2
-    layer, x = controlled_layer(
-        ALL_PREFER_0, top_k=1, train_capacity_factor=1.0, group_size=5, backend=backend
-    )
+    layer, x = controlled_layer(ALL_PREFER_0, top_k=1, train_capacity_factor=1.0, group_size=5, backend=backend)
     layer(x)
     assert layer.last_keep_TK[0, :, 0].nonzero().squeeze(1).tolist() == [0, 1, 2, 5, 6]
 
@@ -142,9 +134,7 @@ def test_gates_are_router_probabilities_unless_renormalised() -> None:
         (10, 4, 2, None, None),
     ],
 )
-def test_expert_capacity_formula(
-    tokens: int, experts: int, k: int, cf: float | None, expected: int | None
-) -> None:
+def test_expert_capacity_formula(tokens: int, experts: int, k: int, cf: float | None, expected: int | None) -> None:
     assert expert_capacity(tokens, experts, k, cf) == expected
 
 

@@ -30,7 +30,8 @@ class MoEConfig:
     # off from the task loss.
     renormalize_gates: bool = False
     # capacity = ceil(capacity_factor * top_k * tokens_per_group / num_experts); None = dropless.
-    # ST-MoE trains at 1.25 and evaluates at 2.0 (Sec. 4, Table 8).
+    # ST-MoE trains at 1.25 and evaluates at 2.0 (Sec. 4, Table 8). Under expert choice the capacity
+    # sets how many experts a token gets, so an eval factor above the train one changes the function.
     train_capacity_factor: float | None = 1.25
     eval_capacity_factor: float | None = 2.0
     # Who wins a full expert: "position" (earlier tokens in the group) or "priority" (Batch Prioritized
@@ -102,9 +103,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"MoEConfig.{name}={value!r} is not one of {list(allowed)}")
 
 
-def expert_capacity(
-    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None
-) -> int | None:
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int | None:
     """Slots per expert in a group of num_tokens: ceil(cf * k * tokens / E) (GShard Alg. 1, Switch Eq. 3)."""
     if capacity_factor is None:
         return None

@@ -20,14 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab.moe.experts import Experts
-from moe_lab.moe.router import Routing
+from moe_lab.moe.router import Routing, count
 
 Backend = Callable[[torch.Tensor, Routing, Experts], tuple[torch.Tensor, torch.Tensor]]
 
 
-def dispatch_sorted(
-    x_TD: torch.Tensor, routing: Routing, experts: Experts
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort + gather + grouped matmul + scatter-add. Returns (y_TD, keep_S)."""
     num_experts, num_groups = routing.num_experts, routing.num_groups
     # segments by (expert, group): a stable sort keeps claim order inside each segment and leaves
@@ -37,52 +35,50 @@ def dispatch_sorted(
     if routing.capacity_G is None:
         kept_idx = sorted_idx
     else:
-        counts = torch.bincount(key_S, minlength=num_experts * num_groups)
+        counts = count(key_S, num_experts * num_groups)
         starts = counts.cumsum(0) - counts
         key_sorted = key_S[sorted_idx]
         rank = torch.arange(key_S.numel(), device=key_S.device) - starts[key_sorted]
-        capacity_G = torch.tensor(routing.capacity_G, device=key_S.device)
-        kept_idx = sorted_idx[rank < capacity_G[key_sorted % num_groups]]
+        kept_idx = sorted_idx[rank < routing.capacity_tensor()[key_sorted % num_groups]]
     keep_S = torch.zeros_like(key_S, dtype=torch.bool).index_fill_(0, kept_idx, True)
 
     token_N = routing.token_S[kept_idx]
-    counts_E = torch.bincount(routing.expert_S[kept_idx], minlength=num_experts).tolist()
+    # the one host sync of this path: block sizes for the grouped matmul (a GPU kernel takes offsets instead)
+    counts_E = count(routing.expert_S[kept_idx], num_experts).tolist()
     h_ND = experts.forward_grouped(x_TD.index_select(0, token_N), counts_E)
-    h_ND = h_ND * routing.gate_S[kept_idx].to(h_ND.dtype)[:, None]
+    # gate and scatter in the input's dtype, so that autocast's bf16 matmuls give the same output dtype
+    h_ND = h_ND.to(x_TD.dtype) * routing.gate_S[kept_idx].to(x_TD.dtype)[:, None]
     return torch.zeros_like(x_TD).index_add(0, token_N, h_ND), keep_S
 
 
-def dispatch_loop(
-    x_TD: torch.Tensor, routing: Routing, experts: Experts
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
     """One masked pass per expert. Returns (y_TD, keep_S)."""
     y_TD = torch.zeros_like(x_TD)
     keep_S = torch.zeros_like(routing.expert_S, dtype=torch.bool)
     w_in, w_out = experts.w_in_EDH.unbind(0), experts.w_out_EFD.unbind(0)
+    capacity_G = routing.capacity_tensor() if routing.capacity_G is not None else None
     for e in range(routing.num_experts):
         idx = torch.nonzero(routing.expert_S == e).squeeze(1)  # this expert's slots, in claim order
-        if routing.capacity_G is not None and idx.numel() > 0:
+        if capacity_G is not None and idx.numel() > 0:
             # slots are group-major, so each group's slots of this expert form one run
             group = routing.group_S[idx]
-            per_group = torch.bincount(group, minlength=routing.num_groups)
+            per_group = count(group, routing.num_groups)
             rank = torch.arange(idx.numel(), device=idx.device) - (per_group.cumsum(0) - per_group)[group]
-            idx = idx[rank < torch.tensor(routing.capacity_G, device=idx.device)[group]]
+            idx = idx[rank < capacity_G[group]]
         if idx.numel() == 0:
             continue
         keep_S[idx] = True
         token = routing.token_S[idx]
-        h = experts.forward_one(x_TD[token], w_in[e], w_out[e])
-        y_TD = y_TD.index_add(0, token, h * routing.gate_S[idx].to(h.dtype)[:, None])
+        h = experts.forward_one(x_TD[token], w_in[e], w_out[e]).to(x_TD.dtype)
+        y_TD = y_TD.index_add(0, token, h * routing.gate_S[idx].to(x_TD.dtype)[:, None])
     return y_TD, keep_S
 
 
-def dispatch_einsum(
-    x_TD: torch.Tensor, routing: Routing, experts: Experts
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
     """GShard's one-hot dispatch and combine, one routing group at a time. Returns (y_TD, keep_S)."""
     num_experts = routing.num_experts
     outputs, keeps = [], []
-    slot_counts = torch.bincount(routing.group_S, minlength=routing.num_groups).tolist()
+    slot_counts = count(routing.group_S, routing.num_groups).tolist()
     slot_start = 0
     for g, (t0, t1) in enumerate(routing.group_token_bounds()):
         s = slice(slot_start, slot_start + slot_counts[g])
@@ -106,7 +102,7 @@ def dispatch_einsum(
         combine_TEC = combine_TEC.view(-1, num_experts, capacity)
         x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD[t0:t1])
         h_ECD = experts.forward_padded(x_ECD)
-        outputs.append(torch.einsum("tec,ecd->td", combine_TEC, h_ECD))
+        outputs.append(torch.einsum("tec,ecd->td", combine_TEC, h_ECD).to(x_TD.dtype))
     return torch.cat(outputs), torch.cat(keeps)
 
 

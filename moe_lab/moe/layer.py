@@ -34,8 +34,13 @@ class MoELayer(nn.Module):
     """A sparse FFN for inputs [..., d_model]; returns the experts' weighted output (no residual).
 
     After each forward, `last_losses` holds the auxiliary losses (with gradients) for the training
-    loop to add, `last_expert_index` the experts each token chose, `last_keep_TK` which of a token's
-    choices were kept; routing statistics accumulate in `metrics(...)`, separately for train and eval.
+    loop to add, `last_expert_index` the experts each token chose (token choice; for expert choice the
+    top-1 expert by router probability), `last_keep_TK` which of a token's choices were kept (token
+    choice only); routing statistics accumulate in `metrics(...)`, separately for train and eval.
+
+    Activation checkpointing: use `use_reentrant=False`. The reentrant variant runs the first forward
+    without grad, so `last_losses` would carry no gradient; such no-grad forwards in train mode are
+    also left out of the train metrics, which would otherwise count the recomputation twice.
     """
 
     def __init__(self, config: MoEConfig) -> None:
@@ -87,22 +92,27 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         x_TD = x.reshape(-1, x.shape[-1])
+        if x_TD.shape[0] == 0:
+            zero = x.new_zeros((), dtype=torch.float32)
+            self.last_losses = MoELosses(zero, zero, zero, zero)
+            self.last_keep_TK = self.last_expert_index = None
+            return torch.zeros_like(x)
         logits_TE, probs_TE, routing = self.route(x_TD)
         y_TD, keep_S = BACKENDS[self.backend](x_TD, routing, self.experts)
 
-        aux = load_balancing_loss(
-            probs_TE, routing, cfg.aux_loss_type, keep_S if cfg.aux_loss_after_capacity else None
-        )
+        aux = load_balancing_loss(probs_TE, routing, cfg.aux_loss_type, keep_S if cfg.aux_loss_after_capacity else None)
         z = router_z_loss(logits_TE)
         self.last_losses = MoELosses(aux, z, cfg.aux_loss_coef * aux, cfg.z_loss_coef * z)
         self.last_expert_index = routing.expert_index_TK.detach().view(*x.shape[:-1], -1)
+        self.last_keep_TK = None
         if cfg.routing == "token_choice":
             keep_TK = torch.zeros_like(routing.expert_index_TK, dtype=torch.bool)
             keep_TK[routing.token_S, routing.choice_S] = keep_S
             self.last_keep_TK = keep_TK.view(*x.shape[:-1], -1)
-        self._metrics["train" if self.training else "eval"].update(
-            logits_TE, probs_TE, routing.expert_S, routing.token_S, keep_S, aux, z
-        )
+        if not (self.training and not torch.is_grad_enabled()):
+            self._metrics["train" if self.training else "eval"].update(
+                logits_TE, probs_TE, routing.expert_S, routing.token_S, keep_S, aux, z
+            )
         return y_TD.view_as(x)
 
     def metrics(self, mode: str | None = None, reset: bool = True) -> dict[str, float | list[float]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_lab.moe.router import Routing
+from moe_lab.moe.router import Routing, count
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -19,6 +19,9 @@ def load_balancing_loss(
     keep_S: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch load-balancing loss E * sum_i f_i * P_i (Switch Eq. 4-6, ST-MoE App. A), averaged over groups.
+
+    Groups are weighted by their share of the tokens, so equal groups average plainly (flaxformer) and a
+    short last group counts no more than its tokens.
 
     P_i is the mean router probability of expert i over the group's tokens (it carries the gradient).
     f_i is the number of the group's tokens that chose expert i, divided by the number of tokens:
@@ -36,9 +39,10 @@ def load_balancing_loss(
         if keep_S is not None:
             counted &= keep_S
         cell = routing.group_S[counted] * num_experts + routing.expert_S[counted]
-        counts_GE = torch.bincount(cell, minlength=num_groups * num_experts).view(num_groups, num_experts)
-        tokens_G = torch.bincount(routing.group_T, minlength=num_groups).clamp(min=1)
+        counts_GE = count(cell, num_groups * num_experts).view(num_groups, num_experts)
+        tokens_G = count(routing.group_T, num_groups).clamp(min=1)
         f_GE = counts_GE.float() / tokens_G[:, None]
+        weight_G = tokens_G.float() / routing.num_tokens
     prob_sum_GE = probs_TE.new_zeros(num_groups, num_experts).index_add(0, routing.group_T, probs_TE)
     P_GE = prob_sum_GE / tokens_G[:, None]
-    return num_experts * (f_GE * P_GE).sum(-1).mean()
+    return num_experts * ((f_GE * P_GE).sum(-1) * weight_G).sum()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_lab.moe.router import count
+
 
 class RouterMetrics:
     """Running sums over forwards, kept as tensors on the layer's device so no step syncs the host."""
@@ -15,16 +17,21 @@ class RouterMetrics:
     def reset(self) -> None:
         """Forget everything accumulated."""
         self.num_forwards = 0
+        self.num_tokens = 0
         self._sums: dict[str, torch.Tensor] = {}
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach()
-        self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
+        old = self._sums.get(name)
+        # .to() follows the layer if it moved device since the last forward
+        self._sums[name] = value.clone() if old is None else old.to(value.device) + value
 
     def _max(self, name: str, value: torch.Tensor) -> None:
         value = value.detach()
-        self._sums[name] = torch.maximum(self._sums[name], value) if name in self._sums else value.clone()
+        old = self._sums.get(name)
+        self._sums[name] = value.clone() if old is None else torch.maximum(old.to(value.device), value)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def update(
         self,
@@ -39,10 +46,13 @@ class RouterMetrics:
         """Add one forward's routing statistics."""
         num_tokens = probs_TE.shape[0]
         self.num_forwards += 1
-        self._add("tokens", torch.tensor(float(num_tokens), device=probs_TE.device))
-        self._add("routed_E", torch.bincount(expert_S, minlength=self.num_experts).float())
-        self._add("kept_E", torch.bincount(expert_S[keep_S], minlength=self.num_experts).float())
-        kept_per_token = torch.bincount(token_S[keep_S], minlength=num_tokens)
+        self.num_tokens += num_tokens
+        routed_E = count(expert_S, self.num_experts).float()
+        self._add("routed_E", routed_E)
+        self._add("kept_E", count(expert_S[keep_S], self.num_experts).float())
+        # per forward, then averaged: summing counts first would let opposite imbalances cancel
+        self._add("imbalance", routed_E.max() / routed_E.mean().clamp(min=1e-9))
+        kept_per_token = count(token_S[keep_S], num_tokens)
         self._add("tokens_fully_dropped", (kept_per_token == 0).sum().float())
         log_probs = torch.log_softmax(logits_TE.float(), dim=-1)
         self._add("entropy_sum", -(log_probs.exp() * log_probs).sum(-1).sum())
@@ -56,14 +66,14 @@ class RouterMetrics:
         if self.num_forwards == 0:
             return {}
         s = {k: v.cpu() for k, v in self._sums.items()}
-        routed, kept, tokens = s["routed_E"], s["kept_E"], s["tokens"]
+        routed, kept, tokens, forwards = s["routed_E"], s["kept_E"], self.num_tokens, self.num_forwards
         total_slots = routed.sum().clamp(min=1)
         return {
-            # fractions of all routed assignments (before capacity): what the router asked for
+            # fractions of all routed assignments (before capacity), summed over forwards
             "tokens_per_expert": (routed / total_slots).tolist(),
             "kept_per_expert": (kept / kept.sum().clamp(min=1)).tolist(),
-            # max/mean of routed assignments per expert: 1.0 is perfectly balanced
-            "load_imbalance": float(routed.max() / routed.mean().clamp(min=1e-9)),
+            # max/mean of routed assignments per expert, per forward, averaged: 1.0 is perfectly balanced
+            "load_imbalance": float(s["imbalance"] / forwards),
             # fraction of token-expert assignments dropped by capacity
             "dropped_frac": float(1 - kept.sum() / total_slots),
             # fraction of tokens none of whose assignments were kept (they only pass the residual)
@@ -71,6 +81,6 @@ class RouterMetrics:
             "router_entropy": float(s["entropy_sum"] / tokens),
             "mean_max_prob": float(s["max_prob_sum"] / tokens),
             "max_logit": float(s["max_logit"]),
-            "aux_loss": float(s["aux_loss_sum"] / self.num_forwards),
-            "z_loss": float(s["z_loss_sum"] / self.num_forwards),
+            "aux_loss": float(s["aux_loss_sum"] / forwards),
+            "z_loss": float(s["z_loss_sum"] / forwards),
         }

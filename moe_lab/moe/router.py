@@ -37,18 +37,35 @@ class Routing:
     choice_S: torch.Tensor  # [S] long, the slot's choice rank (0 = first choice)
     capacity_G: list[int] | None  # slots per expert in each group; None = dropless
     group_T: torch.Tensor  # [T] long, routing group of every token
-    num_groups: int
+    group_sizes: list[int]  # tokens per group: all equal but the last
     num_experts: int
-    expert_index_TK: torch.Tensor  # [T, K] long: the experts each token chose (argmax for expert choice)
+    expert_index_TK: torch.Tensor  # [T, K] long: the experts each token chose (top-1 for expert choice)
 
     @property
     def num_tokens(self) -> int:
         return self.group_T.numel()
 
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_sizes)
+
     def group_token_bounds(self) -> list[tuple[int, int]]:
         """[start, end) token range of every group."""
-        counts = torch.bincount(self.group_T, minlength=self.num_groups).tolist()
-        return [(end - n, end) for n, end in zip(counts, itertools.accumulate(counts), strict=True)]
+        ends = itertools.accumulate(self.group_sizes)
+        return [(end - n, end) for n, end in zip(self.group_sizes, ends, strict=True)]
+
+    def capacity_tensor(self) -> torch.Tensor:
+        """capacity_G on the routing's device, built without a host-to-device copy (no CUDA sync)."""
+        assert self.capacity_G is not None
+        cap_G = torch.full((self.num_groups,), self.capacity_G[0], device=self.group_T.device)
+        if self.capacity_G[-1] != self.capacity_G[0]:  # only the last group can be shorter
+            cap_G[-1] = self.capacity_G[-1]
+        return cap_G
+
+
+def count(index: torch.Tensor, size: int) -> torch.Tensor:
+    """bincount with a fixed length: a scatter-add, which unlike CUDA bincount never syncs the host."""
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
 
 
 class Router(nn.Module):
@@ -80,30 +97,33 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (logits_TE, probs_TE), both float32 tensors holding values computed in the router dtype."""
-        if self.training and self.jitter_eps > 0:
-            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-            x_TD = x_TD * noise
         dt = self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(dt)
-        logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt), bias)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
+        # autocast would silently run the matmul in its own dtype: the router's precision is ours to set
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if self.training and self.jitter_eps > 0:
+                # drawn in float32: in bfloat16, U(1 - 1e-2, 1 + 1e-2) has only four values, none above 1
+                x_TD = x_TD.float()
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            bias = None if self.bias is None else self.bias.to(dt)
+            logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt), bias)
+            probs_TE = torch.softmax(logits_TE, dim=-1)
         return logits_TE.float(), probs_TE.float()
 
 
-def group_ids(num_tokens: int, group_size: int | None, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Routing group of each token (consecutive runs of group_size; the last may be shorter)."""
+def group_ids(num_tokens: int, group_size: int | None, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Routing group of each token (consecutive runs of group_size; the last may be shorter) and group sizes."""
     if group_size is None or group_size >= num_tokens:
-        return torch.zeros(num_tokens, dtype=torch.long, device=device), 1
-    group_T = torch.arange(num_tokens, device=device) // group_size
-    return group_T, math.ceil(num_tokens / group_size)
+        return torch.zeros(num_tokens, dtype=torch.long, device=device), [num_tokens]
+    num_groups = math.ceil(num_tokens / group_size)
+    sizes = [group_size] * (num_groups - 1) + [num_tokens - group_size * (num_groups - 1)]
+    return torch.arange(num_tokens, device=device) // group_size, sizes
 
 
 def _group_capacities(
-    group_T: torch.Tensor, num_groups: int, num_experts: int, top_k: int, capacity_factor: float | None
+    sizes: list[int], num_experts: int, top_k: int, capacity_factor: float | None
 ) -> list[int] | None:
     if capacity_factor is None:
         return None
-    sizes = torch.bincount(group_T, minlength=num_groups).tolist()
     return [expert_capacity(n, num_experts, top_k, capacity_factor) for n in sizes]
 
 
@@ -118,7 +138,7 @@ def route_token_choice(
     """Token-choice top-k routing: each token picks its k most probable experts."""
     num_tokens, num_experts = probs_TE.shape
     device = probs_TE.device
-    group_T, num_groups = group_ids(num_tokens, group_size, device)
+    group_T, sizes = group_ids(num_tokens, group_size, device)
     gate_TK, expert_TK = probs_TE.topk(top_k, dim=-1)
     top1_T = gate_TK[:, 0].detach()
     if renormalize:
@@ -144,9 +164,9 @@ def route_token_choice(
         gate_S=gate_TK[token_S, choice_S],
         group_S=group_T[token_S],
         choice_S=choice_S,
-        capacity_G=_group_capacities(group_T, num_groups, num_experts, top_k, capacity_factor),
+        capacity_G=_group_capacities(sizes, num_experts, top_k, capacity_factor),
         group_T=group_T,
-        num_groups=num_groups,
+        group_sizes=sizes,
         num_experts=num_experts,
         expert_index_TK=expert_TK,
     )
@@ -158,8 +178,8 @@ def route_expert_choice(
     """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens of every group."""
     num_tokens, num_experts = probs_TE.shape
     device = probs_TE.device
-    group_T, num_groups = group_ids(num_tokens, group_size, device)
-    capacity_G = _group_capacities(group_T, num_groups, num_experts, top_k, capacity_factor)
+    group_T, sizes = group_ids(num_tokens, group_size, device)
+    capacity_G = _group_capacities(sizes, num_experts, top_k, capacity_factor)
     routing = Routing(
         token_S=torch.empty(0, dtype=torch.long, device=device),
         expert_S=torch.empty(0, dtype=torch.long, device=device),
@@ -168,14 +188,17 @@ def route_expert_choice(
         choice_S=torch.empty(0, dtype=torch.long, device=device),
         capacity_G=None,
         group_T=group_T,
-        num_groups=num_groups,
+        group_sizes=sizes,
         num_experts=num_experts,
         expert_index_TK=probs_TE.argmax(dim=-1, keepdim=True),
     )
     tokens, experts, gates, groups, caps = [], [], [], [], []
     for g, (start, end) in enumerate(routing.group_token_bounds()):
         cap = min(capacity_G[g], end - start)
-        gate_EC, token_EC = probs_TE[start:end].t().topk(cap, dim=-1)
+        # a stable sort, not topk: tied scores go to the earlier token, the same on every device
+        scores_ES = probs_TE[start:end].t()
+        token_EC = torch.argsort(scores_ES, dim=-1, descending=True, stable=True)[:, :cap]
+        gate_EC = scores_ES.gather(1, token_EC)
         tokens.append(token_EC.reshape(-1) + start)
         experts.append(torch.arange(num_experts, device=device).repeat_interleave(cap))
         gates.append(gate_EC.reshape(-1))
