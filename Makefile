@@ -32,7 +32,8 @@ format: $(STAMP) ## format the code with ruff
 	$(BIN)/ruff check --fix moe_lab tests
 	$(BIN)/ruff format moe_lab tests
 
-run: bench ## the main job (for now the dispatch benchmark; `moe-lab pretrain small` once issue #3 lands)
+run: $(STAMP) ## the main job: pretrain the `small` sparse LM on the embedded corpus (offline, ~9 min)
+	$(BIN)/moe-lab pretrain small
 
 bench: $(STAMP) ## benchmark the dispatch backends, JSON to results/bench/dispatch.json
 	$(BIN)/moe-lab bench dispatch --json results/bench/dispatch.json

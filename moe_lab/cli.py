@@ -31,19 +31,52 @@ def _not_built(command: str, issue: int) -> None:
     raise typer.Exit(code=1)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def pretrain(name: Annotated[str, typer.Argument(help="preset: tiny, small, dense-small")] = "small") -> None:
-    """Pretrain a sparse or dense language model (e.g. `moe-lab pretrain small`)."""
-    _not_built("pretrain", 3)
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _compose(preset: str, overrides: list[str]):
+    from moe_lab.config import ConfigError, compose
+
+    try:
+        return compose(preset, overrides)
+    except ConfigError as err:
+        console.print(f"[red]config error:[/red] {err}")
+        raise typer.Exit(code=2) from None
+
+
+@app.command(context_settings=OVERRIDES)
+def pretrain(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="preset in conf/preset: tiny, small, dense-small")] = "small",
+    show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
+) -> None:
+    """Pretrain a language model: `moe-lab pretrain small [key=value ...]` (Hydra override syntax)."""
+    from omegaconf import OmegaConf
+
+    overrides = list(ctx.args)
+    cfg = _compose(name, overrides)
+    if show_config:
+        console.print(OmegaConf.to_yaml(cfg, resolve=True))
+        return
+    from moe_lab.hub import HubUnavailableError
+    from moe_lab.train.pretrain import run_pretrain
+
+    try:
+        summary = run_pretrain(cfg, overrides, console)
+    except (HubUnavailableError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from None
+    if summary["status"] not in ("completed", "diverged"):
+        raise typer.Exit(code=1)
+
+
+@app.command(context_settings=OVERRIDES)
 def finetune(task: Annotated[str, typer.Argument(help="task: cb, sst2, ...")] = "cb") -> None:
     """Fine-tune a pretrained checkpoint on a classification task."""
     _not_built("finetune", 4)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings=OVERRIDES)
 def sweep(name: Annotated[str, typer.Argument(help="a study in experiments/")] = "capacity-factor") -> None:
     """Run an ablation study as a Hydra multirun."""
     _not_built("sweep", 4)
@@ -88,9 +121,7 @@ def bench_dispatch_cmd(
         ratio = f"{r.ratio_to_dense:.2f}"
         dropped = "-" if r.dropped_frac is None else f"{r.dropped_frac:.1%}"
         table.add_row(r.backend, str(r.num_experts), str(r.top_k), f"{r.tokens_per_s:,.0f}", ratio, dropped)
-        console.print(
-            f"  {r.backend:<22} E={r.num_experts:<3} k={r.top_k} {r.tokens_per_s:>10,.0f} tok/s  x{ratio}"
-        )
+        console.print(f"  {r.backend:<22} E={r.num_experts:<3} k={r.top_k} {r.tokens_per_s:>10,.0f} tok/s  x{ratio}")
 
     try:
         records = bench_dispatch(

@@ -1,0 +1,278 @@
+"""Run configuration: dataclass schemas registered in Hydra's ConfigStore; the only module that knows Hydra."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from moe_lab.moe.config import MoEConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PRESETS_DIR = CONF_DIR / "preset"
+
+
+@dataclass
+class ModelConfig:
+    """A Transformer with MoE layers every `moe_every` blocks (ST-MoE Sec. 3: every 4th)."""
+
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int = 512
+    activation: str = "geglu"  # FFN of dense blocks; experts use moe.activation
+    max_seq_len: int = 128
+    causal: bool = True  # decoder (LM pretraining) or bidirectional encoder (classification)
+    # 0: no MoE layer; N: blocks N-1, 2N-1, ... are MoE (ST-MoE: 4); 1: every block
+    moe_every: int = 2
+    # False builds the FLOP-matched dense twin: each MoE position gets a dense FFN of width top_k * d_ff
+    sparse: bool = True
+    # ST-MoE Table 16: an extra dense FFN stacked after each sparse one
+    dense_stacking: bool = False
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    # z-loss on the output logits, coefficient (0 = off); ST-MoE uses 1e-4 on the final logits
+    output_z_loss_coef: float = 0.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        _choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
+        _choice("model.activation", self.activation, ("relu", "gelu", "geglu", "swiglu"))
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
+        if self.moe_every < 0:
+            raise ValueError(f"model.moe_every must be >= 0 (0 = dense), got {self.moe_every}")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from: the embedded synthetic corpus, local files or a hub name."""
+
+    source: str = "synthetic"  # synthetic | local | hub
+    # local: a file, a glob or a list of them; format is a `datasets` builder: text, json, csv, parquet
+    path: Any = None
+    format: str = "text"
+    val_path: Any = None  # a separate validation file; otherwise the last val_fraction of the tokens
+    text_column: str = "text"
+    delimiter: str | None = None  # csv/tsv: "\t" for tsv
+    # hub: `datasets.load_dataset(name, subset, split=split)`; needs network
+    name: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    val_fraction: float = 0.1
+    # synthetic corpus
+    num_docs: int = 20000
+    num_domains: int = 4
+    corpus_seed: int = 0
+    cache_dir: str = "~/.cache/moe-lab"
+    max_tokens: int | None = None  # cap on the tokens used (train + val), for quick runs
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        _choice("data.source", self.source, ("synthetic", "local", "hub"))
+        if self.source == "local" and not self.path:
+            raise ValueError("data=local needs data.path=FILE (and data.format=text|json|csv|parquet)")
+        if self.source == "hub" and not self.name:
+            raise ValueError("data=hub needs data.name=DATASET (e.g. data.name=wikitext data.subset=wikitext-2-raw-v1)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TokenizerConfig:
+    """byte (default, no download), hf (a transformers tokenizer by name or local path), bpe (trained here)."""
+
+    kind: str = "byte"
+    name: str | None = None
+    vocab_size: int = 4096  # bpe only
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        _choice("tokenizer.kind", self.kind, ("byte", "hf", "bpe"))
+        if self.kind == "hf" and not self.name:
+            raise ValueError("tokenizer=hf needs tokenizer.name=NAME_OR_PATH")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = "adamw"  # adamw | adafactor
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | linear | constant | rsqrt
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0  # max global gradient norm; null = off
+    # clip each parameter's update to this RMS (Adafactor's "d", ST-MoE Table 4); null = off
+    update_clip: float | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        _choice("optim.name", self.name, ("adamw", "adafactor"))
+        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "rsqrt"))
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    seq_len: int = 128
+    precision: str = "fp32"  # fp32 | bf16 (bf16 matmuls are ~100x slower on AVX2-only CPUs)
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 250
+    # a loss above this, or NaN/inf, ends the run as diverged
+    divergence_loss: float = 50.0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class LoggerConfig:
+    """W&B (offline unless said otherwise) and CSV; CSV and summary.json are the record of truth."""
+
+    wandb: bool = True
+    # offline | online | disabled; null = $WANDB_MODE, else offline
+    wandb_mode: str | None = None
+    project: str = "moe-lab"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One run: what `moe-lab pretrain NAME [overrides]` composes."""
+
+    name: str = "small"
+    seed: int = 0
+    runs_root: str = "results/runs"
+    run_dir: str | None = None  # null: runs_root/NAME/TIMESTAMP (resume: the latest one)
+    resume: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def validate(self) -> None:
+        """Validate every group."""
+        for group in (self.model, self.moe, self.data, self.tokenizer, self.optim, self.train):
+            group.validate()
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def register_configs() -> None:
+    """Register the schemas so conf/*.yaml files are type-checked against them."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be composed or is invalid; the message says what would be accepted."""
+
+
+def presets() -> list[str]:
+    """Names of the presets in conf/preset/."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def compose(preset: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/config.yaml + preset + overrides with Hydra and validate the result."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if preset not in presets():
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {presets()}")
+    register_configs()
+    overrides = list(overrides or [])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=[f"preset={preset}", *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_explain(err)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    to_run_config(cfg)  # validates
+    return cfg
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """The typed, validated RunConfig of a composed config."""
+    try:
+        run = OmegaConf.to_object(cfg)
+    except Exception as err:  # OmegaConf wraps dataclass __post_init__ errors
+        raise ConfigError(str(err).split("\n")[0]) from None
+    if not isinstance(run, RunConfig):
+        raise ConfigError(f"composed config is a {type(run).__name__}, expected RunConfig")
+    try:
+        run.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return run
+
+
+def _explain(err: Exception) -> str:
+    """Hydra's message, plus the valid keys where a key was not found."""
+    # Hydra suggests "+key=value" to append; the schema forbids new keys, so that hint only misleads
+    lines = [ln for ln in str(err).strip().splitlines() if not ln.startswith("To append to your config")]
+    message = "\n".join(lines)
+    if err.__cause__ is not None:
+        message += f"\n{str(err.__cause__).splitlines()[0]}"
+    full_key = getattr(err, "full_key", None) or _key_from_message(message)
+    if full_key:
+        valid = _valid_keys(full_key.rsplit(".", 1)[0] if "." in full_key else "")
+        if valid:
+            message += f"\nvalid keys here: {valid}"
+    return message
+
+
+def _key_from_message(message: str) -> str | None:
+    # "Could not override 'model.foo'." / "Key 'foo' not in 'ModelConfig'" + "full_key: model.foo"
+    for marker in ("full_key: ", "Could not override '", "Could not append to config. An item is already at '"):
+        if marker in message:
+            rest = message.split(marker, 1)[1]
+            return rest.split("'")[0].split("\n")[0].strip().rstrip(".")
+    return None
+
+
+def _valid_keys(path: str) -> list[str]:
+    node: Any = RunConfig
+    for part in [p for p in path.split(".") if p]:
+        fields_by_name = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields_by_name:
+            return []
+        default = fields_by_name[part].default_factory  # type: ignore[misc]
+        node = default if default is not dataclasses.MISSING else None
+        if node is None:
+            return []
+    return sorted(f.name for f in dataclasses.fields(node)) if dataclasses.is_dataclass(node) else []

@@ -1,0 +1,254 @@
+"""A pre-norm Transformer whose FFN is an MoE layer in every `moe_every`-th block; LM and classifier heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_lab.config import ModelConfig
+from moe_lab.moe import MoEConfig, MoELayer
+from moe_lab.moe.experts import Experts
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (T5, ST-MoE)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """RMSNorm or LayerNorm."""
+    return RMSNorm(dim) if kind == "rmsnorm" else nn.LayerNorm(dim)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, causal or bidirectional, with an optional padding mask."""
+
+    def __init__(self, d_model: int, num_heads: int, causal: bool, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if pad_mask_BS is not None:  # True = real token; keys that are padding are never attended to
+            mask = pad_mask_BS[:, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+class DenseFFN(nn.Module):
+    """A dense FFN: one expert's weights and activation, without routing."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, dropout: float) -> None:
+        super().__init__()
+        self.ffn = Experts(1, d_model, d_ff, activation, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn.forward_one(x, self.ffn.w_in_EDH[0], self.ffn.w_out_EFD[0])
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)) [+ a stacked dense FFN]."""
+
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module, stacked: nn.Module | None) -> None:
+        super().__init__()
+        self.norm_attn = make_norm(cfg.norm, cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.causal, cfg.dropout)
+        self.norm_ffn = make_norm(cfg.norm, cfg.d_model)
+        self.ffn = ffn
+        self.norm_stacked = make_norm(cfg.norm, cfg.d_model) if stacked is not None else None
+        self.stacked = stacked
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm_attn(x), pad_mask))
+        x = x + self.drop(self.ffn(self.norm_ffn(x)))
+        if self.stacked is not None:
+            x = x + self.drop(self.stacked(self.norm_stacked(x)))
+        return x
+
+
+def is_moe_position(layer: int, moe_every: int) -> bool:
+    """Whether block `layer` (0-based) holds an MoE layer: blocks moe_every-1, 2*moe_every-1, ..."""
+    return moe_every > 0 and (layer + 1) % moe_every == 0
+
+
+class Transformer(nn.Module):
+    """Token + learned position embeddings, blocks, final norm: ids [B, S] -> hidden [B, S, D]."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        moe = replace(moe, d_model=cfg.d_model)
+        blocks = []
+        for i in range(cfg.num_layers):
+            stacked = None
+            if is_moe_position(i, cfg.moe_every) and cfg.sparse:
+                ffn: nn.Module = MoELayer(moe)
+                if cfg.dense_stacking:
+                    stacked = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout)
+            elif is_moe_position(i, cfg.moe_every):
+                # the dense twin: k experts' worth of FFN width gives the same FLOPs per token
+                ffn = DenseFFN(cfg.d_model, moe.top_k * moe.d_ff, moe.activation, cfg.dropout)
+                if cfg.dense_stacking:
+                    stacked = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout)
+            else:
+                ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout)
+            blocks.append(Block(cfg, ffn, stacked))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = make_norm(cfg.norm, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, ids_BS: torch.Tensor, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        S = ids_BS.shape[1]
+        if self.cfg.max_seq_len < S:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.drop(self.embed(ids_BS) + self.pos(torch.arange(S, device=ids_BS.device)))
+        for block in self.blocks:
+            x = block(x, pad_mask_BS)
+        return self.norm(x)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    """(name, layer) of every MoE layer in a model, in order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+@dataclass
+class ModelLosses:
+    """The task loss and the MoE terms added to it; `total` is what backward() sees."""
+
+    task: torch.Tensor
+    aux: torch.Tensor
+    z: torch.Tensor
+    output_z: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.task + self.aux + self.z + self.output_z
+
+
+def collect_moe_losses(model: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the scaled aux and z losses of every MoE layer's last forward."""
+    aux, z = like.new_zeros(()), like.new_zeros(())
+    for _, layer in moe_layers(model):
+        if layer.last_losses is not None:
+            aux = aux + layer.last_losses.aux_loss_scaled
+            z = z + layer.last_losses.z_loss_scaled
+    return aux, z
+
+
+class LanguageModel(nn.Module):
+    """A causal LM: next-token cross-entropy plus the MoE losses."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg, moe, vocab_size)
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.transformer.embed.weight
+
+    def forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V]."""
+        h = self.transformer(ids_BS)
+        if self.cfg.tie_embeddings:  # scale as in Mesh TensorFlow / T5 when the embedding is shared
+            h = h * self.cfg.d_model**-0.5
+        return self.head(h)
+
+    def losses(self, ids_BS: torch.Tensor, targets_BS: torch.Tensor) -> ModelLosses:
+        """Cross-entropy of the targets, the MoE aux and z losses, the output-logit z-loss."""
+        logits = self.forward(ids_BS).float()
+        task = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        aux, z = collect_moe_losses(self, task)
+        output_z = task.new_zeros(())
+        if self.cfg.output_z_loss_coef > 0:
+            output_z = self.cfg.output_z_loss_coef * torch.logsumexp(logits, -1).square().mean()
+        return ModelLosses(task, aux, z, output_z)
+
+
+class ClassifierModel(nn.Module):
+    """A bidirectional encoder with a mean-pooled classification head."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(replace(cfg, causal=False), moe, vocab_size)
+        self.head = nn.Linear(cfg.d_model, num_classes)
+
+    def forward(self, ids_BS: torch.Tensor, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits [B, C]."""
+        h = self.transformer(ids_BS, pad_mask_BS)
+        if pad_mask_BS is None:
+            return self.head(h.mean(1))
+        weights = pad_mask_BS.to(h.dtype)[..., None]
+        return self.head((h * weights).sum(1) / weights.sum(1).clamp(min=1))
+
+    def losses(self, ids_BS: torch.Tensor, labels_B: torch.Tensor, pad_mask_BS: torch.Tensor | None = None):
+        """Cross-entropy of the labels plus the MoE losses."""
+        logits = self.forward(ids_BS, pad_mask_BS).float()
+        task = F.cross_entropy(logits, labels_B)
+        aux, z = collect_moe_losses(self, task)
+        return ModelLosses(task, aux, z, task.new_zeros(()))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total parameters, and active ones: everything but experts, plus top_k experts per MoE layer."""
+    total = sum(p.numel() for p in model.parameters())
+    expert_total = expert_active = 0
+    for _, layer in moe_layers(model):
+        n = sum(p.numel() for p in layer.experts.parameters())
+        expert_total += n
+        k = layer.config.top_k
+        expert_active += n * min(k, layer.config.num_experts) // layer.config.num_experts
+    return {"total": total, "active": total - expert_total + expert_active, "experts": expert_total}
+
+
+def flops_per_token(cfg: ModelConfig, moe: MoEConfig, vocab_size: int, seq_len: int) -> int:
+    """Forward multiply-adds x2 per token (Kaplan et al. 2020 style, no norms/softmax).
+
+    Attention: 4 d^2 projections + 2 S d for scores and values (causal halving ignored). FFN of width F:
+    d*H + F*d with H = 2F when gated. An MoE layer runs k experts per token plus a d*E router, so the
+    dense twin (width k*F at those positions) matches it to within the router's 2dE.
+    """
+    d = cfg.d_model
+
+    def ffn(width: int, activation: str) -> int:
+        hidden = 2 * width if activation in ("geglu", "swiglu") else width
+        return d * hidden + width * d
+
+    total = 0
+    for i in range(cfg.num_layers):
+        total += 4 * d * d + 2 * seq_len * d
+        if is_moe_position(i, cfg.moe_every):
+            total += (moe.top_k * ffn(moe.d_ff, moe.activation)) + (d * moe.num_experts if cfg.sparse else 0)
+            if cfg.dense_stacking:
+                total += ffn(cfg.d_ff, cfg.activation)
+        else:
+            total += ffn(cfg.d_ff, cfg.activation)
+    total += d * vocab_size
+    return 2 * total

@@ -1,0 +1,193 @@
+"""`moe-lab pretrain`: data + model + loop + logging for one language-model run."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from moe_lab.config import RunConfig, to_run_config
+from moe_lab.data.lm import LMData, build_lm_data
+from moe_lab.models import LanguageModel, count_parameters, flops_per_token
+from moe_lab.models.transformer import ModelLosses
+from moe_lab.track import RunLogger, WandbSink, read_summary
+from moe_lab.train.loop import CHECKPOINT, rank_seed, resolve_device, train
+
+
+class LMTask:
+    """Next-token prediction on packed sequences; batch i is a pure function of (seed, i)."""
+
+    def __init__(self, data: LMData, batch_size: int, seed: int, eval_batches: int) -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.eval_batches = eval_batches
+        self.batches_per_epoch = data.train_BS.shape[0] // batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"{data.train_BS.shape[0]} training sequences: too few for one batch of {batch_size}")
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.data.train_BS.shape[0], generator=gen), epoch
+        return self._perm
+
+    def train_batch(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(index, self.batches_per_epoch)
+        rows = self.data.train_BS[self._permutation(epoch)[j * self.batch_size : (j + 1) * self.batch_size]]
+        return {"ids": rows[:, :-1].to(device), "targets": rows[:, 1:].to(device)}
+
+    def loss(self, model: LanguageModel, batch: dict[str, torch.Tensor]) -> ModelLosses:
+        return model.losses(batch["ids"], batch["targets"])
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["ids"].numel()
+
+    def evaluate(self, model: LanguageModel, device: torch.device) -> dict[str, float]:
+        """Cross-entropy and perplexity on the first eval_batches batches of validation (always the same)."""
+        val = self.data.val_BS[: self.eval_batches * self.batch_size]
+        total, count = 0.0, 0
+        for start in range(0, val.shape[0], self.batch_size):
+            rows = val[start : start + self.batch_size].to(device)
+            loss = model.losses(rows[:, :-1], rows[:, 1:]).task.item()
+            total += loss * rows[:, 1:].numel()
+            count += rows[:, 1:].numel()
+        val_loss = total / count
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def resolve_run_dir(run: RunConfig) -> Path:
+    """The run's directory: run_dir if given; on resume the newest run of this name; else a new timestamped one."""
+    if run.run_dir:
+        return Path(run.run_dir)
+    root = Path(run.runs_root) / run.name
+    if run.resume:
+        previous = sorted(p.parent for p in root.glob(f"*/{CHECKPOINT}"))
+        if previous:
+            return previous[-1]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = root / stamp
+    n = 1
+    while path.exists():
+        path, n = root / f"{stamp}-{n}", n + 1
+    return path
+
+
+def write_hydra_snapshot(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """.hydra/config.yaml (resolved) and .hydra/overrides.yaml, as a Hydra app run would leave them."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+
+
+def describe_model(console: Console, name: str, params: dict[str, int], flops: int) -> None:
+    table = Table(title=f"model {name}", show_header=False)
+    table.add_row("parameters (total)", f"{params['total']:,}")
+    table.add_row("parameters (active per token)", f"{params['active']:,}")
+    table.add_row("of which experts (total)", f"{params['experts']:,}")
+    table.add_row("forward FLOPs per token", f"{flops:,}")
+    console.print(table)
+
+
+def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: Console | None = None) -> dict:
+    """Train one language model as `cfg` says; returns the summary written to summary.json."""
+    console = console or Console()
+    run = to_run_config(cfg)
+    run_dir = resolve_run_dir(run)
+    previous = read_summary(run_dir)
+    if run.resume and previous and previous.get("status") in ("completed", "diverged"):
+        console.print(f"{run_dir} already {previous['status']}; nothing to resume")
+        return previous
+    seed = rank_seed(run.seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if run.train.threads > 0:
+        torch.set_num_threads(run.train.threads)
+    if run.train.seq_len > run.model.max_seq_len:
+        raise ValueError(f"train.seq_len={run.train.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
+
+    # data and model first: a missing file or an unreachable hub fails before any run directory exists
+    started = time.time()
+    data = build_lm_data(run.data, run.tokenizer, run.train.seq_len)
+    model = LanguageModel(run.model, run.moe, data.vocab_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_hydra_snapshot(run_dir, cfg, overrides or [])
+    params = count_parameters(model)
+    flops = flops_per_token(run.model, run.moe, data.vocab_size, run.train.seq_len)
+    describe_model(console, run.name, params, flops)
+    console.print(
+        f"data: {data.train_tokens:,} train tokens ({data.tokenizer_name}), {data.val_BS.numel():,} val; "
+        f"unigram val loss {data.unigram_val_loss:.4f}; run dir {run_dir}"
+    )
+    task = LMTask(data, run.train.batch_size, seed, run.train.eval_batches)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    wandb_sink = None
+    if run.logger.wandb:
+        wandb_name = f"{run.name}/{run_dir.name}"
+        wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode)
+    logger = RunLogger(run_dir, wandb_sink)
+    summary: dict[str, Any] = {
+        "name": run.name,
+        "run_dir": str(run_dir),
+        "status": "running",
+        "parameters": params,
+        "flops_per_token": flops,
+        "unigram_val_loss": data.unigram_val_loss,
+        "device": str(resolve_device(run.train.device)),
+        "torch_version": torch.__version__,
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "config": resolved,
+    }
+    failed = False
+    try:
+        result = train(
+            model, task, run.train, run.optim, run_dir, logger, resume=run.resume, console=console,
+            show_progress=run.logger.progress,
+        )  # fmt: skip
+        summary.update(
+            status=result.status,
+            step=result.step,
+            final_train_loss=result.train_loss,
+            final_val_loss=result.eval.get("val_loss"),
+            final_val_ppl=result.eval.get("val_ppl"),
+            best_val_loss=result.best.get("val_loss"),
+            diverged_at_step=result.diverged_at,
+            reason=result.reason,
+            train_seconds=result.train_seconds,
+            tokens=result.tokens,
+            tokens_per_s=result.tokens_per_s,
+        )
+    except BaseException as err:
+        failed = True
+        summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        raise
+    finally:
+        summary["wall_seconds"] = time.time() - started
+        logger.summary(summary)
+        logger.finish(failed=failed)
+    report_run(console, summary)
+    return summary
+
+
+def report_run(console: Console, summary: dict) -> None:
+    """The end-of-run lines: status, losses against the unigram baseline, speed."""
+    status = summary["status"]
+    colour = {"completed": "green", "diverged": "red"}.get(status, "yellow")
+    console.print(f"[{colour}]{status}[/{colour}] after {summary.get('step')} steps in {summary['wall_seconds']:.0f} s")
+    if summary.get("final_val_loss") is not None:
+        console.print(
+            f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}) vs unigram "
+            f"{summary['unigram_val_loss']:.4f}; {summary['tokens_per_s']:,.0f} train tokens/s"
+        )
+    console.print(f"results: {summary['run_dir']}/summary.json, metrics.csv")

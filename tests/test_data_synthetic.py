@@ -1,0 +1,178 @@
+"""The synthetic corpus: deterministic, labelled with meaningful categories, cached, and learnable."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+
+from moe_lab.data import synthetic
+from moe_lab.data.synthetic import (
+    CATEGORIES,
+    DOMAINS,
+    char_categories,
+    generate_documents,
+    load_synthetic,
+    token_categories,
+)
+
+CAT = {name: i for i, name in enumerate(CATEGORIES)}
+# Written out here rather than imported, so the test checks the labels against English, not against itself.
+_ENGLISH_FUNCTION_WORDS = """
+the a an this that these those every each some any no its their his her it they he she we of in on at to with
+and but or nor for from by after before during while than then so because as into over under near about around
+against toward towards up down did does do will would can could
+"""
+ENGLISH_FUNCTION_WORDS = set(_ENGLISH_FUNCTION_WORDS.split())
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return generate_documents(400, seed=0, num_domains=8)
+
+
+def word_labels(ds) -> list[tuple[str, int, int]]:
+    """(word, category, domain) for every word of every document."""
+    return [
+        (word, cat, row["domain"])
+        for row in ds
+        for word, cat in zip(row["text"].split(" "), row["word_categories"], strict=True)
+    ]
+
+
+def test_same_seed_gives_the_same_corpus_and_another_seed_another(docs) -> None:
+    assert generate_documents(400, seed=0, num_domains=8).to_dict() == docs.to_dict()
+    other = generate_documents(400, seed=1, num_domains=8)
+    assert other["text"][:] != docs["text"][:]
+    # A smaller corpus is a prefix of a larger one with the same seed.
+    assert generate_documents(50, seed=0, num_domains=8).to_dict() == docs.select(range(50)).to_dict()
+
+
+def test_one_category_per_word(docs) -> None:
+    assert docs.column_names == ["text", "domain", "word_categories"]
+    for row in docs:
+        words = row["text"].split(" ")
+        assert len(words) == len(row["word_categories"])
+        assert all(words), "empty word: double or trailing space"
+
+
+def test_categories_are_meaningful(docs) -> None:
+    by_category = collections.defaultdict(set)
+    category_of = collections.defaultdict(set)
+    for word, cat, _ in word_labels(docs):
+        by_category[CATEGORIES[cat]].add(word)
+        category_of[word].add(cat)
+    assert set(by_category) == set(CATEGORIES) - {"whitespace"}, "every word category occurs"
+    assert by_category["punctuation"] <= set(".,!?;:$%-()")
+    for word in by_category["number"]:
+        float(word.replace(",", ""))  # raises if a "number" is not one
+    assert by_category["function_word"] <= ENGLISH_FUNCTION_WORDS
+    assert all(w.isalpha() and w[0].isupper() and w[1:].islower() for w in by_category["proper_name"])
+    for name in ("noun", "verb", "adjective"):
+        assert all(w.isalpha() and w.islower() for w in by_category[name]), name
+        assert len(by_category[name]) > 150, f"{name}: the vocabulary should be large"
+    # A word means one thing: ground-truth analysis can key on the surface form.
+    assert all(len(cats) == 1 for cats in category_of.values())
+
+
+def test_documents_are_several_sentences() -> None:
+    for lo, hi in [(3, 8), (2, 2)]:
+        for text in generate_documents(60, seed=5, sentences_per_doc=(lo, hi))["text"]:
+            words = text.split(" ")
+            assert lo <= sum(w in {".", "!", "?"} for w in words) <= hi
+            assert words[-1] in {".", "!", "?"}
+
+
+def test_every_domain_appears_and_only_the_requested_ones(docs) -> None:
+    assert set(docs["domain"]) == set(range(len(DOMAINS)))
+    assert set(generate_documents(100, seed=0, num_domains=3)["domain"]) == {0, 1, 2}
+    with pytest.raises(ValueError, match=r"1\.\.8"):
+        generate_documents(1, num_domains=len(DOMAINS) + 1)
+
+
+def test_domains_have_their_own_vocabulary_and_number_formats(docs) -> None:
+    nouns = collections.defaultdict(set)
+    words = collections.defaultdict(set)
+    for word, cat, domain in word_labels(docs):
+        words[DOMAINS[domain]].add(word)
+        if cat == CAT["noun"]:
+            nouns[domain].add(word)
+    for a, b in itertools.combinations(sorted(nouns), 2):
+        jaccard = len(nouns[a] & nouns[b]) / len(nouns[a] | nouns[b])
+        assert jaccard < 0.15, (DOMAINS[a], DOMAINS[b], jaccard)
+    assert "$" in words["finance"] and "$" not in words["cooking"]
+    assert "cups" in words["cooking"] and "cups" not in words["sports"]
+    assert "points" in words["sports"] and "points" not in words["finance"]
+
+
+def test_char_and_token_categories_on_a_hand_written_example() -> None:
+    text = "the chef stirs 3 cups ."
+    cats = [CAT[c] for c in ("function_word", "noun", "verb", "number", "noun", "punctuation")]
+    fw, noun, verb, num, punct, ws = (
+        CAT[c] for c in ("function_word", "noun", "verb", "number", "punctuation", "whitespace")
+    )
+    chars = char_categories(text, cats)
+    assert chars == [fw] * 3 + [ws] + [noun] * 4 + [ws] + [verb] * 5 + [ws, num, ws] + [noun] * 4 + [
+        ws,
+        punct,
+    ]
+    assert len(chars) == len(text)
+    # Tokens as a byte-level BPE cuts them: a leading space belongs to the token that follows it.
+    offsets = [(0, 3), (3, 8), (8, 12), (12, 14), (14, 15), (15, 16), (16, 21), (21, 23), (23, 23)]
+    assert token_categories(offsets, chars) == [fw, noun, verb, verb, ws, num, noun, punct, ws]
+    with pytest.raises(ValueError, match="6 space-separated words"):
+        char_categories(text, cats[:-1])
+    with pytest.raises(ValueError, match=r"token offsets \(20, 30\)"):
+        token_categories([(20, 30)], chars)
+
+
+def test_load_synthetic_reads_the_cache_the_second_time(tmp_path: Path, monkeypatch) -> None:
+    expected = generate_documents(30, seed=3).to_dict()
+    first = load_synthetic(tmp_path, num_docs=30, seed=3)
+    (entry,) = tmp_path.iterdir()  # one complete cache directory, no temporary leftovers
+    assert entry.name.startswith("synthetic-")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr(synthetic, "generate_documents", fail)
+    second = load_synthetic(tmp_path, num_docs=30, seed=3)
+    assert first.to_dict() == second.to_dict() == expected
+    with pytest.raises(AssertionError, match="generated again"):  # other parameters, other cache entry
+        load_synthetic(tmp_path, num_docs=30, seed=4)
+
+
+def test_an_interrupted_write_leaves_no_cache(tmp_path: Path, monkeypatch) -> None:
+    def save_then_die(self, path: str, *args, **kwargs) -> None:
+        Path(path, "data-00000-of-00001.arrow").write_text("half written")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(datasets.Dataset, "save_to_disk", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            load_synthetic(tmp_path, num_docs=5)
+    assert list(tmp_path.iterdir()) == []
+    assert load_synthetic(tmp_path, num_docs=5).to_dict() == generate_documents(5).to_dict()
+
+
+def test_a_bigram_model_beats_a_unigram_model_by_over_one_nat() -> None:
+    words = " ".join(generate_documents(2000, seed=11)["text"]).split(" ")
+    cut = int(0.8 * len(words))
+    train, test = words[:cut], words[cut:]
+    unigram = collections.Counter(train)
+    bigram = collections.Counter(itertools.pairwise(train))
+    total, vocab = len(train), len(unigram) + 1  # +1: unseen words share one add-one slot
+
+    def p_unigram(w: str) -> float:
+        return (unigram[w] + 1) / (total + vocab)
+
+    beta = 2.0  # Dirichlet smoothing of the bigram towards the unigram
+    pairs = list(itertools.pairwise(test))
+    h_unigram = -sum(math.log(p_unigram(w)) for _, w in pairs) / len(pairs)
+    h_bigram = -sum(math.log((bigram[v, w] + beta * p_unigram(w)) / (unigram[v] + beta)) for v, w in pairs)
+    h_bigram /= len(pairs)
+    assert h_unigram - h_bigram > 1.0, (h_unigram, h_bigram)

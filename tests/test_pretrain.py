@@ -1,0 +1,159 @@
+"""`moe-lab pretrain` end to end through the CLI: files, metrics, resume, divergence, offline errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import MOE_LAB
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def pretrain(*overrides: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [MOE_LAB, "pretrain", *overrides], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_pretraining_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = pretrain("tiny", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("summary.json", "metrics.csv", "checkpoint.pt", ".hydra/config.yaml", ".hydra/overrides.yaml"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["step"] == 60
+    assert summary["parameters"]["total"] > summary["parameters"]["active"] > 0
+    assert summary["config"]["train"]["max_steps"] == 60
+    assert summary["tokens_per_s"] > 0
+    rows = read_metrics(run_dir)
+    losses = [float(r["task_loss"]) for r in rows if r["task_loss"]]
+    assert losses[-1] < losses[0] - 0.5, losses  # from ~ln(258) = 5.55 down
+    evals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    assert len(evals) == 6 and evals[-1] < evals[0]
+    # the tiny model has one MoE layer, in block 1; its metrics are in every logged row
+    train_rows = [r for r in rows if r["task_loss"]]
+    for key in ("moe/1/load_imbalance", "moe/1/dropped_frac", "moe/1/router_entropy", "moe/1/aux_loss"):
+        assert all(r[key] for r in train_rows), key
+    assert {f"moe/1/tokens_per_expert/{e}" for e in range(4)} <= set(rows[0])
+    assert all(r["eval_moe/1/dropped_frac"] for r in rows if r.get("val_loss"))
+    assert "overrides" not in result.stderr
+    assert "unigram" in result.stdout
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "train.max_steps=60" in overrides
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
+    common = ("tiny", f"data.cache_dir={cache_dir}", "train.max_steps=80", "train.ckpt_every=10", "train.log_every=1")
+    straight = tmp_path / "straight"
+    assert pretrain(*common, f"run_dir={straight}").returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([MOE_LAB, "pretrain", *common, f"run_dir={killed}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    logged_before_resume = len(read_metrics(killed))
+
+    result = pretrain(*common, f"run_dir={killed}", "resume=true")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout
+    a, b = read_metrics(straight), read_metrics(killed)
+    assert logged_before_resume < len(b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # rows after the checkpoint were replaced
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("task_loss", "val_loss", "lr"):
+            if ra.get(key):
+                assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-6, abs=1e-7), (ra["step"], key)
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((killed / "summary.json").read_text())
+    assert sb["final_val_loss"] == pytest.approx(sa["final_val_loss"], rel=1e-6)
+
+    # resuming a finished run does nothing
+    again = pretrain(*common, f"run_dir={killed}", "resume=true")
+    assert again.returncode == 0 and "already completed" in again.stdout
+
+
+def test_divergence_is_recorded_not_raised(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = pretrain(
+        "tiny", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "optim.lr=1e6", "optim.warmup_steps=0",
+        "optim.grad_clip=null", "train.divergence_loss=20",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert summary["diverged_at_step"] is not None and summary["diverged_at_step"] < 30
+    assert "diverged" in result.stdout
+    assert read_metrics(run_dir)[-1]["diverged"] == "1"
+
+
+def test_bad_override_names_the_valid_keys(tmp_path: Path) -> None:
+    result = pretrain("tiny", "model.num_layer=3", f"runs_root={tmp_path}")
+    assert result.returncode == 2
+    assert "model.num_layer" in result.stdout and "num_layers" in result.stdout
+    result = pretrain("tiny", "moe.drop_policy=random", f"runs_root={tmp_path}")
+    assert result.returncode == 2 and "drop_policy='random' is not one of" in result.stdout
+    result = pretrain("huge", f"runs_root={tmp_path}")
+    assert result.returncode == 2 and "valid presets: ['dense-small', 'small', 'tiny']" in result.stdout
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_local_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    result = pretrain("tiny", "data=local", f"data.path={missing}", f"runs_root={tmp_path / 'runs'}")
+    assert result.returncode == 2
+    assert str(missing) in result.stdout.replace("\n", "")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_hub_dataset_offline_fails_fast_and_says_what_to_do(tmp_path: Path) -> None:
+    t0 = time.time()
+    result = pretrain(
+        "tiny", "data=hub", "data.name=c4", f"runs_root={tmp_path}", f"data.cache_dir={tmp_path}",
+        env={"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert time.time() - t0 < 30
+    assert result.returncode == 2
+    out = " ".join(result.stdout.split())
+    assert "c4" in out and "data=local data.path=" in out
+
+
+def test_wandb_offline_writes_a_local_run(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = pretrain(
+        "tiny", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=10",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list((run_dir / "wandb").glob("offline-run-*")), list(run_dir.iterdir())
+
+
+def test_dense_twin_matches_active_flops(tmp_path: Path) -> None:
+    result = pretrain("dense-small", "--show-config")
+    assert result.returncode == 0 and "sparse: false" in result.stdout

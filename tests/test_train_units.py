@@ -1,0 +1,135 @@
+"""The training loop's parts in-process: accumulation, clipping, schedules, optimizers, precision, models."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_lab.config import DataConfig, ModelConfig, OptimConfig, TokenizerConfig, TrainConfig
+from moe_lab.data.lm import build_lm_data
+from moe_lab.models import ClassifierModel, LanguageModel, count_parameters, flops_per_token
+from moe_lab.moe import MoEConfig
+from moe_lab.track import RunLogger
+from moe_lab.train.loop import train
+from moe_lab.train.optim import UpdateClipper, lr_lambda
+from moe_lab.train.pretrain import LMTask
+
+TINY = ModelConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32, moe_every=2)
+MOE = MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory):
+    cache = tmp_path_factory.mktemp("cache")
+    return build_lm_data(DataConfig(num_docs=150, cache_dir=str(cache)), TokenizerConfig(), seq_len=32)
+
+
+def run_steps(model, data, tmp_path: Path, steps: int, batch: int, accum: int = 1, **optim) -> list[float]:
+    torch.manual_seed(0)
+    train_cfg = TrainConfig(max_steps=steps, batch_size=batch, grad_accum=accum, seq_len=32, eval_every=1000,
+                            eval_batches=1, log_every=1, ckpt_every=1000)  # fmt: skip
+    optim_cfg = OptimConfig(**{"warmup_steps": 0, "schedule": "constant", **optim})
+    logger = RunLogger(tmp_path)
+    train(model, LMTask(data, batch, seed=0, eval_batches=1), train_cfg, optim_cfg, tmp_path, logger,
+          show_progress=False)  # fmt: skip
+    return [float(r["task_loss"]) for r in logger.csv.rows if r.get("task_loss") not in (None, "")]
+
+
+def test_gradient_accumulation_equals_the_full_batch(data, tmp_path: Path) -> None:
+    dense = replace(TINY, moe_every=0)  # MoE capacity is per forward, so only a dense model is exactly equal
+    torch.manual_seed(0)
+    a = LanguageModel(dense, MOE, data.vocab_size)
+    b = LanguageModel(dense, MOE, data.vocab_size)
+    b.load_state_dict(a.state_dict())
+    full = run_steps(a, data, tmp_path / "a", steps=4, batch=8)
+    halves = run_steps(b, data, tmp_path / "b", steps=4, batch=4, accum=2)
+    assert full == pytest.approx(halves, rel=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("optim", [{"name": "adamw"}, {"name": "adafactor", "lr": 1e-2, "update_clip": 1.0}])
+def test_optimizers_reduce_the_loss(data, tmp_path: Path, optim: dict) -> None:
+    torch.manual_seed(0)
+    losses = run_steps(LanguageModel(TINY, MOE, data.vocab_size), data, tmp_path, steps=25, batch=8, **optim)
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_bf16_autocast_trains(data, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(TINY, MOE, data.vocab_size)
+    train_cfg = TrainConfig(max_steps=3, batch_size=4, seq_len=32, precision="bf16", eval_every=3, eval_batches=1,
+                            log_every=1, ckpt_every=100)  # fmt: skip
+    result = train(model, LMTask(data, 4, 0, 1), train_cfg, OptimConfig(warmup_steps=0), tmp_path,
+                   RunLogger(tmp_path), show_progress=False)  # fmt: skip
+    assert result.status == "completed" and math.isfinite(result.eval["val_loss"])
+
+
+def test_update_clipper_caps_the_rms_of_each_update() -> None:
+    p = torch.nn.Parameter(torch.zeros(100))
+    q = torch.nn.Parameter(torch.zeros(4))
+    clipper = UpdateClipper([p, q], threshold=0.1)
+    clipper.before_step()
+    with torch.no_grad():
+        p += 1.0  # RMS 1.0: scaled to 0.1
+        q += 0.05  # RMS 0.05: left alone
+    clipper.after_step()
+    torch.testing.assert_close(p.detach(), torch.full((100,), 0.1))
+    torch.testing.assert_close(q.detach(), torch.full((4,), 0.05))
+
+
+def test_lr_schedule_shapes() -> None:
+    cfg = OptimConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    f = lr_lambda(cfg, max_steps=110)
+    assert [f(0), f(4), f(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55)  # halfway through the cosine: 0.1 + 0.9 * 0.5
+    assert f(110) == pytest.approx(0.1)
+    assert lr_lambda(replace(cfg, schedule="linear"), 110)(60) == pytest.approx(0.55)
+    assert lr_lambda(replace(cfg, schedule="rsqrt"), 110)(39) == pytest.approx(math.sqrt(10 / 40))
+    assert lr_lambda(replace(cfg, schedule="constant"), 110)(100) == 1.0
+
+
+def test_dense_twin_matches_the_sparse_models_active_compute() -> None:
+    sparse = LanguageModel(TINY, MOE, 258)
+    dense = LanguageModel(replace(TINY, sparse=False), MOE, 258)
+    ps, pd = count_parameters(sparse), count_parameters(dense)
+    router = TINY.d_model * MOE.num_experts
+    assert ps["active"] - pd["active"] == router
+    assert ps["total"] - ps["experts"] + ps["experts"] // 2 == ps["active"]  # top-2 of 4 experts
+    fs, fd = flops_per_token(TINY, MOE, 258, 32), flops_per_token(replace(TINY, sparse=False), MOE, 258, 32)
+    assert fs - fd == 2 * router
+
+
+def test_moe_positions_follow_moe_every() -> None:
+    def kinds(every: int) -> list[bool]:
+        model = LanguageModel(replace(TINY, num_layers=8, moe_every=every), MOE, 258)
+        return [type(b.ffn).__name__ == "MoELayer" for b in model.transformer.blocks]
+
+    assert kinds(4) == [False, False, False, True] * 2  # ST-MoE: every 4th FFN
+    assert kinds(1) == [True] * 8
+    assert kinds(0) == [False] * 8
+
+
+def test_classifier_ignores_padding() -> None:
+    torch.manual_seed(0)
+    model = ClassifierModel(TINY, replace(MOE, train_capacity_factor=None, eval_capacity_factor=None), 258, 3)
+    model.eval()
+    ids = torch.randint(0, 256, (1, 10))
+    padded = torch.cat([ids, torch.full((1, 6), 257)], dim=1)
+    mask = torch.cat([torch.ones(1, 10, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model(padded, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_output_z_loss_is_added() -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(replace(TINY, output_z_loss_coef=1e-2), MOE, 258)
+    ids = torch.randint(0, 258, (2, 8))
+    losses = model.losses(ids, ids)
+    logits = model(ids).float()
+    assert losses.output_z.item() == pytest.approx(1e-2 * torch.logsumexp(logits, -1).square().mean().item(), rel=1e-5)
