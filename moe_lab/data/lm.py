@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from moe_lab.config import DataConfig, TokenizerConfig
 from moe_lab.data.sources import load_documents
 from moe_lab.data.tokenizers import build_tokenizer
+from moe_lab.io import atomic_write
 
 CACHE_VERSION = 1
 
@@ -76,11 +76,8 @@ def _tokenize(docs, tokenizer, with_categories: bool) -> tuple[np.ndarray, np.nd
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path, suffix=".npz") as tmp:  # np.savez would append .npz to any other name
+        np.savez(tmp, **arrays)
 
 
 def _sequences(ids: np.ndarray, seq_len: int) -> torch.Tensor:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -14,6 +12,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from moe_lab.hub import hub_reachable, hub_unavailable_error
+from moe_lab.io import atomic_write
 
 KINDS = ("byte", "hf", "bpe")
 EOS_TOKEN = "<eos>"
@@ -172,15 +171,8 @@ class BPETokenizer:
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json at `path` (a file, or a directory to hold it); return the file written."""
         path = _json_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self._tok.to_str())
-            os.replace(tmp, path)  # atomic: a killed process never leaves a truncated tokenizer.json
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp:  # a killed process never leaves a truncated tokenizer.json
+            tmp.write_text(self._tok.to_str(), encoding="utf-8")
         return path
 
     @classmethod
