@@ -34,11 +34,12 @@ def _not_built(command: str, issue: int) -> None:
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _compose(preset: str, overrides: list[str]):
-    from moe_lab.config import ConfigError, compose
+def _compose(kind: str, name: str, overrides: list[str]):
+    """Compose a pretraining preset or a fine-tuning task; a config error prints and exits 2."""
+    from moe_lab.config import ConfigError, compose, compose_finetune
 
     try:
-        return compose(preset, overrides)
+        return (compose if kind == "pretrain" else compose_finetune)(name, overrides)
     except ConfigError as err:
         console.print(f"[red]config error:[/red] {err}")
         raise typer.Exit(code=2) from None
@@ -54,15 +55,21 @@ def pretrain(
     from omegaconf import OmegaConf
 
     overrides = list(ctx.args)
-    cfg = _compose(name, overrides)
+    cfg = _compose("pretrain", name, overrides)
     if show_config:
         console.print(OmegaConf.to_yaml(cfg, resolve=True))
         return
-    from moe_lab.hub import HubUnavailableError
     from moe_lab.train.pretrain import run_pretrain
 
+    _run(run_pretrain, cfg, overrides)
+
+
+def _run(runner, cfg, overrides: list[str]) -> None:
+    """Call a run function; user errors print one line and exit 2, a diverged run is a normal exit."""
+    from moe_lab.hub import HubUnavailableError
+
     try:
-        summary = run_pretrain(cfg, overrides, console)
+        summary = runner(cfg, overrides, console)
     except (HubUnavailableError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from None
@@ -71,9 +78,22 @@ def pretrain(
 
 
 @app.command(context_settings=OVERRIDES)
-def finetune(task: Annotated[str, typer.Argument(help="task: cb, sst2, ...")] = "cb") -> None:
-    """Fine-tune a pretrained checkpoint on a classification task."""
-    _not_built("finetune", 4)
+def finetune(
+    ctx: typer.Context,
+    task: Annotated[str, typer.Argument(help="task in conf/task: synth-small, synth-large, cb, sst2, local")],
+    show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
+) -> None:
+    """Fine-tune a pretrained model: `moe-lab finetune cb checkpoint=RUN_DIR [finetune.freeze=non_moe ...]`."""
+    from omegaconf import OmegaConf
+
+    overrides = list(ctx.args)
+    cfg = _compose("finetune", task, overrides)
+    if show_config:
+        console.print(OmegaConf.to_yaml(cfg, resolve=True))
+        return
+    from moe_lab.train.finetune import run_finetune
+
+    _run(run_finetune, cfg, overrides)
 
 
 @app.command(context_settings=OVERRIDES)

@@ -159,6 +159,59 @@ class LoggerConfig:
 
 
 @dataclass
+class TaskConfig:
+    """A text classification task: where its examples are and how to read them."""
+
+    name: str = "synth-small"
+    # cb, sst2: the real tasks from local files (../shared/data or your own copies); synthetic: derived
+    # from the embedded corpus; local: any jsonl/csv/tsv with text and label columns; hub: `datasets` name
+    source: str = "synthetic"
+    train_path: str | None = None
+    val_path: str | None = None
+    format: str = "json"  # json | csv (tsv: format=csv delimiter="\t")
+    delimiter: str | None = None
+    text_columns: list[str] = field(default_factory=lambda: ["text"])  # joined with " | " (CB: premise | hypothesis)
+    label_column: str = "label"
+    label_names: list[str] | None = None  # string labels in this order; None: integer labels 0..C-1
+    metric: str = "accuracy"  # accuracy | f1_macro (reported both; this one is the headline)
+    max_len: int = 128
+    num_train: int | None = None  # keep the first N training examples (after a seeded shuffle)
+    # synthetic tasks
+    synthetic_train: int = 250
+    synthetic_val: int = 1000
+    hub_name: str | None = None
+    hub_subset: str | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    """What fine-tuning changes beyond the task: which parameters update (ST-MoE Fig. 5)."""
+
+    freeze: str = "all"  # all | non_moe | moe | attention | ffn (moe_lab/train/freeze.py)
+    freeze_router: bool = False
+    # training accuracy is measured on this many training examples at every evaluation (overfitting curves)
+    train_eval_examples: int = 512
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        _choice("finetune.freeze", self.freeze, ("all", "non_moe", "moe", "attention", "ffn"))
+
+
+# fine-tuning may change these MoE fields of a pretrained model; the rest is its architecture
+FINETUNE_MOE_KEYS = (
+    "train_capacity_factor",
+    "eval_capacity_factor",
+    "drop_policy",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "expert_dropout",
+    "jitter_eps",
+    "backend",
+    "group_size",
+)
+
+
+@dataclass
 class RunConfig:
     """One run: what `moe-lab pretrain NAME [overrides]` composes."""
 
@@ -167,6 +220,7 @@ class RunConfig:
     runs_root: str = "results/runs"
     run_dir: str | None = None  # null: runs_root/NAME/TIMESTAMP (resume: the latest one)
     resume: bool = False
+    checkpoint: str | None = None  # fine-tuning: a pretraining run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,10 +228,12 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         """Validate every group."""
-        for group in (self.model, self.moe, self.data, self.tokenizer, self.optim, self.train):
+        for group in (self.model, self.moe, self.data, self.tokenizer, self.optim, self.train, self.finetune):
             group.validate()
 
 
@@ -202,22 +258,37 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+def tasks() -> list[str]:
+    """Names of the tasks in conf/task/."""
+    return sorted(p.stem for p in (CONF_DIR / "task").glob("*.yaml"))
+
+
+def compose_finetune(task: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/finetune.yaml (config.yaml + fine-tuning defaults) with task=TASK and overrides."""
+    if task not in tasks():
+        raise ConfigError(f"unknown task {task!r}; valid tasks: {tasks()}")
+    return _compose("finetune", [f"task={task}", *(overrides or [])])
+
+
 def compose(preset: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose conf/config.yaml + preset + overrides with Hydra and validate the result."""
+    if preset not in presets():
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {presets()}")
+    return _compose("config", [f"preset={preset}", *(overrides or [])])
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if preset not in presets():
-        raise ConfigError(f"unknown preset {preset!r}; valid presets: {presets()}")
     register_configs()
-    overrides = list(overrides or [])
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=[f"preset={preset}", *overrides])
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err)) from None
     finally:

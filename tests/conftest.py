@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_lab.moe import MoEConfig, MoELayer
+
+MOE_LAB = shutil.which("moe-lab", path=str(Path(sys.executable).parent)) or "moe-lab"
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `moe-lab` as a user would (W&B disabled unless env says otherwise)."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run([MOE_LAB, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 @pytest.fixture(autouse=True)

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-MOE_LAB = shutil.which("moe-lab", path=str(Path(sys.executable).parent)) or "moe-lab"
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    return subprocess.run([MOE_LAB, *args], capture_output=True, text=True, env=env, timeout=600)
+from tests.conftest import run_cli as run
 
 
 def test_help_lists_the_commands() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import MOE_LAB
+from tests.conftest import MOE_LAB, run_cli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -23,10 +23,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pretrain(*overrides: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200", **(env or {})}
-    return subprocess.run(
-        [MOE_LAB, "pretrain", *overrides], capture_output=True, text=True, env=full_env, timeout=timeout
-    )
+    return run_cli("pretrain", *overrides, env=env, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

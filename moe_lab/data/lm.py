@@ -89,22 +89,26 @@ def _sequences(ids: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(ids[idx])
 
 
-def build_lm_data(data: DataConfig, tok: TokenizerConfig, seq_len: int) -> LMData:
-    """Load, tokenize (cached per data + tokenizer config), split and pack a corpus."""
+def lm_tokenizer(data: DataConfig, tok: TokenizerConfig, docs=None):
+    """The tokenizer of a corpus: byte, a transformers one, or a BPE trained on it (cached beside the data)."""
     cache_dir = Path(os.path.expanduser(data.cache_dir))
-    key = _cache_key(data, tok)
-    cache = cache_dir / f"tokens-{key}.npz"
-    bpe_path = cache_dir / f"bpe-{key}.json"
-    docs = None
-    if not cache.exists() or (tok.kind == "bpe" and not bpe_path.exists()):
+    bpe_path = cache_dir / f"bpe-{_cache_key(data, tok)}.json"
+    if tok.kind == "bpe" and not bpe_path.exists() and docs is None:
         docs = load_documents(data)
-    tokenizer = build_tokenizer(
+    return build_tokenizer(
         tok.kind,
         name=tok.name,
         vocab_size=tok.vocab_size,
         train_texts=iter(docs[0]["text"]) if docs is not None else None,
         cache_path=bpe_path,
     )
+
+
+def build_lm_data(data: DataConfig, tok: TokenizerConfig, seq_len: int) -> LMData:
+    """Load, tokenize (cached per data + tokenizer config), split and pack a corpus."""
+    cache = Path(os.path.expanduser(data.cache_dir)) / f"tokens-{_cache_key(data, tok)}.npz"
+    docs = None if cache.exists() else load_documents(data)
+    tokenizer = lm_tokenizer(data, tok, docs)
     if cache.exists():
         arrays = dict(np.load(cache))
     else:

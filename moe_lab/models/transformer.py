@@ -46,7 +46,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask = None
-        if pad_mask_BS is not None:  # True = real token; keys that are padding are never attended to
+        # True = real token. Padding is on the right, so a causal model never attends to it anyway;
+        # a bidirectional one must not attend to padded keys.
+        if pad_mask_BS is not None and not self.causal:
             mask = pad_mask_BS[:, None, None, :]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
@@ -81,7 +83,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm_attn(x), pad_mask))
-        x = x + self.drop(self.ffn(self.norm_ffn(x)))
+        h = self.norm_ffn(x)
+        if pad_mask is not None and isinstance(self.ffn, MoELayer):
+            # padding must not take expert capacity or count in the routing metrics: route real tokens only
+            y = torch.zeros_like(h)
+            y[pad_mask] = self.ffn(h[pad_mask])
+        else:
+            y = self.ffn(h)
+        x = x + self.drop(y)
         if self.stacked is not None:
             x = x + self.drop(self.stacked(self.norm_stacked(x)))
         return x
@@ -192,12 +201,12 @@ class LanguageModel(nn.Module):
 
 
 class ClassifierModel(nn.Module):
-    """A bidirectional encoder with a mean-pooled classification head."""
+    """The Transformer (causal as pretrained, or bidirectional) with a mean-pooled classification head."""
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int, num_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.transformer = Transformer(replace(cfg, causal=False), moe, vocab_size)
+        self.transformer = Transformer(cfg, moe, vocab_size)
         self.head = nn.Linear(cfg.d_model, num_classes)
 
     def forward(self, ids_BS: torch.Tensor, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:

@@ -91,12 +91,14 @@ def write_hydra_snapshot(run_dir: Path, cfg: DictConfig, overrides: list[str]) -
     (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
-def describe_model(console: Console, name: str, params: dict[str, int], flops: int) -> None:
+def describe_model(console: Console, name: str, params: dict[str, int], flops: int | None = None) -> None:
+    """A table of total and active parameters (and FLOPs per token when known)."""
     table = Table(title=f"model {name}", show_header=False)
     table.add_row("parameters (total)", f"{params['total']:,}")
     table.add_row("parameters (active per token)", f"{params['active']:,}")
     table.add_row("of which experts (total)", f"{params['experts']:,}")
-    table.add_row("forward FLOPs per token", f"{flops:,}")
+    if flops is not None:
+        table.add_row("forward FLOPs per token", f"{flops:,}")
     console.print(table)
 
 
@@ -185,9 +187,14 @@ def report_run(console: Console, summary: dict) -> None:
     status = summary["status"]
     colour = {"completed": "green", "diverged": "red"}.get(status, "yellow")
     console.print(f"[{colour}]{status}[/{colour}] after {summary.get('step')} steps in {summary['wall_seconds']:.0f} s")
-    if summary.get("final_val_loss") is not None:
+    if summary.get("unigram_val_loss") is not None and summary.get("final_val_loss") is not None:
         console.print(
             f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}) vs unigram "
             f"{summary['unigram_val_loss']:.4f}; {summary['tokens_per_s']:,.0f} train tokens/s"
         )
+    elif summary.get("final_val_loss") is not None:
+        finals = "  ".join(
+            f"{k.removeprefix('final_')} {v:.4f}" for k, v in summary.items() if k.startswith("final_val")
+        )
+        console.print(f"{finals}; {summary['tokens_per_s']:,.0f} train tokens/s")
     console.print(f"results: {summary['run_dir']}/summary.json, metrics.csv")

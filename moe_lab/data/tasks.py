@@ -1,0 +1,123 @@
+"""Classification tasks for fine-tuning, all through `datasets`: SuperGLUE CB, GLUE SST-2, synthetic, local."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+
+from moe_lab.config import TaskConfig
+from moe_lab.data.sources import _files
+from moe_lab.hub import require_hub
+
+
+@dataclass
+class ClassificationData:
+    """Tokenized, truncated examples."""
+
+    train_ids: list[list[int]]
+    train_labels: torch.Tensor
+    val_ids: list[list[int]]
+    val_labels: torch.Tensor
+    num_classes: int
+    label_names: list[str]
+
+
+def _adjective_polarity(word: str) -> int:
+    """A fixed hidden polarity of every adjective: +1 or -1 from a hash of the word."""
+    return 1 if hashlib.sha256(f"polarity:{word}".encode()).digest()[0] % 2 else -1
+
+
+def synthetic_sentiment(cache_dir: Path, num_train: int, num_val: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Sentences of the synthetic corpus labelled 1 if their adjectives are mostly "positive", else 0.
+
+    Every adjective has a hidden polarity (a hash of the word), so a model must learn which adjectives
+    are which: a few hundred examples cover few of them (the small task overfits), tens of thousands
+    cover most. Sentences with no adjective or a tie are left out. Documents come from seed 1, not the
+    pretraining corpus's seed 0.
+    """
+    from moe_lab.data.synthetic import CATEGORIES, load_synthetic
+
+    adjective = CATEGORIES.index("adjective")
+    needed = num_train + num_val
+    num_docs = max(200, needed // 2)
+    while True:
+        docs = load_synthetic(cache_dir, num_docs=num_docs, seed=1)
+        texts, labels = [], []
+        for text, cats in zip(docs["text"], docs["word_categories"], strict=True):
+            words, sentence, score = text.split(" "), [], 0
+            for word, cat in zip(words, cats, strict=True):
+                sentence.append(word)
+                score += _adjective_polarity(word) if cat == adjective else 0
+                if word in (".", "!", "?"):
+                    if score:
+                        texts.append(" ".join(sentence))
+                        labels.append(int(score > 0))
+                    sentence, score = [], 0
+        if len(texts) >= needed:
+            break
+        num_docs *= 2
+    # validation first, from the first documents: the small and the large task share it
+    val = datasets.Dataset.from_dict({"text": texts[:num_val], "label": labels[:num_val]})
+    train = datasets.Dataset.from_dict({"text": texts[num_val:needed], "label": labels[num_val:needed]})
+    return train, val
+
+
+def _load_file(path: str, cfg: TaskConfig) -> datasets.Dataset:
+    kwargs = {}
+    if cfg.format == "csv":
+        # GLUE's tsv files are unquoted: a quote character is text, not a field delimiter
+        kwargs = {"delimiter": cfg.delimiter or ",", "quoting": csv.QUOTE_NONE if cfg.delimiter == "\t" else 0}
+    elif cfg.format != "json":
+        raise ValueError(f"task.format={cfg.format!r} is not one of ['json', 'csv']")
+    return datasets.load_dataset(cfg.format, data_files=_files(path, "task path"), split="train", **kwargs)
+
+
+def load_task(cfg: TaskConfig, cache_dir: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, validation) datasets with the task's columns."""
+    if cfg.source == "synthetic":
+        return synthetic_sentiment(Path(os.path.expanduser(cache_dir)), cfg.synthetic_train, cfg.synthetic_val)
+    if cfg.source in ("cb", "sst2", "local"):
+        if not cfg.train_path or not cfg.val_path:
+            raise ValueError(f"task {cfg.name!r} needs task.train_path and task.val_path")
+        return _load_file(cfg.train_path, cfg), _load_file(cfg.val_path, cfg)
+    if cfg.source == "hub":
+        hint = "offline? point at local files: task.train_path=... task.val_path=... (see conf/task/cb.yaml)"
+        require_hub(f"dataset {cfg.hub_name!r}", hint)
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_subset)
+        return ds["train"], ds["validation"]
+    raise ValueError(f"task.source={cfg.source!r} is not one of ['synthetic', 'cb', 'sst2', 'local', 'hub']")
+
+
+def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: int) -> ClassificationData:
+    """Load, label-map, tokenize and truncate a task's train and validation examples."""
+    train, val = load_task(cfg, cache_dir)
+    for split, ds in (("train", train), ("validation", val)):
+        missing = [c for c in [*cfg.text_columns, cfg.label_column] if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"task {cfg.name!r} {split}: no column(s) {missing}; columns: {ds.column_names}")
+    names = cfg.label_names or [str(v) for v in sorted(set(train[cfg.label_column]))]
+    if cfg.num_train is not None:
+        train = train.shuffle(seed=seed).select(range(min(cfg.num_train, len(train))))
+
+    def encode(ds: datasets.Dataset) -> tuple[list[list[int]], torch.Tensor]:
+        texts = [" | ".join(str(row[c]) for c in cfg.text_columns) for row in ds]
+        ids = [x[: cfg.max_len] for x in tokenizer.encode_batch(texts)]
+        raw = ds[cfg.label_column]
+        if cfg.label_names is not None:
+            unknown = sorted({v for v in raw if v not in names} - {None})
+            if unknown:
+                raise ValueError(f"task {cfg.name!r}: labels {unknown} not in task.label_names={names}")
+            labels = [names.index(v) for v in raw]
+        else:
+            labels = [int(v) for v in raw]
+        return ids, torch.tensor(labels, dtype=torch.long)
+
+    train_ids, train_labels = encode(train)
+    val_ids, val_labels = encode(val)
+    return ClassificationData(train_ids, train_labels, val_ids, val_labels, len(names), names)

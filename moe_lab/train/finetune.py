@@ -1,0 +1,213 @@
+"""`moe-lab finetune`: a pretrained checkpoint + a classification head, trained with the same loop."""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from moe_lab.config import FINETUNE_MOE_KEYS, RunConfig, to_run_config
+from moe_lab.data.lm import lm_tokenizer
+from moe_lab.data.tasks import ClassificationData, build_classification_data
+from moe_lab.models import ClassifierModel, count_parameters
+from moe_lab.models.transformer import ModelLosses
+from moe_lab.track import RunLogger, WandbSink, read_summary
+from moe_lab.train.checkpoint import load_checkpoint
+from moe_lab.train.freeze import apply_freeze
+from moe_lab.train.loop import CHECKPOINT, rank_seed, resolve_device, train
+from moe_lab.train.pretrain import describe_model, report_run, resolve_run_dir, write_hydra_snapshot
+
+
+def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in labels or predictions (SuperGLUE CB)."""
+    scores = []
+    for c in range(num_classes):
+        tp = ((pred == c) & (labels == c)).sum().item()
+        fp = ((pred == c) & (labels != c)).sum().item()
+        fn = ((pred != c) & (labels == c)).sum().item()
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+class ClassificationTask:
+    """Padded batches of tokenized examples; batch i is a pure function of (seed, i)."""
+
+    def __init__(self, data: ClassificationData, batch_size: int, seed: int, pad_id: int, train_eval: int) -> None:
+        self.data = data
+        self.batch_size = min(batch_size, len(data.train_ids))
+        self.seed = seed
+        self.pad_id = pad_id
+        self.train_eval = train_eval
+        self.batches_per_epoch = len(data.train_ids) // self.batch_size
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _collate(self, ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(x) for x in ids))
+        batch = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        for row, x in enumerate(ids):
+            batch[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        return batch.to(device), (batch != self.pad_id).to(device)
+
+    def train_batch(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(index, self.batches_per_epoch)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.data.train_ids), generator=gen), epoch
+        rows = self._perm[j * self.batch_size : (j + 1) * self.batch_size].tolist()
+        ids, mask = self._collate([self.data.train_ids[r] for r in rows], device)
+        return {"ids": ids, "mask": mask, "labels": self.data.train_labels[rows].to(device)}
+
+    def loss(self, model: ClassifierModel, batch: dict[str, torch.Tensor]) -> ModelLosses:
+        return model.losses(batch["ids"], batch["labels"], batch["mask"])
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["mask"].sum().item())
+
+    def _score(self, model, ids: list[list[int]], labels: torch.Tensor, device) -> tuple[float, torch.Tensor]:
+        losses, preds = [], []
+        for start in range(0, len(ids), self.batch_size):
+            x, mask = self._collate(ids[start : start + self.batch_size], device)
+            logits = model(x, mask).float()
+            y = labels[start : start + self.batch_size].to(device)
+            losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+            preds.append(logits.argmax(-1).cpu())
+        return sum(losses) / len(ids), torch.cat(preds)
+
+    def evaluate(self, model: ClassifierModel, device: torch.device) -> dict[str, float]:
+        """Validation loss, accuracy and macro-F1; training loss and accuracy on a fixed training subset."""
+        d = self.data
+        val_loss, val_pred = self._score(model, d.val_ids, d.val_labels, device)
+        n = min(self.train_eval, len(d.train_ids))
+        train_loss, train_pred = self._score(model, d.train_ids[:n], d.train_labels[:n], device)
+        return {
+            "val_loss": val_loss,
+            "val_accuracy": (val_pred == d.val_labels).float().mean().item(),
+            "val_f1": macro_f1(val_pred, d.val_labels, d.num_classes),
+            "train_eval_loss": train_loss,
+            "train_accuracy": (train_pred == d.train_labels[:n]).float().mean().item(),
+        }
+
+
+def pretrained_run(checkpoint: str) -> tuple[Path, RunConfig]:
+    """The pretraining run directory and its config; a missing file names the path."""
+    path = Path(checkpoint)
+    run_dir = path.parent if path.is_file() else path
+    config = run_dir / ".hydra" / "config.yaml"
+    if not (run_dir / CHECKPOINT).is_file() or not config.is_file():
+        raise FileNotFoundError(
+            f"checkpoint={checkpoint!r}: expected a pretraining run directory with {CHECKPOINT} and "
+            f".hydra/config.yaml (e.g. results/runs/small/<timestamp>)"
+        )
+    return run_dir, to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
+
+
+def _overridden(overrides: list[str], prefix: str) -> set[str]:
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    return {k[len(prefix) :] for k in keys if k.startswith(prefix)}
+
+
+def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: Console | None = None) -> dict:
+    """Fine-tune a pretrained model on a classification task; returns the summary written to summary.json."""
+    console = console or Console()
+    overrides = list(overrides or [])
+    run = to_run_config(cfg)
+    if not run.checkpoint:
+        raise ValueError("fine-tuning needs checkpoint=RUN_DIR (a `moe-lab pretrain` run directory)")
+    pre_dir, pre = pretrained_run(run.checkpoint)
+    run = replace(run, name=f"finetune-{run.task.name}")
+    run_dir = resolve_run_dir(run)
+    previous = read_summary(run_dir)
+    if run.resume and previous and previous.get("status") in ("completed", "diverged"):
+        console.print(f"{run_dir} already {previous['status']}; nothing to resume")
+        return previous
+    seed = rank_seed(run.seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+    # the architecture is the checkpoint's; fine-tuning may change capacity, losses and dropout
+    moe_changes = {k: getattr(run.moe, k) for k in _overridden(overrides, "moe.") & set(FINETUNE_MOE_KEYS)}
+    moe_cfg = replace(pre.moe, **moe_changes)
+    dropout = run.model.dropout if "dropout" in _overridden(overrides, "model.") else pre.model.dropout
+    model_cfg = replace(pre.model, dropout=dropout)
+    started = time.time()
+    tokenizer = lm_tokenizer(pre.data, pre.tokenizer)
+    # examples longer than the model's context are cut to it
+    task_cfg = replace(run.task, max_len=min(run.task.max_len, model_cfg.max_seq_len))
+    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, seed)
+    model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes)
+    state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
+    missing = model.transformer.load_state_dict(
+        {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    )
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_hydra_snapshot(run_dir, cfg, overrides)
+    params = count_parameters(model)
+    describe_model(console, f"{pre.name} -> {run.task.name}", params)
+    console.print(
+        f"task {run.task.name}: {len(data.train_ids):,} train / {len(data.val_ids):,} val examples, "
+        f"{data.num_classes} classes; trainable parameters {counts['trainable']:,} of {counts['total']:,} "
+        f"(freeze={run.finetune.freeze}{', router frozen' if run.finetune.freeze_router else ''}); run dir {run_dir}"
+    )
+    task = ClassificationTask(data, run.train.batch_size, seed, tokenizer.pad_id, run.finetune.train_eval_examples)
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    wandb_sink = None
+    if run.logger.wandb:
+        wandb_name = f"{run.name}/{run_dir.name}"
+        wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode)
+    logger = RunLogger(run_dir, wandb_sink)
+    summary: dict[str, Any] = {
+        "name": run.name,
+        "task": run.task.name,
+        "metric": run.task.metric,
+        "run_dir": str(run_dir),
+        "pretrained": str(pre_dir),
+        "status": "running",
+        "parameters": params,
+        "trainable_parameters": counts["trainable"],
+        "moe": {k: getattr(moe_cfg, k) for k in FINETUNE_MOE_KEYS},
+        "device": str(resolve_device(run.train.device)),
+        "torch_version": torch.__version__,
+        "started": datetime.fromtimestamp(started, UTC).isoformat(),
+        "config": resolved,
+    }
+    failed = False
+    try:
+        result = train(
+            model, task, run.train, run.optim, run_dir, logger, resume=run.resume, console=console,
+            show_progress=run.logger.progress,
+        )  # fmt: skip
+        summary.update(
+            status=result.status,
+            step=result.step,
+            final_train_loss=result.train_loss,
+            **{f"final_{k}": v for k, v in result.eval.items()},
+            **{f"best_{k}": v for k, v in result.best.items()},
+            diverged_at_step=result.diverged_at,
+            reason=result.reason,
+            train_seconds=result.train_seconds,
+            tokens=result.tokens,
+            tokens_per_s=result.tokens_per_s,
+        )
+    except BaseException as err:
+        failed = True
+        summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        raise
+    finally:
+        summary["wall_seconds"] = time.time() - started
+        logger.summary(summary)
+        logger.finish(failed=failed)
+    report_run(console, summary)
+    return summary

@@ -1,0 +1,139 @@
+"""Fine-tuning: the real tasks from ../shared, freeze presets, and `moe-lab finetune` end to end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_lab.config import ModelConfig, TaskConfig, compose_finetune, to_run_config
+from moe_lab.data.tasks import build_classification_data
+from moe_lab.data.tokenizers import ByteTokenizer
+from moe_lab.models import ClassifierModel
+from moe_lab.moe import MoEConfig
+from moe_lab.train.finetune import macro_f1
+from moe_lab.train.freeze import PRESETS, apply_freeze, parameter_kinds
+from tests.conftest import run_cli
+from tests.test_pretrain import pretrain
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared data sets are not at {SHARED}")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pretrained")
+    result = pretrain("tiny", f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}", "train.max_steps=20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "run"
+
+
+def task_config(name: str, monkeypatch: pytest.MonkeyPatch) -> TaskConfig:
+    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED.parent))
+    return to_run_config(compose_finetune(name, ["checkpoint=x"])).task
+
+
+@needs_shared
+def test_cb_loads_from_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = build_classification_data(task_config("cb", monkeypatch), ByteTokenizer(), "/tmp", seed=0)
+    assert (len(data.train_ids), len(data.val_ids)) == (250, 56)
+    assert data.label_names == ["entailment", "contradiction", "neutral"]
+    assert torch.bincount(data.train_labels).tolist() == [115, 119, 16]
+    assert torch.bincount(data.val_labels).tolist() == [23, 28, 5]
+    first = bytes(data.train_ids[0]).decode()
+    assert first.startswith("It was a complex language.") and " | the language was peeled down" in first
+
+
+@needs_shared
+def test_sst2_loads_from_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = build_classification_data(task_config("sst2", monkeypatch), ByteTokenizer(), "/tmp", seed=0)
+    assert (len(data.train_ids), len(data.val_ids)) == (67_349, 872)
+    assert torch.bincount(data.train_labels).tolist() == [29_780, 37_569]
+    assert torch.bincount(data.val_labels).tolist() == [428, 444]
+    assert bytes(data.train_ids[0]).decode() == "hide new secretions from the parental units "
+
+
+def test_synthetic_tasks_share_validation_and_differ_in_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = replace(task_config("synth-small", monkeypatch), synthetic_val=300)
+    large = replace(small, synthetic_train=5000)
+    a = build_classification_data(small, ByteTokenizer(), str(tmp_path), seed=0)
+    b = build_classification_data(large, ByteTokenizer(), str(tmp_path), seed=0)
+    assert (len(a.train_ids), len(b.train_ids)) == (250, 5000)
+    assert a.val_ids == b.val_ids and torch.equal(a.val_labels, b.val_labels)
+    assert a.train_ids == b.train_ids[:250]
+    assert not set(map(tuple, a.val_ids)) & set(map(tuple, b.train_ids))  # no validation sentence in training
+    assert 0.35 < b.train_labels.float().mean().item() < 0.65  # roughly balanced
+
+
+def _model() -> ClassifierModel:
+    cfg = ModelConfig(d_model=32, num_layers=4, num_heads=2, d_ff=64, max_seq_len=32, moe_every=2)
+    return ClassifierModel(cfg, MoEConfig(d_model=32, d_ff=64, num_experts=4, train_capacity_factor=None), 258, 3)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("freeze_router", [False, True])
+def test_freeze_presets_update_exactly_their_parameters(preset: str, freeze_router: bool) -> None:
+    torch.manual_seed(0)
+    model = _model()
+    counts = apply_freeze(model, preset, freeze_router)
+    kinds = parameter_kinds(model)
+    expected = set(PRESETS[preset]) - ({"router"} if freeze_router else set())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(0, 256, (8, 16))
+    model.losses(ids, torch.randint(0, 3, (8,))).total.backward()
+    opt.step()
+    changed_kinds = set()
+    for name, p in model.named_parameters():
+        if kinds[name] not in expected:
+            assert torch.equal(p, before[name]), f"{preset}: frozen {name} changed"
+        elif not torch.equal(p, before[name]):
+            changed_kinds.add(kinds[name])
+    assert changed_kinds == expected
+    assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if kinds[n] in expected)
+
+
+def test_parameter_kinds_cover_the_model() -> None:
+    kinds = set(parameter_kinds(_model()).values())
+    assert kinds == {"embedding", "attention", "norm", "dense_ffn", "experts", "router", "head"}
+
+
+def test_macro_f1() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 0])
+    # class 0: tp 1 fp 1 fn 1 -> 0.5; class 1: tp 2 fp 1 fn 0 -> 0.8; class 2: tp 0 fn 1 -> 0
+    assert macro_f1(pred, labels, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_finetune_end_to_end(pretrained: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "ft"
+    result = run_cli(
+        "finetune", "synth-small", f"checkpoint={pretrained}", f"run_dir={run_dir}", "train.max_steps=30",
+        "train.eval_every=10", "train.batch_size=16", "task.synthetic_val=200", "moe.aux_loss_coef=0",
+        "moe.train_capacity_factor=0.5", "finetune.freeze=non_moe",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["task"] == "synth-small"
+    assert summary["moe"]["aux_loss_coef"] == 0.0 and summary["moe"]["train_capacity_factor"] == 0.5
+    assert summary["moe"]["eval_capacity_factor"] == 2.0  # from the checkpoint
+    assert 0 < summary["trainable_parameters"] < summary["parameters"]["total"]
+    for key in ("final_val_accuracy", "final_val_f1", "final_train_accuracy", "best_val_accuracy"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "moe/1/dropped_frac" in header and "eval_moe/1/dropped_frac" in header
+    assert "trainable parameters" in result.stdout
+
+
+def test_finetune_errors(tmp_path: Path) -> None:
+    result = run_cli("finetune", "cola", "checkpoint=x")
+    assert result.returncode == 2
+    assert "valid tasks: ['cb', 'local', 'sst2', 'synth-large', 'synth-small']" in result.stdout
+    result = run_cli("finetune", "synth-small", f"checkpoint={tmp_path / 'none'}", f"runs_root={tmp_path}")
+    assert result.returncode == 2 and "expected a pretraining run directory" in result.stdout
+    result = run_cli("finetune", "synth-small", "finetune.freeze=everything", "checkpoint=x")
+    assert result.returncode == 2 and "finetune.freeze='everything' is not one of" in result.stdout
