@@ -97,9 +97,39 @@ def finetune(
 
 
 @app.command(context_settings=OVERRIDES)
-def sweep(name: Annotated[str, typer.Argument(help="a study in experiments/")] = "capacity-factor") -> None:
-    """Run an ablation study as a Hydra multirun."""
-    _not_built("sweep", 4)
+def sweep(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="a study in experiments/ (e.g. top-k, capacity-factor, freeze)")],
+    launcher: Annotated[str, typer.Option(help="Hydra launcher: basic (one after another) or joblib")] = "basic",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the grid and exit")] = False,
+) -> None:
+    """Run an ablation study as a Hydra multirun; finished runs are skipped, so a killed sweep resumes."""
+    from moe_lab.sweeps.runner import grid, load_study, run_study, swept_keys
+
+    overrides = list(ctx.args)
+    try:
+        study = load_study(name)
+        points = grid(study, overrides)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from None
+    keys = swept_keys(points) or [p.split("=")[0] for p in points[0]]
+    table = Table(title=f"{study.name}: {study.paper} ({len(points)} runs, moe-lab {study.command})")
+    table.add_column("#", justify="right")
+    for key in keys:
+        table.add_column(key)
+    for i, point in enumerate(points):
+        values = dict(item.split("=", 1) for item in point)
+        table.add_row(str(i), *(values.get(k, "") for k in keys))
+    console.print(table)
+    if dry_run:
+        return
+    try:
+        frame = run_study(name, overrides, launcher)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from None
+    console.print(f"{len(frame)} runs; statuses: {frame['status'].value_counts().to_dict() if len(frame) else {}}")
 
 
 @app.command()

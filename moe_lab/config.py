@@ -212,6 +212,17 @@ FINETUNE_MOE_KEYS = (
 
 
 @dataclass
+class StudyConfig:
+    """What an experiments/NAME.yaml says about itself; read by `moe-lab sweep` and `moe-lab report`."""
+
+    name: str | None = None
+    paper: str = ""  # the paper's table or figure the study mirrors
+    command: str = "pretrain"  # pretrain | finetune
+    pretrained: str | None = None  # fine-tuning studies: the pretraining preset of their checkpoint
+    description: str = ""
+
+
+@dataclass
 class RunConfig:
     """One run: what `moe-lab pretrain NAME [overrides]` composes."""
 
@@ -230,6 +241,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def validate(self) -> None:
         """Validate every group."""

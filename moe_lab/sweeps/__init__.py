@@ -1,0 +1,1 @@
+"""Ablation studies: Hydra multiruns defined in experiments/NAME.yaml, resumable, summarised in runs.csv."""

@@ -1,0 +1,46 @@
+"""The Hydra app one sweep job runs in: `python -m moe_lab.sweeps.app --multirun ...` (see sweeps.runner)."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from rich.console import Console
+
+from moe_lab.config import CONF_DIR, register_configs
+from moe_lab.track import write_json_atomic
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Run one grid point in the job's own directory; a finished run is skipped, a failure recorded."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+        cfg.resume = True  # continue a killed run; a completed or diverged one is returned as it is
+    console = Console()
+    try:
+        if hc.job.config_name == "finetune":
+            from moe_lab.train.finetune import run_finetune as run
+        else:
+            from moe_lab.train.pretrain import run_pretrain as run
+        run(cfg, overrides, console)
+    except Exception as err:  # one broken grid point must not end the sweep: record it and go on
+        summary_path = run_dir / "summary.json"
+        if not summary_path.exists():
+            write_json_atomic(
+                summary_path,
+                {"status": "failed", "reason": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()},
+            )
+        console.print(f"[red]failed[/red] {run_dir}: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Studies: every experiment composes, --dry-run shows the grid, sweeps run, resume and record failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from moe_lab.config import to_run_config
+from moe_lab.sweeps.runner import compose_point, grid, load_study, studies, swept_keys
+from tests.conftest import MOE_LAB, run_cli
+
+
+@pytest.mark.parametrize("name", studies())
+def test_every_grid_point_of_every_study_composes(name: str) -> None:
+    study = load_study(name)
+    points = grid(study)
+    assert len(points) >= 2 and swept_keys(points)
+    for point in points:
+        run = to_run_config(compose_point(study, point))
+        assert run.study.name == name and run.study.paper
+        for item in point:
+            key, value = item.split("=", 1)
+            node = run
+            for part in key.split("."):
+                node = getattr(node, part)
+            assert str(node) == value, (name, item)
+
+
+def test_dry_run_lists_the_grid() -> None:
+    result = run_cli("sweep", "capacity-factor", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "16 runs" in result.stdout
+    rows = [ln for ln in result.stdout.splitlines() if ln.startswith("│")]
+    assert len(rows) == 16
+    cells = [[c.strip() for c in row.split("│")[1:-1]] for row in rows]
+    assert cells[0] == ["0", "0.75", "0.75"] and cells[5] == ["5", "1.0", "1.0"] and cells[15] == ["15", "2.0", "2.0"]
+    extra = run_cli("sweep", "top-k", "seed=0,1", "--dry-run")
+    assert "6 runs" in extra.stdout and "seed" in extra.stdout
+
+
+def test_unknown_study_lists_the_studies() -> None:
+    result = run_cli("sweep", "nope", "--dry-run")
+    assert result.returncode == 2 and "valid studies: ['capacity-factor'" in result.stdout
+
+
+TINY = ("preset=tiny", "train.max_steps=8", "train.eval_every=4", "logger.progress=false")
+
+
+def test_sweep_runs_resumes_and_records_failures(tmp_path: Path) -> None:
+    env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    runs = tmp_path / "results" / "top-k" / "runs"
+
+    # kill the sweep as soon as its first run has finished
+    proc = subprocess.Popen(
+        [MOE_LAB, "sweep", "top-k", *TINY, cache], env={**os.environ, "WANDB_MODE": "disabled", **env},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    first = runs / "moe.top_k=1" / "summary.json"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    assert not (runs / "moe.top_k=4" / "summary.json").exists(), "the sweep finished before it was killed"
+    first_written = first.stat().st_mtime_ns
+
+    result = run_cli("sweep", "top-k", *TINY, cache, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert first.stat().st_mtime_ns == first_written  # the finished run was skipped, not redone
+    assert "already completed" in result.stdout
+    frame = pd.read_csv(tmp_path / "results" / "top-k" / "runs.csv")
+    assert sorted(frame["moe.top_k"]) == [1, 2, 4]
+    assert set(frame["status"]) == {"completed"}
+    assert {"final_val_loss", "tokens_per_s", "moe_dropped_frac", "eval_moe_dropped_frac"} <= set(frame.columns)
+
+    # a grid point that cannot run is recorded as failed and the others still run
+    result = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=2,9", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    failed = json.loads((runs / "moe.top_k=9" / "summary.json").read_text())
+    assert failed["status"] == "failed" and "top_k=9 exceeds num_experts=4" in failed["reason"]
+    frame = pd.read_csv(tmp_path / "results" / "top-k" / "runs.csv")
+    assert dict(zip(frame["moe.top_k"], frame["status"], strict=True))[9] == "failed"
