@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from moe_lab.moe import MoEConfig, MoELayer
+
+# CI explores the same examples every run, so a red CI is reproducible; local runs keep exploring
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 MOE_LAB = shutil.which("moe-lab", path=str(Path(sys.executable).parent)) or "moe-lab"
 

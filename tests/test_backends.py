@@ -10,7 +10,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import make_layer, run_backend
 
-TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}
+
+def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, msg: str) -> None:
+    """float32: elementwise. bfloat16: by relative norm within a few bf16 epsilons (2**-7 = 0.8%): sums over
+    tokens in another order (per group in einsum, per expert elsewhere) differ by an ulp of the sum, 0.06
+    at magnitude 16, and the router's gradient is a product of such sums. A wrong routing is off by O(1)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=msg)
+        return
+    err = (got.float() - ref.float()).norm().item()
+    assert err <= 3e-2 * ref.float().norm().item() + 1e-3, f"{msg}: relative error {err / ref.float().norm():.4f}"
 
 
 @st.composite
@@ -56,7 +65,7 @@ def test_backends_agree(case: dict) -> None:
         if ref["keep"] is not None:
             assert torch.equal(got["keep"], ref["keep"]), backend
         for key in ("y", "x_grad", "router_grad", "w_in_grad", "w_out_grad"):
-            torch.testing.assert_close(got[key], ref[key], **TOLERANCE[dtype], msg=f"{backend}: {key}")
+            assert_agree(got[key], ref[key], dtype, f"{backend}: {key}")
         torch.testing.assert_close(got["losses"].aux_loss, ref["losses"].aux_loss)
 
 
