@@ -187,6 +187,9 @@ class TaskConfig:
 class FinetuneConfig:
     """What fine-tuning changes beyond the task: which parameters update (ST-MoE Fig. 5)."""
 
+    # fine-tune the run that `moe-lab sweep` pretrained with this preset (results/pretrained/PRESET), when
+    # no checkpoint= is given: lets a study sweep over pretrained models (finetune.pretrained=mini,dense-mini)
+    pretrained: str | None = None
     freeze: str = "all"  # all | non_moe | moe | attention | ffn (moe_lab/train/freeze.py)
     freeze_router: bool = False
     # training accuracy is measured on this many training examples at every evaluation (overfitting curves)

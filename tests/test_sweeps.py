@@ -11,10 +11,24 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-from moe_lab.config import to_run_config
+from moe_lab.config import CONF_DIR, to_run_config
 from moe_lab.sweeps.runner import compose_point, grid, load_study, studies, swept_keys
 from tests.conftest import MOE_LAB, run_cli
+
+
+def assert_applied(run: object, path: str, expected: object) -> None:
+    """Every leaf of `expected` (a yaml mapping placed at `path`) is the run config's value there."""
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            assert_applied(run, f"{path}.{key}" if path else key, value)
+        return
+    node = run
+    for part in path.split("."):
+        node = getattr(node, part)
+    actual = list(node) if isinstance(node, tuple | list) else node
+    assert actual == expected or str(actual) == str(expected), (path, actual, expected)
 
 
 @pytest.mark.parametrize("name", studies())
@@ -27,10 +41,13 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
         assert run.study.name == name and run.study.paper
         for item in point:
             key, value = item.split("=", 1)
-            node = run
-            for part in key.split("."):
-                node = getattr(node, part)
-            assert str(node) == value, (name, item)
+            group = CONF_DIR / key.lstrip("+")
+            if group.is_dir():  # a config group option: its file's values arrive
+                text = (group / f"{value}.yaml").read_text()
+                values = yaml.safe_load(text) or {}
+                assert_applied(run, "" if "@package _global_" in text else key.lstrip("+"), values)
+            else:
+                assert_applied(run, key, yaml.safe_load(value))
 
 
 def test_dry_run_lists_the_grid() -> None:
@@ -47,7 +64,7 @@ def test_dry_run_lists_the_grid() -> None:
 
 def test_unknown_study_lists_the_studies() -> None:
     result = run_cli("sweep", "nope", "--dry-run")
-    assert result.returncode == 2 and "valid studies: ['capacity-factor'" in result.stdout
+    assert result.returncode == 2 and f"valid studies: {studies()}" in " ".join(result.stdout.split())
 
 
 TINY = ("preset=tiny", "train.max_steps=8", "train.eval_every=4", "logger.progress=false")
@@ -89,3 +106,22 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path: Path) -> None:
     assert failed["status"] == "failed" and "top_k=9 exceeds num_experts=4" in failed["reason"]
     frame = pd.read_csv(tmp_path / "results" / "top-k" / "runs.csv")
     assert dict(zip(frame["moe.top_k"], frame["status"], strict=True))[9] == "failed"
+
+
+def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
+    env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
+    args = ("sweep", "freeze", "finetune.pretrained=tiny", "train.max_steps=4", "train.eval_every=4",
+            "task.synthetic_val=100", "logger.progress=false", f"data.cache_dir={tmp_path / 'cache'}",
+            "finetune.freeze=all,moe")  # fmt: skip
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pretrained = tmp_path / "results" / "pretrained" / "tiny" / "summary.json"
+    assert json.loads(pretrained.read_text())["status"] == "completed"
+    frame = pd.read_csv(tmp_path / "results" / "freeze" / "runs.csv")
+    assert sorted(frame["finetune.freeze"]) == ["all", "moe"]
+    assert set(frame["status"]) == {"completed"}
+    trainable = dict(zip(frame["finetune.freeze"], frame["trainable_parameters"], strict=True))
+    assert trainable["moe"] < trainable["all"]
+    written = pretrained.stat().st_mtime_ns
+    assert run_cli(*args, env=env).returncode == 0
+    assert pretrained.stat().st_mtime_ns == written  # the checkpoint is not pretrained again

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 
 from moe_lab.config import CONF_DIR, register_configs
+from moe_lab.sweeps.runner import pretrained_dir, results_root
 from moe_lab.track import write_json_atomic
 
 register_configs()
@@ -25,6 +26,8 @@ def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
         cfg.resume = True  # continue a killed run; a completed or diverged one is returned as it is
+        if cfg.get("checkpoint") is None and cfg.finetune.pretrained:
+            cfg.checkpoint = str(pretrained_dir(results_root(), cfg.finetune.pretrained))
     console = Console()
     try:
         if hc.job.config_name == "finetune":

@@ -91,24 +91,51 @@ def results_dir(study: Study, root: Path) -> Path:
     return root / study.name
 
 
-def ensure_pretrained(study: Study, root: Path, extra: list[str]) -> Path | None:
-    """Fine-tuning studies: pretrain their checkpoint once (resumable), under ROOT/pretrained/PRESET."""
-    if study.command != "finetune" or not study.pretrained:
-        return None
-    run_dir = root / "pretrained" / study.pretrained
+def results_root() -> Path:
+    """Where studies write: $MOE_LAB_RESULTS or results/."""
+    return Path(os.environ.get("MOE_LAB_RESULTS", "results"))
+
+
+def pretrained_dir(root: Path, preset: str) -> Path:
+    return root / "pretrained" / preset
+
+
+def pretrained_presets(study: Study, points: list[list[str]]) -> list[str]:
+    """The pretraining presets a fine-tuning study needs: study.pretrained and any swept finetune.pretrained."""
+    if study.command != "finetune":
+        return []
+    presets: list[str] = []
+    for point in points:
+        for item in point:
+            key, _, value = item.partition("=")
+            if key == "finetune.pretrained" and value not in presets:
+                presets.append(value)
+    return presets or ([study.pretrained] if study.pretrained else [])
+
+
+def ensure_pretrained(root: Path, preset: str, extra: list[str]) -> Path:
+    """Pretrain a fine-tuning study's checkpoint once (resumable), under ROOT/pretrained/PRESET."""
+    run_dir = pretrained_dir(root, preset)
     summary = run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         return run_dir
-    cmd = [sys.executable, "-m", "moe_lab.cli", "pretrain", study.pretrained, f"run_dir={run_dir}", "resume=true"]
-    cmd += extra
+    cmd = [sys.executable, "-m", "moe_lab.cli", "pretrain", preset, f"run_dir={run_dir}", "resume=true", *extra]
     subprocess.run(cmd, check=True)
     return run_dir
 
 
-def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str, checkpoint: Path | None) -> list[str]:
+def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str) -> list[str]:
     """The `python -m moe_lab.sweeps.app --multirun ...` command line of a study."""
     fixed = [o.split("=", 1)[0] for o in overrides if "=" in o and "," not in o]
     exclude = ["experiments", "checkpoint", *fixed]
+    default_pretrained = (
+        study.command == "finetune"
+        and study.pretrained
+        and "finetune.pretrained" not in study.params
+        and not any(o.startswith("finetune.pretrained=") for o in overrides)
+    )
+    if default_pretrained:
+        exclude.append("finetune.pretrained")
     cmd = [
         sys.executable, "-m", "moe_lab.sweeps.app", "--multirun",
         f"--config-name={'finetune' if study.command == 'finetune' else 'config'}",
@@ -120,8 +147,8 @@ def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str,
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]",
         "hydra.job_logging.root.level=WARNING",
     ]  # fmt: skip
-    if checkpoint is not None:
-        cmd.append(f"checkpoint={checkpoint}")
+    if default_pretrained:
+        cmd.append(f"finetune.pretrained={study.pretrained}")
     return [*cmd, *overrides]
 
 
@@ -175,9 +202,13 @@ def _last_moe_metrics(run_dir: Path) -> dict[str, float]:
 def run_study(name: str, overrides: list[str], launcher: str = "basic", root: Path | None = None) -> pd.DataFrame:
     """Run every grid point that has not completed, then write and return runs.csv."""
     study = load_study(name)
-    root = Path(root or os.environ.get("MOE_LAB_RESULTS", "results"))
+    root = Path(root or results_root())
     if launcher not in ("basic", "joblib"):
         raise ValueError(f"launcher {launcher!r} is not one of ['basic', 'joblib']")
-    checkpoint = ensure_pretrained(study, root, [o for o in overrides if o.startswith(("data.", "logger"))])
-    subprocess.run(hydra_command(study, root, overrides, launcher, checkpoint), check=True)
+    # the pretraining a fine-tuning study stands on shares the study's data and logging overrides
+    shared = [o for o in overrides if o.startswith(("data.", "logger", "seed="))]
+    for preset in pretrained_presets(study, grid(study, overrides)):
+        ensure_pretrained(root, preset, shared)
+    env = {**os.environ, "MOE_LAB_RESULTS": str(root)}
+    subprocess.run(hydra_command(study, root, overrides, launcher), check=True, env=env)
     return collect(study, root)
