@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import random
 import time
-import traceback
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +17,11 @@ from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel, count_parameters
 from moe_lab.models.transformer import ModelLosses
-from moe_lab.track import RunLogger, WandbSink, read_summary
+from moe_lab.track import read_summary
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.freeze import apply_freeze
-from moe_lab.train.loop import CHECKPOINT, rank_seed, resolve_device, train
-from moe_lab.train.pretrain import describe_model, report_run, resolve_run_dir, write_hydra_snapshot
+from moe_lab.train.loop import CHECKPOINT, rank_seed
+from moe_lab.train.pretrain import describe_model, resolve_run_dir, train_and_record, write_hydra_snapshot
 
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -162,52 +159,11 @@ def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: C
         f"(freeze={run.finetune.freeze}{', router frozen' if run.finetune.freeze_router else ''}); run dir {run_dir}"
     )
     task = ClassificationTask(data, run.train.batch_size, seed, tokenizer.pad_id, run.finetune.train_eval_examples)
-    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    wandb_sink = None
-    if run.logger.wandb:
-        wandb_name = f"{run.name}/{run_dir.name}"
-        wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode)
-    logger = RunLogger(run_dir, wandb_sink)
-    summary: dict[str, Any] = {
-        "name": run.name,
+    extra = {
         "task": run.task.name,
         "metric": run.task.metric,
-        "run_dir": str(run_dir),
         "pretrained": str(pre_dir),
-        "status": "running",
-        "parameters": params,
         "trainable_parameters": counts["trainable"],
         "moe": {k: getattr(moe_cfg, k) for k in FINETUNE_MOE_KEYS},
-        "device": str(resolve_device(run.train.device)),
-        "torch_version": torch.__version__,
-        "started": datetime.fromtimestamp(started, UTC).isoformat(),
-        "config": resolved,
     }
-    failed = False
-    try:
-        result = train(
-            model, task, run.train, run.optim, run_dir, logger, resume=run.resume, console=console,
-            show_progress=run.logger.progress,
-        )  # fmt: skip
-        summary.update(
-            status=result.status,
-            step=result.step,
-            final_train_loss=result.train_loss,
-            **{f"final_{k}": v for k, v in result.eval.items()},
-            **{f"best_{k}": v for k, v in result.best.items()},
-            diverged_at_step=result.diverged_at,
-            reason=result.reason,
-            train_seconds=result.train_seconds,
-            tokens=result.tokens,
-            tokens_per_s=result.tokens_per_s,
-        )
-    except BaseException as err:
-        failed = True
-        summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-        raise
-    finally:
-        summary["wall_seconds"] = time.time() - started
-        logger.summary(summary)
-        logger.finish(failed=failed)
-    report_run(console, summary)
-    return summary
+    return train_and_record(run, cfg, run_dir, model, task, params, extra, started, console)

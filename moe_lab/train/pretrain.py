@@ -133,6 +133,22 @@ def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: C
         f"unigram val loss {data.unigram_val_loss:.4f}; run dir {run_dir}"
     )
     task = LMTask(data, run.train.batch_size, seed, run.train.eval_batches)
+    extra = {"flops_per_token": flops, "unigram_val_loss": data.unigram_val_loss}
+    return train_and_record(run, cfg, run_dir, model, task, params, extra, started, console)
+
+
+def train_and_record(
+    run: RunConfig,
+    cfg: DictConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    task: Any,
+    params: dict[str, int],
+    extra: dict[str, Any],
+    started: float,
+    console: Console,
+) -> dict:
+    """Train with logging to CSV (and W&B), and write summary.json however the run ends; returns the summary."""
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     wandb_sink = None
     if run.logger.wandb:
@@ -144,8 +160,7 @@ def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: C
         "run_dir": str(run_dir),
         "status": "running",
         "parameters": params,
-        "flops_per_token": flops,
-        "unigram_val_loss": data.unigram_val_loss,
+        **extra,
         "device": str(resolve_device(run.train.device)),
         "torch_version": torch.__version__,
         "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
@@ -161,9 +176,8 @@ def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: C
             status=result.status,
             step=result.step,
             final_train_loss=result.train_loss,
-            final_val_loss=result.eval.get("val_loss"),
-            final_val_ppl=result.eval.get("val_ppl"),
-            best_val_loss=result.best.get("val_loss"),
+            **{f"final_{k}": v for k, v in result.eval.items()},
+            **{f"best_{k}": v for k, v in result.best.items()},
             diverged_at_step=result.diverged_at,
             reason=result.reason,
             train_seconds=result.train_seconds,
