@@ -136,6 +136,8 @@ class TrainConfig:
     ckpt_every: int = 250
     # a loss above this, or NaN/inf, ends the run as diverged
     divergence_loss: float = 50.0
+    # also evaluate at these eval capacity factors (one trained model, several eval CFs: ST-MoE Table 8)
+    eval_capacity_factors: list[float] = field(default_factory=list)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
@@ -234,6 +236,8 @@ class RunConfig:
     runs_root: str = "results/runs"
     run_dir: str | None = None  # null: runs_root/NAME/TIMESTAMP (resume: the latest one)
     resume: bool = False
+    # multiplies the training length (max_steps, eval_every, ckpt_every): `scale=4` runs a study 4x longer
+    scale: float = 1.0
     checkpoint: str | None = None  # fine-tuning: a pretraining run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -248,8 +252,23 @@ class RunConfig:
 
     def validate(self) -> None:
         """Validate every group."""
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
         for group in (self.model, self.moe, self.data, self.tokenizer, self.optim, self.train, self.finetune):
             group.validate()
+
+    def scaled(self) -> RunConfig:
+        """This config with the training length multiplied by `scale` (and scale reset to 1)."""
+        if self.scale == 1.0:
+            return self
+        t = self.train
+        train = dataclasses.replace(
+            t,
+            max_steps=max(1, round(t.max_steps * self.scale)),
+            eval_every=max(1, round(t.eval_every * self.scale)),
+            ckpt_every=max(1, round(t.ckpt_every * self.scale)),
+        )
+        return dataclasses.replace(self, train=train, scale=1.0)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -15,8 +15,11 @@ REQUIRED = {
     ("data", "hub"): ["data.name=wikitext"],
     ("tokenizer", "hf"): ["tokenizer.name=gpt2"],
 }
+# presets and `# @package _global_` groups (stability) are checked through the presets and the studies
 GROUP_OPTIONS = sorted(
-    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name not in ("preset", "hydra")
+    (path.parent.name, path.stem)
+    for path in CONF_DIR.glob("*/*.yaml")
+    if path.parent.name not in ("preset", "hydra") and "@package _global_" not in path.read_text()
 )
 
 

@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_lab.config import DataConfig, ModelConfig, OptimConfig, TokenizerConfig, TrainConfig
+from moe_lab.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    TokenizerConfig,
+    TrainConfig,
+    compose,
+    to_run_config,
+)
 from moe_lab.data.lm import build_lm_data
-from moe_lab.models import ClassifierModel, LanguageModel, count_parameters, flops_per_token
+from moe_lab.models import ClassifierModel, LanguageModel, count_parameters, flops_per_token, moe_layers
 from moe_lab.moe import MoEConfig
 from moe_lab.track import RunLogger
 from moe_lab.train.loop import train
@@ -133,3 +142,26 @@ def test_output_z_loss_is_added() -> None:
     losses = model.losses(ids, ids)
     logits = model(ids).float()
     assert losses.output_z.item() == pytest.approx(1e-2 * torch.logsumexp(logits, -1).square().mean().item(), rel=1e-5)
+
+
+def test_eval_at_several_capacity_factors(data, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(TINY, replace(MOE, train_capacity_factor=0.5), data.vocab_size)
+    train_cfg = TrainConfig(max_steps=4, batch_size=8, seq_len=32, eval_every=4, eval_batches=2, log_every=1,
+                            ckpt_every=100, eval_capacity_factors=[0.25, 4.0])  # fmt: skip
+    result = train(model, LMTask(data, 8, 0, 2), train_cfg, OptimConfig(warmup_steps=0), tmp_path,
+                   RunLogger(tmp_path), show_progress=False)  # fmt: skip
+    assert result.eval["dropped_frac@cf0.25"] > 0.3 and result.eval["dropped_frac@cf4"] == 0.0
+    assert result.eval["val_loss@cf4"] != result.eval["val_loss@cf0.25"]
+    # the layers are back at their own eval capacity factor
+    assert all(layer.config.eval_capacity_factor == 2.0 for _, layer in moe_layers(model))
+    assert "dropped_frac@cf4" not in result.best
+
+
+def test_scale_multiplies_the_training_length() -> None:
+    run = to_run_config(compose("tiny", ["scale=2.5"]))
+    scaled = run.scaled()
+    assert (scaled.train.max_steps, scaled.train.eval_every, scaled.train.ckpt_every) == (75, 25, 25)
+    assert scaled.scale == 1.0 and run.scaled().scaled() == scaled
+    with pytest.raises(ConfigError, match="scale must be > 0"):
+        compose("tiny", ["scale=0"])

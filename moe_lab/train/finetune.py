@@ -117,7 +117,7 @@ def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: C
     """Fine-tune a pretrained model on a classification task; returns the summary written to summary.json."""
     console = console or Console()
     overrides = list(overrides or [])
-    run = to_run_config(cfg)
+    run = to_run_config(cfg).scaled()
     if not run.checkpoint:
         raise ValueError("fine-tuning needs checkpoint=RUN_DIR (a `moe-lab pretrain` run directory)")
     pre_dir, pre = pretrained_run(run.checkpoint)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -180,7 +181,17 @@ def train(
                 with torch.no_grad(), autocast:
                     result.eval = task.evaluate(model, device)
                 eval_metrics = {**result.eval, **moe_metrics(model, "eval", "eval_moe")}
+                for cf in train_cfg.eval_capacity_factors:
+                    with torch.no_grad(), autocast, eval_capacity(model, cf):
+                        extra = task.evaluate(model, device)
+                    dropped = [v for k, v in moe_metrics(model, "eval", "").items() if k.endswith("/dropped_frac")]
+                    extra["dropped_frac"] = sum(dropped) / len(dropped) if dropped else 0.0
+                    extra = {f"{k}@cf{cf:g}": v for k, v in extra.items()}
+                    result.eval.update(extra)
+                    eval_metrics.update(extra)
                 for key, value in result.eval.items():
+                    if key.startswith("dropped_frac"):
+                        continue
                     better = min if "loss" in key or "ppl" in key else max
                     result.best[key] = better(result.best.get(key, value), value)
                 logger.log(eval_metrics, result.step)
@@ -192,6 +203,20 @@ def train(
     if result.status == "running":
         result.status = "completed"
     return result
+
+
+@contextmanager
+def eval_capacity(model: nn.Module, capacity_factor: float | None) -> Iterator[None]:
+    """Evaluate every MoE layer at another eval capacity factor for the duration of the block."""
+    layers = [layer for _, layer in moe_layers(model)]
+    saved = [layer.config.eval_capacity_factor for layer in layers]
+    for layer in layers:
+        layer.config = replace(layer.config, eval_capacity_factor=capacity_factor)
+    try:
+        yield
+    finally:
+        for layer, cf in zip(layers, saved, strict=True):
+            layer.config = replace(layer.config, eval_capacity_factor=cf)
 
 
 def rank_seed(seed: int) -> int:

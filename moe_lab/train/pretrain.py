@@ -105,7 +105,7 @@ def describe_model(console: Console, name: str, params: dict[str, int], flops: i
 def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: Console | None = None) -> dict:
     """Train one language model as `cfg` says; returns the summary written to summary.json."""
     console = console or Console()
-    run = to_run_config(cfg)
+    run = to_run_config(cfg).scaled()
     run_dir = resolve_run_dir(run)
     previous = read_summary(run_dir)
     if run.resume and previous and previous.get("status") in ("completed", "diverged"):
