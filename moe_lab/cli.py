@@ -52,22 +52,23 @@ def pretrain(
     show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
 ) -> None:
     """Pretrain a language model: `moe-lab pretrain small [key=value ...]` (Hydra override syntax)."""
+    _compose_and_run("pretrain", name, list(ctx.args), show_config)
+
+
+def _compose_and_run(kind: str, name: str, overrides: list[str], show_config: bool) -> None:
+    """Compose, then print the config or run; user errors print one line and exit 2, a diverged run exits 0."""
     from omegaconf import OmegaConf
 
-    overrides = list(ctx.args)
-    cfg = _compose("pretrain", name, overrides)
+    from moe_lab.hub import HubUnavailableError
+
+    cfg = _compose(kind, name, overrides)
     if show_config:
         console.print(OmegaConf.to_yaml(cfg, resolve=True))
         return
-    from moe_lab.train.pretrain import run_pretrain
-
-    _run(run_pretrain, cfg, overrides)
-
-
-def _run(runner, cfg, overrides: list[str]) -> None:
-    """Call a run function; user errors print one line and exit 2, a diverged run is a normal exit."""
-    from moe_lab.hub import HubUnavailableError
-
+    if kind == "pretrain":
+        from moe_lab.train.pretrain import run_pretrain as runner
+    else:
+        from moe_lab.train.finetune import run_finetune as runner
     try:
         summary = runner(cfg, overrides, console)
     except (HubUnavailableError, FileNotFoundError, ValueError) as err:
@@ -84,16 +85,7 @@ def finetune(
     show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
 ) -> None:
     """Fine-tune a pretrained model: `moe-lab finetune cb checkpoint=RUN_DIR [finetune.freeze=non_moe ...]`."""
-    from omegaconf import OmegaConf
-
-    overrides = list(ctx.args)
-    cfg = _compose("finetune", task, overrides)
-    if show_config:
-        console.print(OmegaConf.to_yaml(cfg, resolve=True))
-        return
-    from moe_lab.train.finetune import run_finetune
-
-    _run(run_finetune, cfg, overrides)
+    _compose_and_run("finetune", task, list(ctx.args), show_config)
 
 
 @app.command(context_settings=OVERRIDES)

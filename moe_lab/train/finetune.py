@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +16,10 @@ from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel, count_parameters
 from moe_lab.models.transformer import ModelLosses
-from moe_lab.track import read_summary
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.freeze import apply_freeze
-from moe_lab.train.loop import CHECKPOINT, rank_seed
-from moe_lab.train.pretrain import describe_model, resolve_run_dir, train_and_record, write_hydra_snapshot
+from moe_lab.train.loop import CHECKPOINT
+from moe_lab.train.pretrain import begin_run, describe_model, train_and_record, write_hydra_snapshot
 
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -122,14 +120,9 @@ def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: C
         raise ValueError("fine-tuning needs checkpoint=RUN_DIR (a `moe-lab pretrain` run directory)")
     pre_dir, pre = pretrained_run(run.checkpoint)
     run = replace(run, name=f"finetune-{run.task.name}")
-    run_dir = resolve_run_dir(run)
-    previous = read_summary(run_dir)
-    if run.resume and previous and previous.get("status") in ("completed", "diverged"):
-        console.print(f"{run_dir} already {previous['status']}; nothing to resume")
+    run_dir, previous, seed = begin_run(run, console)
+    if previous is not None:
         return previous
-    seed = rank_seed(run.seed)
-    torch.manual_seed(seed)
-    random.seed(seed)
 
     # the architecture is the checkpoint's; fine-tuning may change capacity, losses and dropout
     moe_changes = {k: getattr(run.moe, k) for k in _overridden(overrides, "moe.") & set(FINETUNE_MOE_KEYS)}

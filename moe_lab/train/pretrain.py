@@ -102,20 +102,28 @@ def describe_model(console: Console, name: str, params: dict[str, int], flops: i
     console.print(table)
 
 
-def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: Console | None = None) -> dict:
-    """Train one language model as `cfg` says; returns the summary written to summary.json."""
-    console = console or Console()
-    run = to_run_config(cfg).scaled()
+def begin_run(run: RunConfig, console: Console) -> tuple[Path, dict | None, int]:
+    """The run directory, the summary of a run that already ended (when resuming it), and the seeded seed."""
     run_dir = resolve_run_dir(run)
     previous = read_summary(run_dir)
     if run.resume and previous and previous.get("status") in ("completed", "diverged"):
         console.print(f"{run_dir} already {previous['status']}; nothing to resume")
-        return previous
+        return run_dir, previous, 0
     seed = rank_seed(run.seed)
     torch.manual_seed(seed)
     random.seed(seed)
     if run.train.threads > 0:
         torch.set_num_threads(run.train.threads)
+    return run_dir, None, seed
+
+
+def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: Console | None = None) -> dict:
+    """Train one language model as `cfg` says; returns the summary written to summary.json."""
+    console = console or Console()
+    run = to_run_config(cfg).scaled()
+    run_dir, previous, seed = begin_run(run, console)
+    if previous is not None:
+        return previous
     if run.train.seq_len > run.model.max_seq_len:
         raise ValueError(f"train.seq_len={run.train.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
 
