@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_lab.moe.config import MoEConfig
+from moe_lab.moe.config import ACTIVATIONS, MoEConfig, check_choice
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRESETS_DIR = CONF_DIR / "preset"
@@ -40,8 +40,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        _choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
-        _choice("model.activation", self.activation, ("relu", "gelu", "geglu", "swiglu"))
+        check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
+        check_choice("model.activation", self.activation, ACTIVATIONS)
         if self.d_model % self.num_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
         if self.moe_every < 0:
@@ -73,7 +73,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        _choice("data.source", self.source, ("synthetic", "local", "hub"))
+        check_choice("data.source", self.source, ("synthetic", "local", "hub"))
         if self.source == "local" and not self.path:
             raise ValueError("data=local needs data.path=FILE (and data.format=text|json|csv|parquet)")
         if self.source == "hub" and not self.name:
@@ -92,7 +92,7 @@ class TokenizerConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        _choice("tokenizer.kind", self.kind, ("byte", "hf", "bpe"))
+        check_choice("tokenizer.kind", self.kind, ("byte", "hf", "bpe"))
         if self.kind == "hf" and not self.name:
             raise ValueError("tokenizer=hf needs tokenizer.name=NAME_OR_PATH")
 
@@ -115,8 +115,8 @@ class OptimConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        _choice("optim.name", self.name, ("adamw", "adafactor"))
-        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "rsqrt"))
+        check_choice("optim.name", self.name, ("adamw", "adafactor"))
+        check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "rsqrt"))
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
 
@@ -143,7 +143,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        check_choice("train.precision", self.precision, ("fp32", "bf16"))
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -199,7 +199,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        _choice("finetune.freeze", self.freeze, ("all", "non_moe", "moe", "attention", "ffn"))
+        check_choice("finetune.freeze", self.freeze, ("all", "non_moe", "moe", "attention", "ffn"))
 
 
 # fine-tuning may change these MoE fields of a pretrained model; the rest is its architecture
@@ -269,11 +269,6 @@ class RunConfig:
             ckpt_every=max(1, round(t.ckpt_every * self.scale)),
         )
         return dataclasses.replace(self, train=train, scale=1.0)
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
 def register_configs() -> None:

@@ -64,12 +64,12 @@ class MoEConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and what would be accepted."""
-        _choice("routing", self.routing, ROUTINGS)
-        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("backend", self.backend, BACKENDS)
-        _choice("aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
-        _choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+        check_choice("MoEConfig.routing", self.routing, ROUTINGS)
+        check_choice("MoEConfig.drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("MoEConfig.activation", self.activation, ACTIVATIONS)
+        check_choice("MoEConfig.backend", self.backend, BACKENDS)
+        check_choice("MoEConfig.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
+        check_choice("MoEConfig.router_dtype", self.router_dtype, ROUTER_DTYPES)
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoEConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -98,9 +98,10 @@ class MoEConfig:
         return cls(**values)
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ValueError naming the field, its value and the accepted values."""
     if value not in allowed:
-        raise ValueError(f"MoEConfig.{name}={value!r} is not one of {list(allowed)}")
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int | None:
