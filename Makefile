@@ -35,8 +35,9 @@ format: $(STAMP) ## format the code with ruff
 run: $(STAMP) ## the main job: pretrain the `small` sparse LM on the embedded corpus (offline, ~9 min)
 	$(BIN)/moe-lab pretrain small
 
-bench: $(STAMP) ## benchmark the dispatch backends, JSON to results/bench/dispatch.json
+bench: $(STAMP) ## benchmark dispatch backends and routers, JSON to results/bench/
 	$(BIN)/moe-lab bench dispatch --json results/bench/dispatch.json
+	$(BIN)/moe-lab bench routing --json results/bench/routing.json
 
 clean: ## remove the environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

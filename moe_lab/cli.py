@@ -188,6 +188,52 @@ def bench_dispatch_cmd(
         console.print(f"wrote {json_path}")
 
 
+@bench_app.command("routing")
+def bench_routing_cmd(
+    experts: Annotated[str, typer.Option(help="numbers of experts, comma-separated")] = "8,32,64",
+    tokens: Annotated[str, typer.Option(help="tokens per routing call, comma-separated")] = "2048,8192",
+    routers: Annotated[str, typer.Option(help="switch, top2, hash, base, stablemoe (comma-separated)")] = (
+        "switch,top2,hash,base,stablemoe"
+    ),
+    repeats: Annotated[int, typer.Option(help="timed repeats per row (the median is reported)")] = 5,
+    threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default")] = 0,
+    device: Annotated[str, typer.Option()] = "cpu",
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the records here")] = None,
+) -> None:
+    """Time routing alone (no experts) per router, in training mode: the price of BASE's auction."""
+    import torch
+
+    from moe_lab.bench.dispatch import write_json
+    from moe_lab.bench.routing import bench_routing
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    table = Table(title="routing only, training mode, d_model 256")
+    for col in ("router", "E", "tokens", "ms", "auction rounds"):
+        table.add_column(col, justify="left" if col == "router" else "right")
+
+    def show(r) -> None:
+        rounds = "-" if r.auction_rounds is None else str(r.auction_rounds)
+        table.add_row(r.router, str(r.num_experts), str(r.tokens), f"{r.ms_median:.2f}", rounds)
+        console.print(f"  {r.router:<10} E={r.num_experts:<3} T={r.tokens:<6} {r.ms_median:>9.2f} ms")
+
+    try:
+        records = bench_routing(
+            experts=_ints(experts, "--experts"),
+            tokens=_ints(tokens, "--tokens"),
+            routers=tuple(r.strip() for r in routers.split(",") if r.strip()),
+            repeats=repeats,
+            device=device,
+            on_record=show,
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console.print(table)
+    if json_path is not None:
+        write_json(records, json_path)
+        console.print(f"wrote {json_path}")
+
+
 @app.command()
 def version() -> None:
     """Print moe-lab's version."""

@@ -140,6 +140,10 @@ class TrainConfig:
     eval_capacity_factors: list[float] = field(default_factory=list)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # routing fluctuation (StableMoE): route a fixed probe of validation tokens every this many steps and
+    # keep their experts (moe_lab.train.fluctuation); 0 = off. Language-model runs only.
+    fluctuation_every: int = 50
+    fluctuation_tokens: int = 4096
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -147,6 +151,11 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.fluctuation_every < 0 or self.fluctuation_tokens < 1:
+            raise ValueError(
+                f"train.fluctuation_every must be >= 0 (0 = off) and train.fluctuation_tokens >= 1, got "
+                f"{self.fluctuation_every} and {self.fluctuation_tokens}"
+            )
 
 
 @dataclass

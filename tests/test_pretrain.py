@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moe_lab.config import presets
@@ -62,7 +63,11 @@ def test_tiny_pretraining_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
-    common = ("tiny", f"data.cache_dir={cache_dir}", "train.max_steps=80", "train.ckpt_every=10", "train.log_every=1")
+    # the routing probe's period (7) is not a multiple of the checkpoint period: resume must not add snapshots
+    common = (
+        "tiny", f"data.cache_dir={cache_dir}", "train.max_steps=80", "train.ckpt_every=10", "train.log_every=1",
+        "train.fluctuation_every=7",
+    )  # fmt: skip
     straight = tmp_path / "straight"
     assert pretrain(*common, f"run_dir={straight}").returncode == 0
 
@@ -91,6 +96,10 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path: Path, ca
     sa = json.loads((straight / "summary.json").read_text())
     sb = json.loads((killed / "summary.json").read_text())
     assert sb["final_val_loss"] == pytest.approx(sa["final_val_loss"], rel=1e-6)
+    with np.load(straight / "routing_probe.npz") as pa, np.load(killed / "routing_probe.npz") as pb:
+        assert pa["steps"].tolist() == pb["steps"].tolist() == [*range(0, 80, 7), 80]
+        assert np.array_equal(pa["experts"], pb["experts"])
+    assert (straight / "fluctuation.csv").read_text() == (killed / "fluctuation.csv").read_text()
 
     # resuming a finished run does nothing
     again = pretrain(*common, f"run_dir={killed}", "resume=true")

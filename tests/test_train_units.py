@@ -78,17 +78,21 @@ def test_bf16_autocast_trains(data, tmp_path: Path) -> None:
     assert result.status == "completed" and math.isfinite(result.eval["val_loss"])
 
 
-def test_update_clipper_caps_the_rms_of_each_update() -> None:
+def test_update_clipper_caps_the_rms_of_each_update_before_the_learning_rate() -> None:
     p = torch.nn.Parameter(torch.zeros(100))
     q = torch.nn.Parameter(torch.zeros(4))
-    clipper = UpdateClipper([p, q], threshold=0.1)
+    r = torch.nn.Parameter(torch.zeros(9))
+    optimizer = torch.optim.SGD([{"params": [p, q], "lr": 0.5}, {"params": [r], "lr": 0.0}])
+    clipper = UpdateClipper(optimizer, threshold=0.1)
     clipper.before_step()
     with torch.no_grad():
-        p += 1.0  # RMS 1.0: scaled to 0.1
-        q += 0.05  # RMS 0.05: left alone
+        p += 1.0  # unscaled RMS 1.0 / 0.5 = 2.0: scaled to 0.1, a change of lr * 0.1 = 0.05
+        q += 0.04  # unscaled RMS 0.08: left alone
+        r += 3.0  # a group at lr 0 has no unscaled update to measure: left alone
     clipper.after_step()
-    torch.testing.assert_close(p.detach(), torch.full((100,), 0.1))
-    torch.testing.assert_close(q.detach(), torch.full((4,), 0.05))
+    torch.testing.assert_close(p.detach(), torch.full((100,), 0.05))
+    torch.testing.assert_close(q.detach(), torch.full((4,), 0.04))
+    torch.testing.assert_close(r.detach(), torch.full((9,), 3.0))
 
 
 def test_lr_schedule_shapes() -> None:

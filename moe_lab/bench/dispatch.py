@@ -186,8 +186,8 @@ def bench_dispatch(
     return records
 
 
-def write_json(records: list[BenchRecord], path: Path) -> None:
-    """Write the records as a JSON list, with the machine they ran on in each record's `machine` key."""
+def write_json(records: list, path: Path) -> None:
+    """Write dataclass records as a JSON list, with the machine they ran on in each record's `machine` key."""
     path.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
     path.write_text(json.dumps([{**asdict(r), "machine": machine} for r in records], indent=2) + "\n")

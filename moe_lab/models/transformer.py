@@ -81,15 +81,19 @@ class Block(nn.Module):
         self.stacked = stacked
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm_attn(x), pad_mask))
         h = self.norm_ffn(x)
-        if pad_mask is not None and isinstance(self.ffn, MoELayer):
+        if not isinstance(self.ffn, MoELayer):
+            y = self.ffn(h)
+        elif pad_mask is not None:
             # padding must not take expert capacity or count in the routing metrics: route real tokens only
             y = torch.zeros_like(h)
-            y[pad_mask] = self.ffn(h[pad_mask])
+            y[pad_mask] = self.ffn(h[pad_mask], None if ids is None else ids[pad_mask])
         else:
-            y = self.ffn(h)
+            y = self.ffn(h, ids)
         x = x + self.drop(y)
         if self.stacked is not None:
             x = x + self.drop(self.stacked(self.norm_stacked(x)))
@@ -111,7 +115,8 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        moe = replace(moe, d_model=cfg.d_model)
+        # hash routing and StableMoE's distilled router look up token ids
+        moe = replace(moe, d_model=cfg.d_model, vocab_size=vocab_size)
         blocks = []
         for i in range(cfg.num_layers):
             stacked = None
@@ -138,7 +143,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.drop(self.embed(ids_BS) + self.pos(torch.arange(S, device=ids_BS.device)))
         for block in self.blocks:
-            x = block(x, pad_mask_BS)
+            x = block(x, pad_mask_BS, ids_BS)
         return self.norm(x)
 
 
@@ -155,20 +160,25 @@ class ModelLosses:
     aux: torch.Tensor
     z: torch.Tensor
     output_z: torch.Tensor
+    distill: torch.Tensor | None = None  # StableMoE's distillation loss, summed over layers
 
     @property
     def total(self) -> torch.Tensor:
-        return self.task + self.aux + self.z + self.output_z
+        total = self.task + self.aux + self.z + self.output_z
+        return total if self.distill is None else total + self.distill
 
 
-def collect_moe_losses(model: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of the scaled aux and z losses of every MoE layer's last forward."""
-    aux, z = like.new_zeros(()), like.new_zeros(())
+def collect_moe_losses(model: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums of the scaled aux, z and distillation losses of every MoE layer's last forward."""
+    aux, z, distill = like.new_zeros(()), like.new_zeros(()), like.new_zeros(())
     for _, layer in moe_layers(model):
-        if layer.last_losses is not None:
-            aux = aux + layer.last_losses.aux_loss_scaled
-            z = z + layer.last_losses.z_loss_scaled
-    return aux, z
+        losses = layer.last_losses
+        if losses is not None:
+            aux = aux + losses.aux_loss_scaled
+            z = z + losses.z_loss_scaled
+            if losses.distill_loss_scaled is not None:
+                distill = distill + losses.distill_loss_scaled
+    return aux, z, distill
 
 
 class LanguageModel(nn.Module):
@@ -193,11 +203,11 @@ class LanguageModel(nn.Module):
         """Cross-entropy of the targets, the MoE aux and z losses, the output-logit z-loss."""
         logits = self.forward(ids_BS).float()
         task = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BS.reshape(-1))
-        aux, z = collect_moe_losses(self, task)
+        aux, z, distill = collect_moe_losses(self, task)
         output_z = task.new_zeros(())
         if self.cfg.output_z_loss_coef > 0:
             output_z = self.cfg.output_z_loss_coef * torch.logsumexp(logits, -1).square().mean()
-        return ModelLosses(task, aux, z, output_z)
+        return ModelLosses(task, aux, z, output_z, distill)
 
 
 class ClassifierModel(nn.Module):
@@ -221,8 +231,8 @@ class ClassifierModel(nn.Module):
         """Cross-entropy of the labels plus the MoE losses."""
         logits = self.forward(ids_BS, pad_mask_BS).float()
         task = F.cross_entropy(logits, labels_B)
-        aux, z = collect_moe_losses(self, task)
-        return ModelLosses(task, aux, z, task.new_zeros(()))
+        aux, z, distill = collect_moe_losses(self, task)
+        return ModelLosses(task, aux, z, task.new_zeros(()), distill)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-ROUTINGS = ("token_choice", "expert_choice")
+ROUTINGS = ("token_choice", "expert_choice", "hash", "base", "stablemoe")
+# routings that send every token to exactly one expert by a rule of their own (top_k must be 1)
+TOP1_ROUTINGS = ("hash", "base", "stablemoe")
 DROP_POLICIES = ("position", "priority")
 ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
 BACKENDS = ("sorted", "einsum", "loop")
@@ -24,6 +26,9 @@ class MoEConfig:
     # "token_choice": each token picks its top-k experts (k=1 Switch, k=2 GShard/ST-MoE).
     # "expert_choice": each expert picks its top-C tokens (Zhou et al. 2022); top_k is then the
     # average number of experts per token and only enters through the capacity.
+    # "hash": a fixed seeded hash of the token id picks the expert (Roller et al. 2021), no learned router.
+    # "base": a balanced assignment maximising token-expert affinity in training, greedy top-1 at inference
+    # (Lewis et al. 2021). "stablemoe": StableMoE's two-stage router (Dai et al. 2022). These three are top-1.
     routing: str = "token_choice"
     # Divide the gates of a token's chosen experts by their sum (GShard, Mixtral). ST-MoE and Switch
     # use the raw router probabilities; with k=1 renormalising makes every gate 1 and cuts the router
@@ -58,6 +63,18 @@ class MoEConfig:
     # Dropout on the experts' hidden activations, separate from the model's dropout (ST-MoE Sec. 4.3).
     expert_dropout: float = 0.0
     backend: str = "sorted"
+    # Vocabulary size: hash routing and StableMoE's distilled router look at token ids. The model sets it.
+    vocab_size: int | None = None
+    hash_seed: int = 0
+    # BASE's auction stops when the assignment is within base_tolerance * (max - min affinity) of the optimum
+    # in total affinity per token; see moe_lab.moe.balanced.
+    base_tolerance: float = 1e-3
+    # StableMoE: the distilled router's embedding width (the paper: 50) and the weight of its distillation
+    # loss (0.3); the balance loss uses aux_loss_coef (the paper's alpha = 0.3). Stage 1 lasts this fraction
+    # of training (the paper: 10%); then the distilled router is frozen and routes alone. 1.0 = stage 1 only.
+    distill_dim: int = 50
+    distill_loss_coef: float = 0.3
+    stage1_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +90,18 @@ class MoEConfig:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.routing in TOP1_ROUTINGS and self.top_k != 1:
+            raise ValueError(f"MoEConfig.routing={self.routing!r} routes each token to one expert: top_k must be 1")
+        if self.routing in TOP1_ROUTINGS and self.num_experts < 2:
+            raise ValueError(f"MoEConfig.routing={self.routing!r} needs num_experts >= 2")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"MoEConfig.vocab_size must be >= 1 or None, got {self.vocab_size}")
+        if not 0.0 < self.base_tolerance < 1.0:
+            raise ValueError(f"MoEConfig.base_tolerance must be in (0, 1), got {self.base_tolerance}")
+        if not 0.0 <= self.stage1_fraction <= 1.0:
+            raise ValueError(f"MoEConfig.stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
+        if self.distill_dim < 1:
+            raise ValueError(f"MoEConfig.distill_dim must be >= 1, got {self.distill_dim}")
         if self.routing == "token_choice" and self.top_k > self.num_experts:
             raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         for name in ("train_capacity_factor", "eval_capacity_factor"):

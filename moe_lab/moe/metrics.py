@@ -35,16 +35,18 @@ class RouterMetrics:
     @torch.no_grad()
     def update(
         self,
-        logits_TE: torch.Tensor,
-        probs_TE: torch.Tensor,
+        logits_TE: torch.Tensor | None,
+        probs_TE: torch.Tensor | None,
         expert_S: torch.Tensor,
         token_S: torch.Tensor,
         keep_S: torch.Tensor,
         aux_loss: torch.Tensor,
         z_loss: torch.Tensor,
+        distill_loss: torch.Tensor | None = None,
     ) -> None:
-        """Add one forward's routing statistics."""
-        num_tokens = probs_TE.shape[0]
+        """Add one forward's routing statistics; logits and probs are None for routers without scores (hash)."""
+        # without scores the routing is top-1 (hash): one slot per token
+        num_tokens = token_S.numel() if probs_TE is None else probs_TE.shape[0]
         self.num_forwards += 1
         self.num_tokens += num_tokens
         routed_E = count(expert_S, self.num_experts).float()
@@ -54,12 +56,15 @@ class RouterMetrics:
         self._add("imbalance", routed_E.max() / routed_E.mean().clamp(min=1e-9))
         kept_per_token = count(token_S[keep_S], num_tokens)
         self._add("tokens_fully_dropped", (kept_per_token == 0).sum().float())
-        log_probs = torch.log_softmax(logits_TE.float(), dim=-1)
-        self._add("entropy_sum", -(log_probs.exp() * log_probs).sum(-1).sum())
-        self._add("max_prob_sum", probs_TE.max(dim=-1).values.sum())
-        self._max("max_logit", logits_TE.max())
+        if logits_TE is not None:
+            log_probs = torch.log_softmax(logits_TE.float(), dim=-1)
+            self._add("entropy_sum", -(log_probs.exp() * log_probs).sum(-1).sum())
+            self._add("max_prob_sum", probs_TE.max(dim=-1).values.sum())
+            self._max("max_logit", logits_TE.max())
         self._add("aux_loss_sum", aux_loss.float())
         self._add("z_loss_sum", z_loss.float())
+        if distill_loss is not None:
+            self._add("distill_loss_sum", distill_loss.float())
 
     def compute(self) -> dict[str, float | list[float]]:
         """The averages since the last reset (empty if nothing was routed)."""
@@ -68,7 +73,7 @@ class RouterMetrics:
         s = {k: v.cpu() for k, v in self._sums.items()}
         routed, kept, tokens, forwards = s["routed_E"], s["kept_E"], self.num_tokens, self.num_forwards
         total_slots = routed.sum().clamp(min=1)
-        return {
+        out: dict[str, float | list[float]] = {
             # fractions of all routed assignments (before capacity), summed over forwards
             "tokens_per_expert": (routed / total_slots).tolist(),
             "kept_per_expert": (kept / kept.sum().clamp(min=1)).tolist(),
@@ -78,9 +83,13 @@ class RouterMetrics:
             "dropped_frac": float(1 - kept.sum() / total_slots),
             # fraction of tokens none of whose assignments were kept (they only pass the residual)
             "tokens_fully_dropped_frac": float(s["tokens_fully_dropped"] / tokens),
-            "router_entropy": float(s["entropy_sum"] / tokens),
-            "mean_max_prob": float(s["max_prob_sum"] / tokens),
-            "max_logit": float(s["max_logit"]),
             "aux_loss": float(s["aux_loss_sum"] / forwards),
             "z_loss": float(s["z_loss_sum"] / forwards),
         }
+        if "entropy_sum" in s:  # routers with scores
+            out["router_entropy"] = float(s["entropy_sum"] / tokens)
+            out["mean_max_prob"] = float(s["max_prob_sum"] / tokens)
+            out["max_logit"] = float(s["max_logit"])
+        if "distill_loss_sum" in s:
+            out["distill_loss"] = float(s["distill_loss_sum"] / forwards)
+        return out

@@ -212,3 +212,38 @@ def route_expert_choice(
     routing.choice_S = torch.zeros_like(routing.token_S)
     routing.capacity_G = caps
     return routing
+
+
+def route_assigned(
+    expert_T: torch.Tensor,
+    gate_T: torch.Tensor,
+    num_experts: int,
+    capacity_factor: float | None,
+    group_size: int | None = None,
+) -> Routing:
+    """Top-1 routing to given experts with given gates (hash, BASE, StableMoE); capacity goes by position."""
+    num_tokens = expert_T.shape[0]
+    device = expert_T.device
+    group_T, sizes = group_ids(num_tokens, group_size, device)
+    token_S = torch.arange(num_tokens, device=device)
+    return Routing(
+        token_S=token_S,
+        expert_S=expert_T,
+        gate_S=gate_T,
+        group_S=group_T,
+        choice_S=torch.zeros_like(token_S),
+        capacity_G=_group_capacities(sizes, num_experts, 1, capacity_factor),
+        group_T=group_T,
+        group_sizes=sizes,
+        num_experts=num_experts,
+        expert_index_TK=expert_T[:, None],
+    )
+
+
+def hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
+    """Roller et al.'s (2021) "random hash": a fixed expert for every token id, drawn once from `seed`.
+
+    Drawn on the CPU from its own generator, so every run, process and device gets the same table.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(num_experts, (vocab_size,), generator=gen)

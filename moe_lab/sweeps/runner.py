@@ -168,7 +168,7 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
                     row[key] = value
         row["status"] = summary.get("status")
         for key, value in summary.items():
-            if key.startswith(("final_", "best_")) or key in (
+            if key.startswith(("final_", "best_", "fluctuation@")) or key in (
                 "step", "tokens_per_s", "train_seconds", "wall_seconds", "diverged_at_step", "reason",
                 "trainable_parameters",
             ):  # fmt: skip
@@ -190,7 +190,7 @@ def _last_moe_metrics(run_dir: Path) -> dict[str, float]:
     frame = pd.read_csv(path)
     out = {}
     for prefix in ("moe", "eval_moe"):
-        for metric in ("dropped_frac", "load_imbalance", "router_entropy", "max_logit", "z_loss"):
+        for metric in ("dropped_frac", "load_imbalance", "router_entropy", "max_logit", "z_loss", "distill_loss"):
             cols = [c for c in frame.columns if c.startswith(f"{prefix}/") and c.endswith(f"/{metric}")]
             if cols:
                 values = frame[cols].dropna(how="all")

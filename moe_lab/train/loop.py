@@ -20,6 +20,7 @@ from moe_lab.config import OptimConfig, TrainConfig
 from moe_lab.models.transformer import ModelLosses, moe_layers
 from moe_lab.track import RunLogger
 from moe_lab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from moe_lab.train.fluctuation import RoutingProbe
 from moe_lab.train.optim import UpdateClipper, build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,6 +52,8 @@ class TrainResult:
     train_seconds: float = 0.0
     tokens: int = 0
     moe: dict[str, Any] = field(default_factory=dict)
+    # routing fluctuation summary: fluctuation@0.2 etc. (moe_lab.train.fluctuation)
+    fluctuation: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -96,7 +99,7 @@ def train(
     scheduler = build_scheduler(optimizer, optim_cfg, train_cfg.max_steps)
     clipper = None
     if optim_cfg.update_clip is not None and optim_cfg.name != "adafactor":
-        clipper = UpdateClipper(list(model.parameters()), optim_cfg.update_clip)
+        clipper = UpdateClipper(optimizer, optim_cfg.update_clip)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if train_cfg.precision == "bf16" else nullcontext()
 
     ckpt_path = Path(run_dir) / CHECKPOINT
@@ -110,6 +113,21 @@ def train(
         result = ckpt["result"]
         logger.csv.resume(result.step)
         console.print(f"resumed from {ckpt_path} at step {result.step}")
+
+    layers = [layer for _, layer in moe_layers(model)]
+
+    def set_progress(steps_done: int) -> None:
+        # routers with a schedule (StableMoE's stage 2) see how much training is done
+        for layer in layers:
+            layer.on_train_progress(steps_done / train_cfg.max_steps)
+
+    set_progress(result.step)
+    probe = None
+    if train_cfg.fluctuation_every > 0 and layers and hasattr(task, "probe_ids"):
+        probe = RoutingProbe(task.probe_ids(train_cfg.fluctuation_tokens), train_cfg.fluctuation_every, run_dir)
+        probe.resume(result.step)
+        if result.step == 0:
+            probe.snapshot(model, 0)  # the routing before training
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -139,14 +157,15 @@ def train(
             t0 = time.perf_counter()
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            parts = {"loss": 0.0, "task_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0, "output_z_loss": 0.0}
+            parts = dict.fromkeys(("loss", "task_loss", "aux_loss", "z_loss", "output_z_loss", "distill_loss"), 0.0)
             for micro in range(accum):
                 batch = task.train_batch(step * accum + micro, device)
                 with autocast:
                     losses = task.loss(model, batch)
                 (losses.total / accum).backward()
                 result.tokens += task.tokens(batch)
-                values = (losses.total, losses.task, losses.aux, losses.z, losses.output_z)
+                distill = losses.distill if losses.distill is not None else losses.task.new_zeros(())
+                values = (losses.total, losses.task, losses.aux, losses.z, losses.output_z, distill)
                 for key, value in zip(parts, values, strict=True):
                     parts[key] += value.item() / accum
             loss = parts["loss"]
@@ -168,8 +187,11 @@ def train(
             result.train_seconds += time.perf_counter() - t0
             result.step = step + 1
             result.train_loss = loss
+            set_progress(result.step)
 
             done = result.step == train_cfg.max_steps
+            if probe is not None and probe.due(result.step, done) and (changed := probe.snapshot(model, result.step)):
+                logger.log(changed, result.step)
             if result.step % train_cfg.log_every == 0 or done:
                 metrics = {**parts, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
                 metrics["tokens_per_s"] = result.tokens_per_s
@@ -202,6 +224,8 @@ def train(
             progress.update(bar, completed=result.step)
     if result.status == "running":
         result.status = "completed"
+    if probe is not None:
+        result.fluctuation = probe.finish(train_cfg.max_steps)
     return result
 
 

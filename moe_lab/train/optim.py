@@ -57,25 +57,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
 
 
 class UpdateClipper:
-    """Clip every parameter's update to RMS <= threshold (Adafactor's update clipping, for any optimizer).
+    """Clip every parameter's update, measured before the learning rate, to RMS <= threshold.
 
-    Used for AdamW; Adafactor does it itself through `d`. ST-MoE Table 4 finds tight clipping (0.1)
-    stabilises training at a large quality cost.
+    Adafactor's update clipping (Shazeer & Stern 2018, Sec. 6; ST-MoE Table 4) applies to the unscaled
+    update U (the normalised gradient), and the step is lr * U. For AdamW we recover U as the parameter's
+    change divided by its group's learning rate and scale the change down when RMS(U) > threshold, so a
+    threshold means the same for both optimizers. ST-MoE finds tight clipping (0.1) stabilises training at
+    a quality cost.
     """
 
-    def __init__(self, params: list[nn.Parameter], threshold: float) -> None:
-        self.params = [p for p in params if p.requires_grad]
+    def __init__(self, optimizer: torch.optim.Optimizer, threshold: float) -> None:
+        self.groups = [(group, [p for p in group["params"] if p.requires_grad]) for group in optimizer.param_groups]
         self.threshold = threshold
-        self._before: list[torch.Tensor] = []
+        self._before: list[list[torch.Tensor]] = []
 
     def before_step(self) -> None:
-        self._before = [p.detach().clone() for p in self.params]
+        self._before = [[p.detach().clone() for p in params] for _, params in self.groups]
 
     @torch.no_grad()
     def after_step(self) -> None:
-        for p, old in zip(self.params, self._before, strict=True):
-            update = p - old
-            rms = update.pow(2).mean().sqrt()
-            if rms > self.threshold:
-                p.copy_(old + update * (self.threshold / rms))
+        for (group, params), olds in zip(self.groups, self._before, strict=True):
+            lr = float(group["lr"])
+            if lr <= 0:
+                continue
+            for p, old in zip(params, olds, strict=True):
+                change = p - old
+                rms_unscaled = change.pow(2).mean().sqrt() / lr
+                if rms_unscaled > self.threshold:
+                    p.copy_(old + change * (self.threshold / rms_unscaled))
         self._before = []

@@ -53,6 +53,13 @@ class LMTask:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["ids"].numel()
 
+    def probe_ids(self, num_tokens: int, seed: int = 0) -> torch.Tensor:
+        """A fixed, seeded sample of validation sequences with at least num_tokens tokens, for routing probes."""
+        val = self.data.val_BS[:, :-1]
+        rows = min(val.shape[0], -(-num_tokens // val.shape[1]))
+        gen = torch.Generator().manual_seed(seed)
+        return val[torch.randperm(val.shape[0], generator=gen)[:rows]]
+
     def evaluate(self, model: LanguageModel, device: torch.device) -> dict[str, float]:
         """Cross-entropy and perplexity on the first eval_batches batches of validation (always the same)."""
         val = self.data.val_BS[: self.eval_batches * self.batch_size]
@@ -191,6 +198,7 @@ def train_and_record(
             train_seconds=result.train_seconds,
             tokens=result.tokens,
             tokens_per_s=result.tokens_per_s,
+            **result.fluctuation,
         )
     except BaseException as err:
         failed = True

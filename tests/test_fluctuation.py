@@ -1,0 +1,202 @@
+"""Routing fluctuation: the table's three measures, the summary, and the probe inside a real training run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from rich.console import Console
+
+from moe_lab.config import compose, to_run_config
+from moe_lab.models import LanguageModel
+from moe_lab.models.transformer import moe_layers
+from moe_lab.train.fluctuation import (
+    PROBE_FILE,
+    TABLE_FILE,
+    RoutingProbe,
+    fluctuation_summary,
+    fluctuation_table,
+    metrics_paused,
+)
+from moe_lab.train.pretrain import run_pretrain
+
+MEASURES = ["changed_vs_final", "changed_vs_prev", "still_fluctuating"]
+
+
+def column(table: pd.DataFrame, name: str, layer: str) -> list[float]:
+    return table.loc[table["layer"] == layer, name].tolist()
+
+
+# --- fluctuation_table ----------------------------------------------------------------------------------------
+
+
+def test_constant_routing_does_not_fluctuate() -> None:
+    experts = np.tile(np.array([[0, 3, 1, 1, 2], [2, 2, 0, 1, 3]], dtype=np.uint8), (4, 1, 1))
+    table = fluctuation_table(np.array([0, 5, 10, 15]), experts, ["1", "3"])
+    assert len(table) == 8
+    assert table["step"].tolist() == [0, 0, 5, 5, 10, 10, 15, 15]
+    assert table["layer"].tolist() == ["1", "3"] * 4
+    assert (table[MEASURES] == 0.0).all().all()
+
+
+def test_hand_built_example() -> None:
+    # token 0 never changes; token 1 changes once, after snapshot 0; token 2 leaves its final expert at
+    # snapshot 1 and comes back; token 3 settles only at the end
+    experts = np.array([[[0, 1, 2, 3]], [[0, 2, 3, 1]], [[0, 2, 2, 0]]], dtype=np.uint8)
+    table = fluctuation_table(np.array([0, 10, 20]), experts, ["1"])
+    assert table["step"].tolist() == [0, 10, 20]
+    assert table["changed_vs_final"].tolist() == [0.5, 0.5, 0.0]  # tokens 1, 3; tokens 2, 3; none
+    assert table["changed_vs_prev"].tolist() == [0.0, 0.75, 0.5]  # none; tokens 1, 2, 3; tokens 2, 3
+    # last snapshot differing from the final expert: token 0 never, token 1 at 0, tokens 2 and 3 at 1
+    assert table["still_fluctuating"].tolist() == [0.75, 0.5, 0.0]
+
+
+def test_independent_random_routing_fluctuates_as_expected() -> None:
+    rng = np.random.default_rng(0)
+    num_snapshots, num_experts, num_tokens = 5, 4, 20_000
+    experts = rng.integers(0, num_experts, size=(num_snapshots, 2, num_tokens)).astype(np.uint8)
+    table = fluctuation_table(np.arange(num_snapshots) * 10, experts, ["1", "3"])
+    changed = (num_experts - 1) / num_experts
+    for layer_idx, layer in enumerate(["1", "3"]):
+        vs_prev, vs_final = column(table, "changed_vs_prev", layer), column(table, "changed_vs_final", layer)
+        still = column(table, "still_fluctuating", layer)
+        assert vs_prev[0] == 0.0 and vs_final[-1] == 0.0 and still[-1] == 0.0
+        assert vs_prev[1:] == pytest.approx([changed] * (num_snapshots - 1), abs=0.02)
+        assert vs_final[:-1] == pytest.approx([changed] * (num_snapshots - 1), abs=0.02)
+        final = experts[-1, layer_idx]
+        for n in range(num_snapshots - 1):
+            # differs from the final expert at some snapshot >= n; independent snapshots: 1 - (1/E)^(N-1-n)
+            direct = float((experts[n:, layer_idx] != final).any(axis=0).mean())
+            assert still[n] == direct
+            assert still[n] == pytest.approx(1 - num_experts ** -(num_snapshots - 1 - n), abs=0.02)
+            assert still[n] >= vs_final[n]
+
+
+# --- fluctuation_summary --------------------------------------------------------------------------------------
+
+
+def test_summary_takes_the_first_snapshot_at_or_after_each_fraction_averaged_over_layers() -> None:
+    steps = [0, 5, 10, 15, 17, 20]
+    still = {"1": [0.9, 0.8, 0.6, 0.4, 0.2, 0.0], "3": [0.7, 0.6, 0.2, 0.1, 0.0, 0.0]}
+    rows = [(s, layer, still[layer][i]) for i, s in enumerate(steps) for layer in still]
+    table = pd.DataFrame(rows, columns=["step", "layer", "still_fluctuating"])
+    summary = fluctuation_summary(table, max_steps=20)
+    # 20% of 20 = 4 -> step 5; 50% = 10 -> step 10 (at); 80% = 16 -> step 17
+    assert summary == pytest.approx({"fluctuation@0.2": 0.7, "fluctuation@0.5": 0.4, "fluctuation@0.8": 0.1})
+    assert list(summary) == ["fluctuation@0.2", "fluctuation@0.5", "fluctuation@0.8"]
+    # a run whose snapshots stop before 80% reports only what it has
+    assert list(fluctuation_summary(table[table["step"] <= 15], max_steps=20)) == ["fluctuation@0.2", "fluctuation@0.5"]
+    assert fluctuation_summary(table.iloc[0:0], max_steps=20) == {}
+
+
+# --- the probe in a real run ----------------------------------------------------------------------------------
+
+MAX_STEPS = 6
+EVERY = 2
+PROBE_TOKENS = 200
+SEQ_LEN = 32  # the tiny preset's
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A tiny pretraining run with a routing probe every EVERY steps (in-process, checkpoints every 3 steps)."""
+    root = tmp_path_factory.mktemp("probe-run")
+    run_dir = root / "run"
+    overrides = [
+        f"run_dir={run_dir}", f"data.cache_dir={root / 'cache'}", "logger=csv", "logger.progress=false",
+        f"train.max_steps={MAX_STEPS}", "train.eval_every=3", "train.ckpt_every=3", "train.log_every=1",
+        f"train.fluctuation_every={EVERY}", f"train.fluctuation_tokens={PROBE_TOKENS}", "train.threads=1",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        summary = run_pretrain(compose("tiny", overrides), overrides, console=Console(quiet=True))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir, summary
+
+
+def test_probe_records_the_routing_of_a_run(probe_run: tuple[Path, dict]) -> None:
+    run_dir, summary = probe_run
+    assert summary["status"] == "completed"
+    with np.load(run_dir / PROBE_FILE) as saved:
+        steps, experts, layers = saved["steps"], saved["experts"], saved["layers"]
+    assert steps.tolist() == [0, 2, 4, 6]  # before training, every EVERY steps, and the last step
+    rows = -(-PROBE_TOKENS // SEQ_LEN)  # whole validation sequences covering PROBE_TOKENS
+    assert experts.shape == (4, 1, rows * SEQ_LEN) and experts.dtype == np.uint8
+    assert int(experts.max()) < 4
+    assert layers.tolist() == ["1"]  # the tiny model's one MoE layer, in block 1
+
+    table = pd.read_csv(run_dir / TABLE_FILE, dtype={"layer": str})
+    expected = fluctuation_table(steps, experts, layers.tolist())
+    pd.testing.assert_frame_equal(table, expected, check_dtype=False)
+    # 80% of 6 steps is 4.8: only the final snapshot (the reference) is later, so @0.8 is left out
+    summary_keys = {"fluctuation@0.2", "fluctuation@0.5"}
+    assert summary_keys == {k for k in summary if k.startswith("fluctuation@")}
+    assert {k: summary[k] for k in summary_keys} == pytest.approx(fluctuation_summary(expected, MAX_STEPS))
+    assert json.loads((run_dir / "summary.json").read_text())["fluctuation@0.2"] == summary["fluctuation@0.2"]
+
+    # every later snapshot also logs its change since the previous one
+    with (run_dir / "metrics.csv").open() as f:
+        key = "fluct/1/changed_vs_prev"
+        logged = {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+    assert logged == pytest.approx(dict(zip(steps[1:].tolist(), table["changed_vs_prev"][1:].tolist(), strict=True)))
+
+
+def test_probe_resume_drops_the_snapshots_after_the_checkpoint(probe_run: tuple[Path, dict]) -> None:
+    run_dir, _ = probe_run
+    with np.load(run_dir / PROBE_FILE) as saved:
+        experts = saved["experts"]
+    probe = RoutingProbe(torch.zeros(1, SEQ_LEN, dtype=torch.long), EVERY, run_dir)
+    probe.resume(3)
+    assert probe.steps == [0, 2] and probe.layers == ["1"]
+    assert len(probe.snapshots) == 2
+    for got, want in zip(probe.snapshots, experts[:2], strict=True):
+        assert np.array_equal(got, want)
+    probe.resume(MAX_STEPS)
+    assert probe.steps == [0, 2, 4, 6]
+    empty = RoutingProbe(torch.zeros(1, SEQ_LEN, dtype=torch.long), EVERY, run_dir / "nowhere")
+    empty.resume(3)
+    assert empty.steps == [] and empty.snapshots == []
+
+
+def tiny_model() -> LanguageModel:
+    run = to_run_config(compose("tiny"))
+    return LanguageModel(run.model, run.moe, 40)
+
+
+def test_probe_forwards_leave_the_routing_metrics_alone(tmp_path: Path) -> None:
+    model = tiny_model()
+    ((_, layer),) = moe_layers(model)
+    ids = torch.randint(0, 40, (2, 16))
+
+    model.eval()
+    with metrics_paused(model):
+        model(ids)
+        assert layer.track_metrics is False
+    assert layer.track_metrics is True
+    assert layer.metrics("eval") == {} and layer.metrics("train") == {}
+    model(ids)  # the same forward outside the context counts
+    assert layer.metrics("eval")["tokens_per_expert"]
+
+    with pytest.raises(RuntimeError), metrics_paused(model):
+        raise RuntimeError("a failing probe")
+    assert layer.track_metrics is True
+
+    model.train()
+    probe = RoutingProbe(ids, every=2, run_dir=tmp_path)
+    assert probe.snapshot(model, 0) == {}
+    assert model.training  # routed in eval mode, then put back
+    assert layer.metrics("eval") == {} and layer.metrics("train") == {}
+    assert probe.snapshot(model, 0) == {} and probe.steps == [0]  # the same step twice is one snapshot
+    changed = probe.snapshot(model, 2)
+    assert list(changed) == ["fluct/1/changed_vs_prev"] and changed["fluct/1/changed_vs_prev"] == 0.0
+    assert layer.metrics("eval") == {} and layer.metrics("train") == {}
+    # the snapshot is the first choice in eval mode
+    model.eval()
+    model(ids)
+    assert np.array_equal(probe.snapshots[-1][0], layer.last_expert_index[..., 0].reshape(-1).numpy())
