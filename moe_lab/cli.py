@@ -26,11 +26,6 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"{name} takes comma-separated integers, got {text!r}") from None
 
 
-def _not_built(command: str, issue: int) -> None:
-    console.print(f"[red]moe-lab {command}[/red] is not built yet (issue #{issue}).")
-    raise typer.Exit(code=1)
-
-
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
@@ -125,9 +120,26 @@ def sweep(
 
 
 @app.command()
-def report() -> None:
-    """Render the papers' tables with our numbers beside them."""
-    _not_built("report", 6)
+def report(
+    studies: Annotated[list[str] | None, typer.Argument(help="studies to report (default: all)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="md, html, csv, or several comma-separated")] = "md,html",
+    out: Annotated[Path | None, typer.Option(help="where to write (default: the results directory)")] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="results directory (default: $MOE_LAB_RESULTS or results/)")
+    ] = None,
+) -> None:
+    """Render the papers' tables with our numbers beside them, a verdict per study, and plots."""
+    from moe_lab.report import make_report
+    from moe_lab.sweeps.runner import results_root
+
+    formats = tuple(f.strip() for f in fmt.split(",") if f.strip())
+    try:
+        _, written = make_report(results or results_root(), studies or None, formats, out, console)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from None
+    for path in written:
+        console.print(f"wrote {path}")
 
 
 @bench_app.command("dispatch")

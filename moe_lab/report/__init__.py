@@ -1,0 +1,53 @@
+"""`moe-lab report`: results/ -> the papers' tables with our numbers beside them, verdicts, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from moe_lab.report.plots import draw
+from moe_lab.report.render import print_summary, render_csv, render_html, render_markdown
+from moe_lab.report.results import load_study
+from moe_lab.report.studies import BUILDERS, StudyReport, build
+
+FORMATS = ("md", "html", "csv")
+
+
+def make_report(
+    results_root: Path,
+    studies: list[str] | None = None,
+    formats: tuple[str, ...] = ("md", "html"),
+    out: Path | None = None,
+    console: Console | None = None,
+) -> tuple[list[StudyReport], list[Path]]:
+    """Build every requested study's report from results_root and write the formats to out (default results_root)."""
+    console = console or Console()
+    unknown = sorted(set(studies or []) - set(BUILDERS))
+    if unknown:
+        raise ValueError(f"unknown study(ies) {unknown}; known: {list(BUILDERS)}")
+    bad = sorted(set(formats) - set(FORMATS))
+    if bad:
+        raise ValueError(f"unknown format(s) {bad}; valid: {list(FORMATS)}")
+    results_root = Path(results_root)
+    if not results_root.is_dir():
+        raise FileNotFoundError(f"results directory {results_root} does not exist")
+    out = Path(out or results_root)
+    reports, figures = [], {}
+    for name in studies or list(BUILDERS):
+        study = load_study(results_root, name)
+        report = build(name, study)
+        reports.append(report)
+        figures[name] = draw(study, report, out / "plots") if {"md", "html"} & set(formats) else []
+    written: list[Path] = []
+    if "md" in formats:
+        written.append(render_markdown(reports, figures, out, str(results_root)))
+    if "html" in formats:
+        written.append(render_html(reports, figures, out, str(results_root)))
+    if "csv" in formats:
+        written += render_csv(reports, out)
+    print_summary(console, reports)
+    return reports, written
+
+
+__all__ = ["FORMATS", "make_report"]

@@ -1,0 +1,191 @@
+"""The report's figures (matplotlib, Agg backend, PNG): one function per figure, each returns its path or None."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on CI machines or clusters
+import matplotlib.pyplot as plt
+import numpy as np
+
+from moe_lab.report.results import StudyResults
+from moe_lab.report.studies import StudyReport
+
+Figure = Callable[[StudyResults, StudyReport, Path], Path | None]
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def capacity_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Quality vs eval capacity factor, one line per train CF; throughput vs train CF."""
+    agg = report.data
+    cols = sorted((c for c in study.runs.columns if c.startswith("final_val_loss@cf")), key=lambda c: float(c[17:]))
+    if agg is None or agg.empty or not cols:
+        return None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    eval_cfs = [float(c.removeprefix("final_val_loss@cf")) for c in cols]
+    for _, row in agg.iterrows():
+        ax.plot(eval_cfs, [row[c] for c in cols], marker="o", label=f"train CF {row['moe.train_capacity_factor']:g}")
+    ax.set(xlabel="eval capacity factor", ylabel="validation loss (nats/byte)", title="quality vs capacity factor")
+    ax.legend()
+    ax2.bar([f"{v:g}" for v in agg["moe.train_capacity_factor"]], agg["tokens_per_s"], color="tab:gray")
+    ax2.set(xlabel="train capacity factor", ylabel="train tokens/s", title="throughput")
+    return _save(fig, out / "capacity-factor.png")
+
+
+def finetune_heatmaps(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Validation accuracy over batch size x learning rate, dense and sparse, per task."""
+    agg = report.data
+    if agg is None or agg.empty:
+        return None
+    tasks, models = sorted(agg["task"].unique()), ["dense", "sparse"]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(8, 3.2 * len(tasks)), squeeze=False)
+    lrs, batches = sorted(agg["optim.lr"].unique()), sorted(agg["train.batch_size"].unique())
+    for i, task in enumerate(tasks):
+        for j, model in enumerate(models):
+            sub = agg[(agg["task"] == task) & (agg["model"] == model)]
+            grid = np.full((len(lrs), len(batches)), np.nan)
+            for _, row in sub.iterrows():
+                grid[lrs.index(row["optim.lr"]), batches.index(row["train.batch_size"])] = row["final_val_accuracy"]
+            ax = axes[i][j]
+            im = ax.imshow(grid, cmap="viridis", aspect="auto")
+            for (a, b), v in np.ndenumerate(grid):
+                if not math.isnan(v):
+                    ax.text(b, a, f"{v:.3f}", ha="center", va="center", color="white", fontsize=8)
+            ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+            ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+            ax.set(xlabel="batch size", ylabel="learning rate", title=f"{task}: {model}")
+            fig.colorbar(im, ax=ax)
+    return _save(fig, out / "finetune-grid.png")
+
+
+def fluctuation_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Share of probe tokens still changing expert (StableMoE Fig. 2) over training, per router."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
+    for _, row in study.runs.iterrows():
+        table = study.fluctuation(row["run"])
+        if table is None or table.empty:
+            continue
+        by_step = table.groupby("step")[["still_fluctuating", "changed_vs_prev"]].mean()
+        frac = by_step.index / by_step.index.max()
+        label = str(row.get("moe", row.get("moe.stage1_fraction", row["run"])))
+        axes[0].plot(frac, by_step["still_fluctuating"], label=label)
+        axes[1].plot(frac[1:], by_step["changed_vs_prev"].iloc[1:], label=label)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set(xlabel="fraction of training", ylabel="tokens still changing expert", title="routing fluctuation")
+    axes[1].set(xlabel="fraction of training", ylabel="changed since the previous probe", title="per-probe change")
+    for ax in axes:
+        ax.legend()
+    return _save(fig, out / f"{study.name}-fluctuation.png")
+
+
+def accuracy_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Train and validation accuracy over fine-tuning, dense vs sparse, one panel per task (ST-MoE Fig. 3)."""
+    tasks = sorted(study.runs["task"].dropna().unique()) if "task" in study.runs else []
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for _, row in study.runs[study.runs["task"] == task].iterrows():
+            metrics = study.metrics(row["run"])
+            if metrics is None or "val_accuracy" not in metrics:
+                continue
+            evals = metrics.dropna(subset=["val_accuracy"])
+            model = "dense" if str(row.get("finetune.pretrained", "")).startswith("dense") else "sparse"
+            color = "tab:blue" if model == "sparse" else "tab:orange"
+            ax.plot(evals["step"], evals["val_accuracy"], color=color, label=f"{model} validation")
+            if "train_accuracy" in evals:
+                ax.plot(evals["step"], evals["train_accuracy"], color=color, ls="--", label=f"{model} train")
+        ax.set(xlabel="step", ylabel="accuracy", title=task)
+        ax.legend()
+    return _save(fig, out / f"{study.name}-accuracy.png")
+
+
+def loss_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Training loss of every run; a diverged run ends in an x at its last logged step."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = [c for c in study.swept if c != "seed"]
+    colors: dict[str, str] = {}
+    drawn = False
+    for _, row in study.runs.iterrows():
+        metrics = study.metrics(row["run"])
+        if metrics is None or "loss" not in metrics:
+            continue
+        curve = metrics.dropna(subset=["loss"])
+        label = ", ".join(str(row[k]) for k in keys) or row["run"]
+        color = colors.setdefault(label, f"C{len(colors) % 10}")
+        first = label not in ax.get_legend_handles_labels()[1]
+        ax.plot(curve["step"], curve["loss"], color=color, alpha=0.8, label=label if first else None)
+        if row["status"] == "diverged" and len(curve):
+            ax.plot(curve["step"].iloc[-1], curve["loss"].iloc[-1], "x", color=color, ms=10, mew=2)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="step", ylabel="training loss", title=f"{study.name}: loss curves (x = diverged)")
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"{study.name}-loss.png")
+
+
+def expert_load(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Share of routed tokens per expert at the end of training, first MoE layer, per run."""
+    loads = {}
+    for _, row in study.runs.iterrows():
+        metrics = study.metrics(row["run"])
+        if metrics is None:
+            continue
+        cols = [c for c in metrics.columns if c.startswith("moe/") and "/tokens_per_expert/" in c]
+        if not cols:
+            continue
+        layer = cols[0].split("/")[1]
+        cols = sorted((c for c in cols if c.split("/")[1] == layer), key=lambda c: int(c.rsplit("/", 1)[1]))
+        last = metrics.dropna(subset=cols).iloc[-1]
+        loads[str(row.get("moe", row["run"]))] = [last[c] for c in cols]
+    if not loads:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(loads)
+    for i, (label, values) in enumerate(loads.items()):
+        ax.bar(np.arange(len(values)) + i * width, values, width, label=label)
+    ax.axhline(1 / len(next(iter(loads.values()))), color="black", lw=0.8, ls=":")
+    ax.set(
+        xlabel="expert", ylabel="share of routed tokens", title="expert load at the end of training (first MoE layer)"
+    )
+    ax.legend(fontsize=8)
+    return _save(fig, out / f"{study.name}-expert-load.png")
+
+
+FIGURES: dict[str, list[Figure]] = {
+    "capacity-factor": [capacity_curves],
+    "finetune-grid": [finetune_heatmaps],
+    "router-fluctuation": [fluctuation_curves, expert_load],
+    "stablemoe": [fluctuation_curves],
+    "overfit": [accuracy_curves],
+    "z-loss-stability": [loss_curves],
+    "top-k": [loss_curves],
+    "freeze": [accuracy_curves],
+    "token-drop": [],
+    "aux-loss-finetune": [],
+}
+
+
+def draw(study: StudyResults | None, report: StudyReport, out: Path) -> list[Path]:
+    """Every figure of a study that its results can support."""
+    if study is None:
+        return []
+    paths = [figure(study, report, out) for figure in FIGURES.get(report.name, [])]
+    return [p for p in paths if p is not None]
