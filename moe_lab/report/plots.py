@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on CI machines or clusters
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 
 from moe_lab.report.results import StudyResults
 from moe_lab.report.studies import StudyReport
@@ -169,10 +170,32 @@ def expert_load(study: StudyResults, report: StudyReport, out: Path) -> Path | N
     return _save(fig, out / f"{study.name}-expert-load.png")
 
 
+def specialisation(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Expert specialisation (ST-MoE Tables 13-14): each label's probe tokens by expert, first MoE layer."""
+    tables = {}
+    for _, row in study.runs.iterrows():
+        path = study.run_dir(row["run"]) / "specialisation.csv"
+        if path.exists():
+            table = pd.read_csv(path, dtype={"layer": str})
+            if not table.empty:
+                tables[str(row.get("moe", row["run"]))] = table[table["layer"] == table["layer"].iloc[0]]
+    if not tables:
+        return None
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 4.5), squeeze=False)
+    for ax, (label, table) in zip(axes[0], tables.items(), strict=True):
+        grid = table.pivot_table(index="label", columns="expert", values="tokens", fill_value=0)
+        share = grid.div(grid.sum(axis=1), axis=0)
+        ax.imshow(share.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(share.shape[1]), [str(c) for c in share.columns])
+        ax.set_yticks(range(share.shape[0]), list(share.index), fontsize=7)
+        ax.set(xlabel="expert", title=f"{label}: share of each label's tokens")
+    return _save(fig, out / f"{study.name}-specialisation.png")
+
+
 FIGURES: dict[str, list[Figure]] = {
     "capacity-factor": [capacity_curves],
     "finetune-grid": [finetune_heatmaps],
-    "router-fluctuation": [fluctuation_curves, expert_load],
+    "router-fluctuation": [fluctuation_curves, expert_load, specialisation],
     "stablemoe": [fluctuation_curves],
     "overfit": [accuracy_curves],
     "z-loss-stability": [loss_curves],

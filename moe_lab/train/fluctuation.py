@@ -9,6 +9,10 @@ in `fluctuation.csv`, one row per snapshot and MoE layer:
 - `still_fluctuating`: fraction of tokens whose last change (the last snapshot at which their expert differs
   from the final one) is at or after this snapshot: StableMoE's Fig. 2 measure ("40.9% of tokens still
   change their expert after 20% of training" for BASE).
+
+With labels for the probe tokens (the synthetic corpus's word categories, or the most frequent tokens of
+real text), the final snapshot is also written as `specialisation.csv`: probe tokens per layer, label and
+expert, the data of ST-MoE's expert-specialisation table (Tables 13-14).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from moe_lab.models.transformer import moe_layers
 
 PROBE_FILE = "routing_probe.npz"
 TABLE_FILE = "fluctuation.csv"
+SPECIALISATION_FILE = "specialisation.csv"
 # StableMoE reports the share of tokens still changing after these fractions of training
 REPORTED_FRACTIONS = (0.2, 0.5, 0.8)
 
@@ -69,6 +74,19 @@ def fluctuation_summary(table: pd.DataFrame, max_steps: int) -> dict[str, float]
     return out
 
 
+def specialisation_table(
+    experts_LT: np.ndarray, labels_T: np.ndarray, layers: list[str], label_names: list[str]
+) -> pd.DataFrame:
+    """Probe tokens per (layer, label, expert); unlabelled tokens (label -1) are left out."""
+    rows = []
+    labelled = labels_T >= 0
+    for layer_idx, layer in enumerate(layers):
+        pairs = pd.DataFrame({"label": labels_T[labelled], "expert": experts_LT[layer_idx][labelled]})
+        for (label, expert), count in pairs.value_counts().sort_index().items():
+            rows.append({"layer": layer, "label": label_names[label], "expert": int(expert), "tokens": int(count)})
+    return pd.DataFrame(rows, columns=["layer", "label", "expert", "tokens"])
+
+
 @contextmanager
 def metrics_paused(model: nn.Module) -> Iterator[None]:
     """Run forwards that the MoE layers' routing metrics do not count."""
@@ -86,8 +104,17 @@ def metrics_paused(model: nn.Module) -> Iterator[None]:
 class RoutingProbe:
     """Snapshots of the probe tokens' experts in every MoE layer, saved to the run directory as they come."""
 
-    def __init__(self, ids_BS: torch.Tensor, every: int, run_dir: Path) -> None:
+    def __init__(
+        self,
+        ids_BS: torch.Tensor,
+        every: int,
+        run_dir: Path,
+        labels_BS: torch.Tensor | None = None,
+        label_names: list[str] | None = None,
+    ) -> None:
         self.ids_BS = ids_BS
+        self.labels_BS = labels_BS  # a label id per probe token (-1: unlabelled), named by label_names
+        self.label_names = label_names
         self.every = every
         self.path = Path(run_dir) / PROBE_FILE
         self.table_path = Path(run_dir) / TABLE_FILE
@@ -147,4 +174,9 @@ class RoutingProbe:
         table = fluctuation_table(np.array(self.steps), np.stack(self.snapshots), self.layers)
         with atomic_write(self.table_path, suffix=".csv") as tmp:
             table.to_csv(tmp, index=False)
+        if self.labels_BS is not None and self.label_names is not None:
+            counts = specialisation_table(self.snapshots[-1], self.labels_BS.reshape(-1).numpy(), self.layers,
+                                          self.label_names)  # fmt: skip
+            with atomic_write(self.table_path.parent / SPECIALISATION_FILE, suffix=".csv") as tmp:
+                counts.to_csv(tmp, index=False)
         return fluctuation_summary(table, max_steps)

@@ -6,6 +6,7 @@ import math
 import random
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_lab.config import RunConfig, to_run_config
-from moe_lab.data.lm import LMData, build_lm_data
+from moe_lab.data.lm import LMData, build_lm_data, lm_tokenizer
 from moe_lab.models import LanguageModel, count_parameters, flops_per_token
 from moe_lab.models.transformer import ModelLosses
 from moe_lab.track import RunLogger, WandbSink, read_summary
@@ -26,8 +27,16 @@ from moe_lab.train.loop import CHECKPOINT, rank_seed, resolve_device, train
 class LMTask:
     """Next-token prediction on packed sequences; batch i is a pure function of (seed, i)."""
 
-    def __init__(self, data: LMData, batch_size: int, seed: int, eval_batches: int) -> None:
+    def __init__(
+        self,
+        data: LMData,
+        batch_size: int,
+        seed: int,
+        eval_batches: int,
+        token_name: Callable[[int], str] | None = None,
+    ) -> None:
         self.data = data
+        self.token_name = token_name
         self.batch_size = batch_size
         self.seed = seed
         self.eval_batches = eval_batches
@@ -53,12 +62,33 @@ class LMTask:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["ids"].numel()
 
+    def _probe_rows(self, num_tokens: int, seed: int) -> torch.Tensor:
+        val = self.data.val_BS
+        rows = min(val.shape[0], -(-num_tokens // (val.shape[1] - 1)))
+        return torch.randperm(val.shape[0], generator=torch.Generator().manual_seed(seed))[:rows]
+
     def probe_ids(self, num_tokens: int, seed: int = 0) -> torch.Tensor:
         """A fixed, seeded sample of validation sequences with at least num_tokens tokens, for routing probes."""
-        val = self.data.val_BS[:, :-1]
-        rows = min(val.shape[0], -(-num_tokens // val.shape[1]))
-        gen = torch.Generator().manual_seed(seed)
-        return val[torch.randperm(val.shape[0], generator=gen)[:rows]]
+        return self.data.val_BS[self._probe_rows(num_tokens, seed), :-1]
+
+    def probe_labels(
+        self, ids_BS: torch.Tensor, top_tokens: int = 20
+    ) -> tuple[torch.Tensor, list[str]] | tuple[None, None]:
+        """Labels of the probe tokens for the expert-specialisation table: the synthetic corpus's word
+        categories, else the `top_tokens` most frequent token ids of the probe (the rest unlabelled, -1)."""
+        if self.data.categories_val_BS is not None:
+            from moe_lab.data.synthetic import CATEGORIES
+
+            rows = self._probe_rows(ids_BS.numel(), 0)[: ids_BS.shape[0]]
+            return self.data.categories_val_BS[rows, :-1], list(CATEGORIES)
+        if self.token_name is None:
+            return None, None
+        values, counts = ids_BS.reshape(-1).unique(return_counts=True)
+        top = values[counts.argsort(descending=True)[:top_tokens]]
+        labels = torch.full_like(ids_BS, -1)
+        for i, token in enumerate(top.tolist()):
+            labels[ids_BS == token] = i
+        return labels, [repr(self.token_name(t)) for t in top.tolist()]
 
     def evaluate(self, model: LanguageModel, device: torch.device) -> dict[str, float]:
         """Cross-entropy and perplexity on the first eval_batches batches of validation (always the same)."""
@@ -147,7 +177,8 @@ def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: C
         f"data: {data.train_tokens:,} train tokens ({data.tokenizer_name}), {data.val_BS.numel():,} val; "
         f"unigram val loss {data.unigram_val_loss:.4f}; run dir {run_dir}"
     )
-    task = LMTask(data, run.train.batch_size, seed, run.train.eval_batches)
+    tokenizer = lm_tokenizer(run.data, run.tokenizer)
+    task = LMTask(data, run.train.batch_size, seed, run.train.eval_batches, lambda t: tokenizer.decode([t]))
     extra = {"flops_per_token": flops, "unigram_val_loss": data.unigram_val_loss}
     return train_and_record(run, cfg, run_dir, model, task, params, extra, started, console)
 
