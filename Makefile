@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint format run bench clean
+.PHONY: help install test lint format run bench reproduce report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,24 @@ format: $(STAMP) ## format the code with ruff
 
 run: $(STAMP) ## the main job: pretrain the `small` sparse LM on the embedded corpus (offline, ~9 min)
 	$(BIN)/moe-lab pretrain small
+
+# every study at its default CPU size, in the order the README's results table lists them
+STUDIES ?= top-k capacity-factor z-loss-stability router-fluctuation stablemoe freeze token-drop aux-loss-finetune overfit finetune-grid
+SWEEP_ARGS ?= logger.progress=false
+
+reproduce: $(STAMP) ## run every study at its default size, then moe-lab report (under an hour on 2 cores)
+	@start=$$(date +%s); failed=""; \
+	for study in $(STUDIES); do \
+		t0=$$(date +%s); \
+		$(BIN)/moe-lab sweep $$study $(SWEEP_ARGS) || failed="$$failed $$study"; \
+		echo "== $$study took $$(( $$(date +%s) - t0 )) s"; \
+	done; \
+	$(BIN)/moe-lab report --format md,html,csv || failed="$$failed report"; \
+	echo "== make reproduce took $$(( $$(date +%s) - start )) s"; \
+	if [ -n "$$failed" ]; then echo "== failed:$$failed"; exit 1; fi
+
+report: $(STAMP) ## render results/ as report.md, report.html, report.csv and plots
+	$(BIN)/moe-lab report --format md,html,csv
 
 bench: $(STAMP) ## benchmark dispatch backends and routers, JSON to results/bench/
 	$(BIN)/moe-lab bench dispatch --json results/bench/dispatch.json
