@@ -129,8 +129,8 @@ def report(
     ] = None,
 ) -> None:
     """Render the papers' tables with our numbers beside them, a verdict per study, and plots."""
+    from moe_lab.paths import results_root
     from moe_lab.report import make_report
-    from moe_lab.sweeps.runner import results_root
 
     formats = tuple(f.strip() for f in fmt.split(",") if f.strip())
     try:

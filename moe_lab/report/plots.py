@@ -95,24 +95,30 @@ def fluctuation_curves(study: StudyResults, report: StudyReport, out: Path) -> P
 
 
 def accuracy_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
-    """Train and validation accuracy over fine-tuning, dense vs sparse, one panel per task (ST-MoE Fig. 3)."""
-    tasks = sorted(study.runs["task"].dropna().unique()) if "task" in study.runs else []
-    if not tasks:
-        return None
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    """Train (dashed) and validation (solid) accuracy over fine-tuning per setting, a panel per task (ST-MoE Fig. 3)."""
+    runs = study.runs
+    tasks = sorted(runs["task"].dropna().unique()) if "task" in runs else [None]
+    keys = [c for c in study.swept if c not in ("seed", "task")]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    colors: dict[str, str] = {}
+    drawn = False
     for ax, task in zip(axes[0], tasks, strict=True):
-        for _, row in study.runs[study.runs["task"] == task].iterrows():
+        for _, row in (runs if task is None else runs[runs["task"] == task]).iterrows():
             metrics = study.metrics(row["run"])
             if metrics is None or "val_accuracy" not in metrics:
                 continue
             evals = metrics.dropna(subset=["val_accuracy"])
-            model = "dense" if str(row.get("finetune.pretrained", "")).startswith("dense") else "sparse"
-            color = "tab:blue" if model == "sparse" else "tab:orange"
-            ax.plot(evals["step"], evals["val_accuracy"], color=color, label=f"{model} validation")
+            label = ", ".join(str(row[k]) for k in keys) or row["run"]
+            color = colors.setdefault(label, f"C{len(colors) % 10}")
+            ax.plot(evals["step"], evals["val_accuracy"], color=color, label=label)
             if "train_accuracy" in evals:
-                ax.plot(evals["step"], evals["train_accuracy"], color=color, ls="--", label=f"{model} train")
-        ax.set(xlabel="step", ylabel="accuracy", title=task)
-        ax.legend()
+                ax.plot(evals["step"], evals["train_accuracy"], color=color, ls="--")
+            drawn = True
+        ax.set(xlabel="step", ylabel="accuracy (dashed: train)", title=task or study.name)
+        ax.legend(fontsize=8)
+    if not drawn:
+        plt.close(fig)
+        return None
     return _save(fig, out / f"{study.name}-accuracy.png")
 
 

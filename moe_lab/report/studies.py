@@ -54,13 +54,24 @@ def _paper(ref: Reference, row: str, col: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _cell(value: object) -> str:
+    """A key value as text: 4.0 -> '4', 0.75 -> '0.75', NaN -> ''."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:g}"
+    return str(value)
+
+
 def _status_note(agg: pd.DataFrame) -> list[str]:
     """Notes for groups with runs that diverged or failed: they are marked, not averaged."""
     notes = []
-    for _, row in agg.iterrows():
-        if row["diverged"] or row["failed"]:
-            label = ", ".join(f"{k}={row[k]}" for k in agg.columns[: list(agg.columns).index("runs")])
-            notes.append(f"{label}: {row['diverged']} diverged, {row['failed']} failed of {row['runs']} runs")
+    keys = list(agg.columns[: list(agg.columns).index("runs")])
+    for record in agg.to_dict("records"):  # records keep each column's type (iterrows would make ints floats)
+        if record["diverged"] or record["failed"]:
+            label = ", ".join(f"{k}={_cell(record[k])}" for k in keys)
+            notes.append(
+                f"{label}: {int(record['diverged'])} diverged, {int(record['failed'])} failed of "
+                f"{int(record['runs'])} runs (left out of the means)"
+            )
     return notes
 
 
@@ -85,11 +96,12 @@ def top_k(study: StudyResults) -> StudyReport:
         "train tokens/s": [_fmt(v, 0) for v in agg["tokens_per_s"]],
         "paper quality": [_paper(ref, str(int(k)), "quality") for k in agg["moe.top_k"]],
     })  # fmt: skip
-    losses = agg["final_val_loss"].tolist()
-    if any(math.isnan(v) for v in losses) or len(losses) < 2:
+    done = agg.dropna(subset=["final_val_loss"])  # a k whose runs all diverged is marked, not compared
+    losses = done["final_val_loss"].tolist()
+    if len(losses) < 2:
         verdict = Verdict("no data", "-", "needs completed runs at two or more k")
     else:
-        ours = ", ".join(f"top-{int(k)} {v:.3f}" for k, v in zip(agg["moe.top_k"], losses, strict=True))
+        ours = ", ".join(f"top-{int(k)} {v:.3f}" for k, v in zip(done["moe.top_k"], losses, strict=True))
         if _strictly_decreasing(losses):
             reproduced = "yes"
         elif losses[-1] < losses[0]:
@@ -167,8 +179,11 @@ def z_loss_stability(study: StudyResults) -> StudyReport:
         return StudyReport("z-loss-stability", ref, table, Verdict("no data", "-", "needs baseline and z-loss"))
     base, z = by.loc["baseline"], by.loc["z-loss"]
     noise = max(v for v in (base["final_val_loss_std"], z["final_val_loss_std"], 0.0) if not math.isnan(v))
-    quality_ok = z["final_val_loss"] <= base["final_val_loss"] + noise
-    smaller_logits = z["moe_max_logit"] < base["moe_max_logit"]
+    if math.isnan(base["final_val_loss"]):  # every baseline run diverged: z-loss quality is compared to nothing
+        quality_ok = not math.isnan(z["final_val_loss"])
+    else:
+        quality_ok = z["final_val_loss"] <= base["final_val_loss"] + noise
+    smaller_logits = z["moe_max_logit"] < base["moe_max_logit"] or math.isnan(base["moe_max_logit"])
     ours = (
         f"stable: baseline {_stable(base)}, z-loss {_stable(z)}; val loss {base['final_val_loss']:.3f} vs "
         f"{z['final_val_loss']:.3f}; max router logit {base['moe_max_logit']:.1f} vs {z['moe_max_logit']:.1f}"
@@ -202,11 +217,14 @@ def router_fluctuation(study: StudyResults) -> StudyReport:
     late = "fluctuation@0.8" if "fluctuation@0.8" in fl else (fl[-1] if fl else None)
     if late is None or "stablemoe" not in by.index:
         return StudyReport("router-fluctuation", ref, table, Verdict("no data", "-", "needs fluctuation columns"))
-    learned = [m for m in ("switch", "st-moe", "base") if m in by.index]
+    learned = [m for m in ("switch", "st-moe", "base") if m in by.index and not math.isnan(by.loc[m, late])]
+    if not learned or math.isnan(by.loc["stablemoe", late]):
+        verdict = Verdict("no data", "-", "needs completed StableMoE and learned-router runs")
+        return StudyReport("router-fluctuation", ref, table, verdict, _status_note(agg), agg)
     still = {m: by.loc[m, late] for m in learned}
     learned_fluctuate = all(v > 0 for v in still.values())
     stable_zero = all(by.loc["stablemoe", c] == 0 for c in fl)
-    best = by["final_val_ppl"].idxmin()
+    best = by["final_val_ppl"].dropna().idxmin()
     ours = (
         f"{late.split('@')[1]} of training: "
         + ", ".join(f"{m} {_pct(v)}" for m, v in still.items())
@@ -231,14 +249,16 @@ def stablemoe(study: StudyResults) -> StudyReport:
     })  # fmt: skip
     ppl = agg.set_index("moe.stage1_fraction")["final_val_ppl"].dropna()
     if len(ppl) < 2:
-        return StudyReport("stablemoe", ref, table, Verdict("no data", "-", "needs two or more stage-1 lengths"))
+        verdict = Verdict("no data", "-", "needs two or more stage-1 lengths")
+        return StudyReport("stablemoe", ref, table, verdict, _status_note(agg), agg)
     two_stage = ppl[ppl.index < 1.0]
     shortest_best = two_stage.idxmin() == two_stage.index.min()
     beats_stage1 = 1.0 in ppl.index and two_stage.min() < ppl.loc[1.0]
     ours = ", ".join(f"{k:g}: {v:.3f}" for k, v in ppl.items())
     reproduced = "yes" if shortest_best and beats_stage1 else ("partly" if shortest_best or beats_stage1 else "no")
     checked = "the shortest stage 1 has the lowest perplexity, and two stages beat stage 1 only (one seed each)"
-    return StudyReport("stablemoe", ref, table, Verdict(reproduced, f"val ppl by stage-1 length {ours}", checked))
+    verdict = Verdict(reproduced, f"val ppl by stage-1 length {ours}", checked)
+    return StudyReport("stablemoe", ref, table, verdict, _status_note(agg), agg)
 
 
 # --- fine-tuning studies --------------------------------------------------------------------------------------
@@ -277,7 +297,8 @@ def freeze(study: StudyResults) -> StudyReport:
     else:
         reproduced = "no" if -gap > 2 * noise else "inconclusive"
     checked = f"MoE-only is the worst by more than 2 standard errors ({2 * noise:.3f} accuracy)"
-    return StudyReport("freeze", ref, table, Verdict(reproduced, f"val accuracy {ours}", checked), [], agg)
+    verdict = Verdict(reproduced, f"val accuracy {ours}", checked)
+    return StudyReport("freeze", ref, table, verdict, _status_note(agg), agg)
 
 
 def token_drop(study: StudyResults) -> StudyReport:
@@ -312,7 +333,7 @@ def token_drop(study: StudyResults) -> StudyReport:
     checked = (
         f"fine-tuning with 5-20% of tokens dropped is within 2 standard errors ({2 * noise:.3f}) of the fewest drops"
     )
-    return StudyReport("token-drop", ref, table, Verdict(reproduced, ours, checked), [], agg)
+    return StudyReport("token-drop", ref, table, Verdict(reproduced, ours, checked), _status_note(agg), agg)
 
 
 def aux_loss_finetune(study: StudyResults) -> StudyReport:
@@ -351,7 +372,7 @@ def aux_loss_finetune(study: StudyResults) -> StudyReport:
         reproduced = "no"
     ours = "; ".join(parts) + f"; aux on drops fewer tokens at {fewer} of {pairs} CFs"
     checked = f"aux on drops fewer tokens and wins by more than 2 standard errors ({2 * noise:.3f}) at every CF"
-    return StudyReport("aux-loss-finetune", ref, table, Verdict(reproduced, ours, checked), [], agg)
+    return StudyReport("aux-loss-finetune", ref, table, Verdict(reproduced, ours, checked), _status_note(agg), agg)
 
 
 def _model_label(value: str) -> str:
@@ -375,6 +396,10 @@ def overfit(study: StudyResults) -> StudyReport:
     large = next((t for t in tasks if "large" in t or t == "sst2"), None)
     if small is None or large is None or len(by) < 4:
         return StudyReport("overfit", ref, table, Verdict("no data", "-", "needs sparse and dense on two tasks"))
+    cells = [(small, "sparse"), (small, "dense"), (large, "sparse"), (large, "dense")]
+    if any(c not in by.index or math.isnan(by.loc[c, ACC]) for c in cells):
+        verdict = Verdict("no data", "-", "needs completed sparse and dense runs on both tasks")
+        return StudyReport("overfit", ref, table, verdict, _status_note(agg), agg)
     noise = _accuracy_noise(study, agg)
     s_small, d_small = by.loc[(small, "sparse")], by.loc[(small, "dense")]
     s_large, d_large = by.loc[(large, "sparse")], by.loc[(large, "dense")]
@@ -396,7 +421,7 @@ def overfit(study: StudyResults) -> StudyReport:
         f"small task: sparse train accuracy >= dense and validation below dense; large task: sparse validation "
         f"above dense; differences within 2 standard errors ({2 * noise:.3f}) are inconclusive"
     )
-    return StudyReport("overfit", ref, table, Verdict(reproduced, ours, checked), [], agg)
+    return StudyReport("overfit", ref, table, Verdict(reproduced, ours, checked), _status_note(agg), agg)
 
 
 def finetune_grid(study: StudyResults) -> StudyReport:
@@ -445,7 +470,8 @@ def finetune_grid(study: StudyResults) -> StudyReport:
         "per task, the sparse model's best setting has a batch no larger and a learning rate no lower than the "
         f"dense model's; inconclusive when no best setting beats its runner-up by 2 standard errors ({2 * noise:.3f})"
     )
-    return StudyReport("finetune-grid", ref, table, Verdict(reproduced, "; ".join(parts), checked), [], agg)
+    verdict = Verdict(reproduced, "; ".join(parts), checked)
+    return StudyReport("finetune-grid", ref, table, verdict, _status_note(agg), agg)
 
 
 BUILDERS: dict[str, Callable[[StudyResults], StudyReport]] = {
@@ -470,6 +496,10 @@ def build(name: str, study: StudyResults | None) -> StudyReport:
         return _no_data(name)
     if completed(study.runs).empty:  # every run diverged or failed: list them
         columns = [*study.swept, "status", *(["diverged_at_step"] if "diverged_at_step" in study.runs else [])]
-        table = study.runs[columns].astype(str)
+        table = study.runs[columns].map(_cell)
         return StudyReport(name, REFERENCES[name], table, Verdict("no data", "-", "no run completed"))
-    return BUILDERS[name](study)
+    try:
+        return BUILDERS[name](study)
+    except KeyError as err:  # runs.csv without a column the study's table needs (an older or edited sweep)
+        why = f"results/{name}/runs.csv has no column {err}; columns: {list(study.runs.columns)}"
+        return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", why))

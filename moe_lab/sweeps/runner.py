@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from moe_lab.config import CONF_DIR
+from moe_lab.paths import results_root
 
 REPO = CONF_DIR.parent
 EXPERIMENTS = REPO / "experiments"
@@ -89,11 +90,6 @@ def swept_keys(points: list[list[str]]) -> list[str]:
 
 def results_dir(study: Study, root: Path) -> Path:
     return root / study.name
-
-
-def results_root() -> Path:
-    """Where studies write: $MOE_LAB_RESULTS or results/."""
-    return Path(os.environ.get("MOE_LAB_RESULTS", "results"))
 
 
 def pretrained_dir(root: Path, preset: str) -> Path:
