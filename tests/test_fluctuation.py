@@ -17,11 +17,13 @@ from moe_lab.models import LanguageModel
 from moe_lab.models.transformer import moe_layers
 from moe_lab.train.fluctuation import (
     PROBE_FILE,
+    SPECIALISATION_FILE,
     TABLE_FILE,
     RoutingProbe,
     fluctuation_summary,
     fluctuation_table,
     metrics_paused,
+    specialisation_table,
 )
 from moe_lab.train.pretrain import run_pretrain
 
@@ -200,3 +202,35 @@ def test_probe_forwards_leave_the_routing_metrics_alone(tmp_path: Path) -> None:
     model.eval()
     model(ids)
     assert np.array_equal(probe.snapshots[-1][0], layer.last_expert_index[..., 0].reshape(-1).numpy())
+
+
+def test_the_probe_records_expert_specialisation_by_word_category(probe_run: tuple[Path, dict]) -> None:
+    from moe_lab.data.synthetic import CATEGORIES
+
+    run_dir, _ = probe_run
+    counts = pd.read_csv(run_dir / SPECIALISATION_FILE, dtype={"layer": str})
+    with np.load(run_dir / PROBE_FILE) as saved:
+        final = saved["experts"][-1, 0]
+    assert list(counts.columns) == ["layer", "label", "expert", "tokens"]
+    assert set(counts["label"]) <= set(CATEGORIES) and len(set(counts["label"])) > 2
+    # every probe token has a category on the synthetic corpus, so the counts are the final snapshot's experts
+    by_expert = counts.groupby("expert")["tokens"].sum()
+    assert by_expert.to_dict() == {int(e): int(n) for e, n in zip(*np.unique(final, return_counts=True), strict=True)}
+
+
+def test_specialisation_on_real_text_labels_the_most_frequent_tokens() -> None:
+    from moe_lab.data.lm import LMData
+    from moe_lab.train.pretrain import LMTask
+
+    val = torch.tensor([[5, 5, 5, 5, 7, 9, 1], [3, 7, 3, 3, 3, 3, 2]])  # inputs: 3 x5, 5 x4, 7 x2, 9 x1
+    data = LMData(train_BS=val.clone(), val_BS=val, vocab_size=10, tokenizer_name="test", unigram_val_loss=1.0)
+    task = LMTask(data, batch_size=1, seed=0, eval_batches=1, token_name=lambda t: "abcdefghij"[t])
+    ids = task.probe_ids(12)
+    labels, names = task.probe_labels(ids, top_tokens=2)
+    assert names == ["'d'", "'f'"]  # tokens 3 and 5, named by the tokenizer
+    assert torch.equal(labels == 0, ids == 3) and torch.equal(labels == 1, ids == 5)
+    assert bool((labels[(ids != 3) & (ids != 5)] == -1).all())
+
+    experts = np.array([[0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0]])
+    table = specialisation_table(experts, np.array([0, 0, 1, -1, -1, 0, 1, 1, 0, 0, -1, 1]), ["1"], ["a", "b"])
+    assert table.values.tolist() == [["1", "a", 0, 1], ["1", "a", 1, 4], ["1", "b", 0, 2], ["1", "b", 1, 2]]

@@ -84,7 +84,7 @@ class LMTask:
         if self.token_name is None:
             return None, None
         values, counts = ids_BS.reshape(-1).unique(return_counts=True)
-        top = values[counts.argsort(descending=True)[:top_tokens]]
+        top = values[counts.argsort(descending=True, stable=True)[:top_tokens]]  # ties: the smaller id
         labels = torch.full_like(ids_BS, -1)
         for i, token in enumerate(top.tolist()):
             labels[ids_BS == token] = i
