@@ -1,0 +1,80 @@
+"""What a study's report is: a verdict computed from the numbers, a display table, and the helpers builders share.
+
+A verdict is "yes", "partly", "no", "inconclusive" (the effect is within what the runs can tell apart) or
+"no data". Each builder states the check it made in `checked`, so a reader can disagree with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from moe_lab.report.reference import REFERENCES, Reference
+
+
+@dataclass
+class Verdict:
+    reproduced: str  # yes | partly | no | inconclusive | no data
+    ours: str  # what we measured, in a sentence
+    checked: str  # the rule that produced `reproduced`
+
+
+@dataclass
+class StudyReport:
+    name: str
+    reference: Reference
+    table: pd.DataFrame  # display table: strings, our columns and the paper's
+    verdict: Verdict
+    notes: list[str] = field(default_factory=list)
+    data: pd.DataFrame | None = None  # the aggregated numbers behind the table, for csv output and plots
+
+
+def fmt_number(value: float, digits: int = 3) -> str:
+    """A number with `digits` decimals, '-' for missing."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def percent(value: float) -> str:
+    """A fraction as a percentage with one decimal, '-' for missing."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def paper_value(ref: Reference, row: str, col: str) -> str:
+    """The paper's number at (row, col) as text, '' where the paper has none."""
+    value = ref.numbers.get(row, {}).get(col, "")
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def cell_text(value: object) -> str:
+    """A key value as text: 4.0 -> '4', 0.75 -> '0.75', NaN -> ''."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:g}"
+    return str(value)
+
+
+def status_notes(agg: pd.DataFrame) -> list[str]:
+    """Notes for groups with runs that diverged or failed: they are marked, not averaged."""
+    notes = []
+    keys = list(agg.columns[: list(agg.columns).index("runs")])
+    for record in agg.to_dict("records"):  # records keep each column's type (iterrows would make ints floats)
+        if record["diverged"] or record["failed"]:
+            label = ", ".join(f"{k}={cell_text(record[k])}" for k in keys)
+            notes.append(
+                f"{label}: {int(record['diverged'])} diverged, {int(record['failed'])} failed of "
+                f"{int(record['runs'])} runs (left out of the means)"
+            )
+    return notes
+
+
+def no_data(name: str) -> StudyReport:
+    """The report of a study that has not been run."""
+    why = f"no results/{name}/runs.csv: run `moe-lab sweep {name}`"
+    return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", why))
+
+
+def strictly_decreasing(values: list[float]) -> bool:
+    """Whether every value is below the one before it."""
+    return all(b < a for a, b in itertools.pairwise(values))
