@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -142,6 +143,20 @@ def report(
         console.print(f"wrote {path}")
 
 
+def _run_bench(run: Callable[[], list], table: Table, json_path: Path | None) -> None:
+    """Run a benchmark, print its table and write its records as JSON if asked; a bad option is BadParameter."""
+    from moe_lab.bench.dispatch import write_json
+
+    try:
+        records = run()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console.print(table)
+    if json_path is not None:
+        write_json(records, json_path)
+        console.print(f"wrote {json_path}")
+
+
 @bench_app.command("dispatch")
 def bench_dispatch_cmd(
     experts: Annotated[str, typer.Option(help="numbers of experts, comma-separated")] = "8,32,64",
@@ -163,7 +178,7 @@ def bench_dispatch_cmd(
     """Time forward+backward of the MoE layer per dispatch backend against a dense FFN of equal FLOPs."""
     import torch
 
-    from moe_lab.bench.dispatch import bench_dispatch, write_json
+    from moe_lab.bench.dispatch import bench_dispatch
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -177,8 +192,8 @@ def bench_dispatch_cmd(
         table.add_row(r.backend, str(r.num_experts), str(r.top_k), f"{r.tokens_per_s:,.0f}", ratio, dropped)
         console.print(f"  {r.backend:<22} E={r.num_experts:<3} k={r.top_k} {r.tokens_per_s:>10,.0f} tok/s  x{ratio}")
 
-    try:
-        records = bench_dispatch(
+    _run_bench(
+        lambda: bench_dispatch(
             experts=_ints(experts, "--experts"),
             top_ks=_ints(top_k, "--top-k"),
             tokens=tokens,
@@ -191,13 +206,10 @@ def bench_dispatch_cmd(
             warmup=warmup,
             device=device,
             on_record=show,
-        )
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    console.print(table)
-    if json_path is not None:
-        write_json(records, json_path)
-        console.print(f"wrote {json_path}")
+        ),
+        table,
+        json_path,
+    )
 
 
 @bench_app.command("routing")
@@ -215,7 +227,6 @@ def bench_routing_cmd(
     """Time routing alone (no experts) per router, in training mode: the price of BASE's auction."""
     import torch
 
-    from moe_lab.bench.dispatch import write_json
     from moe_lab.bench.routing import bench_routing
 
     if threads > 0:
@@ -229,21 +240,18 @@ def bench_routing_cmd(
         table.add_row(r.router, str(r.num_experts), str(r.tokens), f"{r.ms_median:.2f}", rounds)
         console.print(f"  {r.router:<10} E={r.num_experts:<3} T={r.tokens:<6} {r.ms_median:>9.2f} ms")
 
-    try:
-        records = bench_routing(
+    _run_bench(
+        lambda: bench_routing(
             experts=_ints(experts, "--experts"),
             tokens=_ints(tokens, "--tokens"),
             routers=tuple(r.strip() for r in routers.split(",") if r.strip()),
             repeats=repeats,
             device=device,
             on_record=show,
-        )
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-    console.print(table)
-    if json_path is not None:
-        write_json(records, json_path)
-        console.print(f"wrote {json_path}")
+        ),
+        table,
+        json_path,
+    )
 
 
 @app.command()

@@ -226,7 +226,7 @@ def test_specialisation_on_real_text_labels_the_most_frequent_tokens() -> None:
     data = LMData(train_BS=val.clone(), val_BS=val, vocab_size=10, tokenizer_name="test", unigram_val_loss=1.0)
     task = LMTask(data, batch_size=1, seed=0, eval_batches=1, token_name=lambda t: "abcdefghij"[t])
     ids = task.probe_ids(12)
-    labels, names = task.probe_labels(ids, top_tokens=2)
+    labels, names = task.probe_labels(12, top_tokens=2)
     assert names == ["'d'", "'f'"]  # tokens 3 and 5, named by the tokenizer
     assert torch.equal(labels == 0, ids == 3) and torch.equal(labels == 1, ids == 5)
     assert bool((labels[(ids != 3) & (ids != 5)] == -1).all())

@@ -27,6 +27,12 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _run_style(row: pd.Series, keys: list[str], colors: dict[str, str]) -> tuple[str, str]:
+    """A run's legend label (its swept values) and colour, one colour per label across a figure."""
+    label = ", ".join(str(row[k]) for k in keys) or row["run"]
+    return label, colors.setdefault(label, f"C{len(colors) % 10}")
+
+
 def capacity_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
     """Quality vs eval capacity factor, one line per train CF; throughput vs train CF."""
     agg = report.data
@@ -108,8 +114,7 @@ def accuracy_curves(study: StudyResults, report: StudyReport, out: Path) -> Path
             if metrics is None or "val_accuracy" not in metrics:
                 continue
             evals = metrics.dropna(subset=["val_accuracy"])
-            label = ", ".join(str(row[k]) for k in keys) or row["run"]
-            color = colors.setdefault(label, f"C{len(colors) % 10}")
+            label, color = _run_style(row, keys, colors)
             ax.plot(evals["step"], evals["val_accuracy"], color=color, label=label)
             if "train_accuracy" in evals:
                 ax.plot(evals["step"], evals["train_accuracy"], color=color, ls="--")
@@ -133,8 +138,7 @@ def loss_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | N
         if metrics is None or "loss" not in metrics:
             continue
         curve = metrics.dropna(subset=["loss"])
-        label = ", ".join(str(row[k]) for k in keys) or row["run"]
-        color = colors.setdefault(label, f"C{len(colors) % 10}")
+        label, color = _run_style(row, keys, colors)
         first = label not in ax.get_legend_handles_labels()[1]
         ax.plot(curve["step"], curve["loss"], color=color, alpha=0.8, label=label if first else None)
         if row["status"] == "diverged" and len(curve):

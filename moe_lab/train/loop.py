@@ -124,9 +124,9 @@ def train(
     set_progress(result.step)
     probe = None
     if train_cfg.fluctuation_every > 0 and layers and hasattr(task, "probe_ids"):
-        ids = task.probe_ids(train_cfg.fluctuation_tokens)
-        labels, names = task.probe_labels(ids) if hasattr(task, "probe_labels") else (None, None)
-        probe = RoutingProbe(ids, train_cfg.fluctuation_every, run_dir, labels, names)
+        num_tokens = train_cfg.fluctuation_tokens
+        labels, names = task.probe_labels(num_tokens) if hasattr(task, "probe_labels") else (None, None)
+        probe = RoutingProbe(task.probe_ids(num_tokens), train_cfg.fluctuation_every, run_dir, labels, names)
         probe.resume(result.step)
         if result.step == 0:
             probe.snapshot(model, 0)  # the routing before training

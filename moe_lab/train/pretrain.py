@@ -72,17 +72,18 @@ class LMTask:
         return self.data.val_BS[self._probe_rows(num_tokens, seed), :-1]
 
     def probe_labels(
-        self, ids_BS: torch.Tensor, top_tokens: int = 20
+        self, num_tokens: int, seed: int = 0, top_tokens: int = 20
     ) -> tuple[torch.Tensor, list[str]] | tuple[None, None]:
-        """Labels of the probe tokens for the expert-specialisation table: the synthetic corpus's word
-        categories, else the `top_tokens` most frequent token ids of the probe (the rest unlabelled, -1)."""
+        """Labels of the tokens of `probe_ids(num_tokens, seed)` for the expert-specialisation table: the
+        synthetic corpus's word categories, else the `top_tokens` most frequent token ids of the probe (the
+        rest unlabelled, -1)."""
         if self.data.categories_val_BS is not None:
             from moe_lab.data.synthetic import CATEGORIES
 
-            rows = self._probe_rows(ids_BS.numel(), 0)[: ids_BS.shape[0]]
-            return self.data.categories_val_BS[rows, :-1], list(CATEGORIES)
+            return self.data.categories_val_BS[self._probe_rows(num_tokens, seed), :-1], list(CATEGORIES)
         if self.token_name is None:
             return None, None
+        ids_BS = self.probe_ids(num_tokens, seed)
         values, counts = ids_BS.reshape(-1).unique(return_counts=True)
         top = values[counts.argsort(descending=True, stable=True)[:top_tokens]]  # ties: the smaller id
         labels = torch.full_like(ids_BS, -1)
