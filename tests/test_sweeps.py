@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,3 +127,30 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     written = pretrained.stat().st_mtime_ns
     assert run_cli(*args, env=env).returncode == 0
     assert pretrained.stat().st_mtime_ns == written  # the checkpoint is not pretrained again
+
+
+def test_make_reproduce_runs_a_study_with_its_default_arguments_and_reports(tmp_path: Path) -> None:
+    """`make reproduce` as committed: joblib grid points with one thread each, then the report."""
+    repo = Path(__file__).resolve().parents[1]
+    make = ["make", "-s", "-C", str(repo), "-o", ".venv/.installed", f"BIN={Path(sys.executable).parent}"]
+    default = subprocess.run(
+        [*make, "--eval", "print-sweep-args: ; @echo $(SWEEP_ARGS)", "print-sweep-args"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert "--launcher" in default and "train.threads=1" in default
+    args = [*default, *TINY, f"data.cache_dir={tmp_path / 'cache'}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "MOE_LAB_RESULTS": str(tmp_path / "results")}
+    result = subprocess.run(
+        [*make, "reproduce", "STUDIES=top-k", f"SWEEP_ARGS={' '.join(args)}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "== top-k took" in result.stdout and "== make reproduce took" in result.stdout
+    runs = tmp_path / "results" / "top-k" / "runs"
+    launcher = yaml.safe_load((runs / "multirun.yaml").read_text())["hydra"]["launcher"]["_target_"]
+    assert "joblib" in launcher.lower()
+    for k in (1, 2, 4):
+        summary = json.loads((runs / f"moe.top_k={k}" / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["config"]["train"]["threads"] == 1
+    assert "| top-k |" in (tmp_path / "results" / "report.md").read_text()
+    assert (tmp_path / "results" / "report.html").exists() and (tmp_path / "results" / "report.csv").exists()
