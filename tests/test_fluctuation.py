@@ -234,3 +234,42 @@ def test_specialisation_on_real_text_labels_the_most_frequent_tokens() -> None:
     experts = np.array([[0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0]])
     table = specialisation_table(experts, np.array([0, 0, 1, -1, -1, 0, 1, 1, 0, 0, -1, 1]), ["1"], ["a", "b"])
     assert table.values.tolist() == [["1", "a", 0, 1], ["1", "a", 1, 4], ["1", "b", 0, 2], ["1", "b", 1, 2]]
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason=f"the shared corpora are not at {SHARED / 'data'}")
+def test_specialisation_of_a_real_text_run_names_its_most_frequent_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe_lab.data.lm import build_lm_data
+    from moe_lab.data.tokenizers import ByteTokenizer
+
+    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED))
+    overrides = [
+        "data=tinyshakespeare", f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "logger=csv", "logger.progress=false", "train.max_steps=2", "train.eval_every=2",
+        "train.fluctuation_every=2", "train.fluctuation_tokens=1024", "train.threads=1",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        run_pretrain(compose("tiny", overrides), overrides, console=Console(quiet=True))
+    finally:
+        torch.set_num_threads(threads)
+    counts = pd.read_csv(tmp_path / "run" / SPECIALISATION_FILE, dtype={"layer": str}, keep_default_na=False)
+
+    run = to_run_config(compose("tiny", overrides))
+    ids = build_lm_data(run.data, run.tokenizer, run.train.seq_len).val_BS
+    with np.load(tmp_path / "run" / PROBE_FILE) as saved:
+        num_tokens = saved["experts"].shape[-1]
+    values = np.unique(ids[:, :-1].numpy())  # the probe's rows are a subset of these
+    assert num_tokens >= 1024
+    labels = set(counts["label"])
+    assert len(labels) == 20 and "'<eos>'" in labels and "' '" in labels and "'e'" in labels  # newline = eos
+    assert "''" not in labels  # no token is named by an empty string
+    byte = ByteTokenizer()
+    assert labels <= {repr(byte.decode([v])) if v < 256 else "'<eos>'" for v in values.tolist()}
+    # every layer counts the same labelled tokens: each is routed to exactly one expert (top-1 probe snapshot)
+    per_layer = counts.groupby("layer")["tokens"].sum()
+    assert per_layer.nunique() == 1 and 0 < per_layer.iloc[0] < num_tokens

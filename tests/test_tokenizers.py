@@ -16,6 +16,7 @@ from moe_lab.data.tokenizers import (
     HFTokenizer,
     Tokenizer,
     build_tokenizer,
+    token_text,
     train_bpe,
 )
 from moe_lab.hub import HubUnavailableError, hub_reachable, require_hub
@@ -51,6 +52,16 @@ def test_byte_tokenizer_round_trips_any_text() -> None:
     assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (258, 256, 257)
     with pytest.raises(ValueError, match=r"token id 258 .*0\.\.257"):
         tok.decode([104, 258])
+
+
+def test_token_text_names_the_special_tokens(bpe: BPETokenizer) -> None:
+    byte = ByteTokenizer()
+    assert [token_text(byte, t) for t in (97, 10, byte.eos_id, byte.pad_id)] == ["a", "\n", "<eos>", "<pad>"]
+    the = bpe.encode("the")
+    assert [token_text(bpe, t) for t in (*the, bpe.eos_id, bpe.pad_id)] == [bpe.decode([t]) for t in the] + [
+        "<eos>",
+        "<pad>",
+    ]
 
 
 def test_byte_offsets_map_every_byte_of_a_character_to_it() -> None:

@@ -181,6 +181,16 @@ class BPETokenizer:
         return cls(tokenizers.Tokenizer.from_file(str(_json_path(path))))
 
 
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """One token as text for tables and plots: `<eos>` and `<pad>` by name (they decode to nothing), else
+    its decoded text."""
+    if token == tokenizer.eos_id:
+        return EOS_TOKEN
+    if token == tokenizer.pad_id:
+        return PAD_TOKEN
+    return tokenizer.decode([token])
+
+
 def _json_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     return path / "tokenizer.json" if path.is_dir() else path

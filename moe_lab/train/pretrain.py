@@ -8,6 +8,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from rich.table import Table
 
 from moe_lab.config import RunConfig, to_run_config
 from moe_lab.data.lm import LMData, build_lm_data, lm_tokenizer
+from moe_lab.data.tokenizers import token_text
 from moe_lab.models import LanguageModel, count_parameters, flops_per_token
 from moe_lab.models.transformer import ModelLosses
 from moe_lab.track import RunLogger, WandbSink, read_summary
@@ -179,7 +181,7 @@ def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: C
         f"unigram val loss {data.unigram_val_loss:.4f}; run dir {run_dir}"
     )
     tokenizer = lm_tokenizer(run.data, run.tokenizer)
-    task = LMTask(data, run.train.batch_size, seed, run.train.eval_batches, lambda t: tokenizer.decode([t]))
+    task = LMTask(data, run.train.batch_size, seed, run.train.eval_batches, partial(token_text, tokenizer))
     extra = {"flops_per_token": flops, "unigram_val_loss": data.unigram_val_loss}
     return train_and_record(run, cfg, run_dir, model, task, params, extra, started, console)
 
