@@ -20,6 +20,12 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# ../shared beside the repository (what MOE_LAB_SHARED points at); its data/ holds the real corpora and tasks
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "data").is_dir(), reason=f"the shared data sets are not at {SHARED / 'data'}"
+)
+
 MOE_LAB = shutil.which("moe-lab", path=str(Path(sys.executable).parent)) or "moe-lab"
 
 

@@ -10,14 +10,12 @@ import pytest
 
 from moe_lab.config import DataConfig, TokenizerConfig, compose, to_run_config
 from moe_lab.data.lm import _sequences, build_lm_data, unigram_loss
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared corpora are not at {SHARED}")
+from tests.conftest import SHARED, needs_shared
 
 
 @needs_shared
 def test_tinyshakespeare_through_the_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED.parent))
+    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED))
     run = to_run_config(compose("tiny", ["data=tinyshakespeare", f"data.cache_dir={tmp_path}"]))
     data = build_lm_data(run.data, run.tokenizer, seq_len=64)
     # every line's newline becomes one eos token, so the token count is the file's byte count: 1,115,394
@@ -25,7 +23,7 @@ def test_tinyshakespeare_through_the_preset(tmp_path: Path, monkeypatch: pytest.
     n_train = data.train_BS.shape[0] * 64 + 1
     assert n_train <= int(total * 0.9) < n_train + 64
     assert data.val_BS.shape[0] == (total - int(total * 0.9) - 1) // 64
-    text = (SHARED / "tinyshakespeare" / "input.txt").read_text()
+    text = (SHARED / "data" / "tinyshakespeare" / "input.txt").read_text()
     assert bytes(data.train_BS[0, :14].tolist()).decode() == text[:14] == "First Citizen:"
     assert data.train_BS[0, 14].item() == 256  # eos where the first newline was
     assert data.unigram_val_loss == pytest.approx(3.3, abs=0.3)  # ~65 characters, English letter frequencies
@@ -34,7 +32,7 @@ def test_tinyshakespeare_through_the_preset(tmp_path: Path, monkeypatch: pytest.
 
 @needs_shared
 def test_wikitext2_train_on_valid_validate_on_test(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED.parent))
+    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED))
     run = to_run_config(compose("tiny", ["data=wikitext2", f"data.cache_dir={tmp_path}"]))
     data = build_lm_data(run.data, run.tokenizer, seq_len=128)
     # bytes of each file (non-ASCII characters are several bytes), newlines -> eos

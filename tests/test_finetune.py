@@ -16,11 +16,8 @@ from moe_lab.models import ClassifierModel
 from moe_lab.moe import MoEConfig
 from moe_lab.train.finetune import macro_f1
 from moe_lab.train.freeze import PRESETS, apply_freeze, parameter_kinds
-from tests.conftest import run_cli
+from tests.conftest import SHARED, needs_shared, run_cli
 from tests.test_pretrain import pretrain
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared data sets are not at {SHARED}")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +29,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def task_config(name: str, monkeypatch: pytest.MonkeyPatch) -> TaskConfig:
-    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED.parent))
+    monkeypatch.setenv("MOE_LAB_SHARED", str(SHARED))
     return to_run_config(compose_finetune(name, ["checkpoint=x"])).task
 
 

@@ -26,6 +26,7 @@ from moe_lab.train.fluctuation import (
     specialisation_table,
 )
 from moe_lab.train.pretrain import run_pretrain
+from tests.conftest import SHARED, needs_shared
 
 MEASURES = ["changed_vs_final", "changed_vs_prev", "still_fluctuating"]
 
@@ -236,10 +237,7 @@ def test_specialisation_on_real_text_labels_the_most_frequent_tokens() -> None:
     assert table.values.tolist() == [["1", "a", 0, 1], ["1", "a", 1, 4], ["1", "b", 0, 2], ["1", "b", 1, 2]]
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason=f"the shared corpora are not at {SHARED / 'data'}")
+@needs_shared
 def test_specialisation_of_a_real_text_run_names_its_most_frequent_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

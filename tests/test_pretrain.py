@@ -16,8 +16,6 @@ import pytest
 from moe_lab.config import presets
 from tests.conftest import MOE_LAB, run_cli
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
