@@ -143,6 +143,18 @@ def report(
         console.print(f"wrote {path}")
 
 
+def _bench_table(title: str, columns: tuple[str, ...], threads: int) -> Table:
+    """Set torch's thread count (0 keeps its default) and start a bench's table, first column left-aligned."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    return table
+
+
 def _run_bench(run: Callable[[], list], table: Table, json_path: Path | None) -> None:
     """Run a benchmark, print its table and write its records as JSON if asked; a bad option is BadParameter."""
     from moe_lab.bench.dispatch import write_json
@@ -176,15 +188,13 @@ def bench_dispatch_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="write the records here")] = None,
 ) -> None:
     """Time forward+backward of the MoE layer per dispatch backend against a dense FFN of equal FLOPs."""
-    import torch
-
     from moe_lab.bench.dispatch import bench_dispatch
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    table = Table(title=f"MoE dispatch, fwd+bwd, T={tokens}, d={d_model}, d_ff={d_ff}, {activation}")
-    for col in ("backend", "E", "k", "tokens/s", "x dense", "dropped"):
-        table.add_column(col, justify="left" if col == "backend" else "right")
+    table = _bench_table(
+        f"MoE dispatch, fwd+bwd, T={tokens}, d={d_model}, d_ff={d_ff}, {activation}",
+        ("backend", "E", "k", "tokens/s", "x dense", "dropped"),
+        threads,
+    )
 
     def show(r) -> None:
         ratio = f"{r.ratio_to_dense:.2f}"
@@ -225,15 +235,11 @@ def bench_routing_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="write the records here")] = None,
 ) -> None:
     """Time routing alone (no experts) per router, in training mode: the price of BASE's auction."""
-    import torch
-
     from moe_lab.bench.routing import bench_routing
 
-    if threads > 0:
-        torch.set_num_threads(threads)
-    table = Table(title="routing only, training mode, d_model 256")
-    for col in ("router", "E", "tokens", "ms", "auction rounds"):
-        table.add_column(col, justify="left" if col == "router" else "right")
+    table = _bench_table(
+        "routing only, training mode, d_model 256", ("router", "E", "tokens", "ms", "auction rounds"), threads
+    )
 
     def show(r) -> None:
         rounds = "-" if r.auction_rounds is None else str(r.auction_rounds)

@@ -21,7 +21,7 @@ def test_bench_dispatch_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = run(
         "bench", "dispatch", "--experts", "4,8", "--top-k", "1,2", "--tokens", "256", "--d-model", "16",
-        "--d-ff", "32", "--repeats", "1", "--warmup", "0", "--json", str(out),
+        "--d-ff", "32", "--repeats", "1", "--warmup", "0", "--threads", "1", "--json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     records = json.loads(out.read_text())
@@ -30,7 +30,7 @@ def test_bench_dispatch_writes_json(tmp_path: Path) -> None:
     assert {r["backend"] for r in records} == set(backends)
     for r in records:
         assert {"backend", "num_experts", "top_k", "tokens_per_s", "ratio_to_dense"} <= set(r)
-        assert r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] > 0 and r["threads"] == 1  # --threads reached torch before timing
         dense = next(
             d for d in records
             if d["backend"] == "dense" and (d["num_experts"], d["top_k"]) == (r["num_experts"], r["top_k"])
