@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+# `datasets` draws a progress bar for every local file it reads: noise on stderr, where errors go. A user who
+# wants them sets the variable to 0.
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 app = typer.Typer(
     help="moe-lab: reproduce the ST-MoE and StableMoE ablations at small scale.",
@@ -18,6 +24,25 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks of the MoE core (JSON output).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 console = Console()
+# errors go to stderr on one line whatever the terminal's width (a wrapped message is hard to grep or parse)
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print `error: MESSAGE` as one line on stderr and exit with `code` (2: bad input; 1: a run failed)."""
+    line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    err_console.print(f"[red]error:[/red] {escape(line)}")
+    raise typer.Exit(code=code)
+
+
+INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a bad input raises: a config, a file, a run directory holding another run, an unreachable hub."""
+    from moe_lab.hub import HubUnavailableError
+
+    return (ValueError, OSError, HubUnavailableError)
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -31,14 +56,17 @@ OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _compose(kind: str, name: str, overrides: list[str]):
-    """Compose a pretraining preset or a fine-tuning task; a config error prints and exits 2."""
+    """Compose a pretraining preset or a fine-tuning task; a config error prints one line and exits 2."""
     from moe_lab.config import ConfigError, compose, compose_finetune
 
     try:
         return (compose if kind == "pretrain" else compose_finetune)(name, overrides)
     except ConfigError as err:
-        console.print(f"[red]config error:[/red] {err}")
-        raise typer.Exit(code=2) from None
+        fail(f"config: {err}")
+
+
+RERUN = typer.Option("--rerun", help="move the run already in run_dir aside (never deleted) and start again")
+WAIT = typer.Option("--wait", help="wait for another process training this run_dir instead of stopping")
 
 
 @app.command(context_settings=OVERRIDES)
@@ -46,16 +74,17 @@ def pretrain(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="preset in conf/preset: tiny, small, dense-small")] = "small",
     show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
+    rerun: Annotated[bool, RERUN] = False,
+    wait: Annotated[bool, WAIT] = False,
 ) -> None:
     """Pretrain a language model: `moe-lab pretrain small [key=value ...]` (Hydra override syntax)."""
-    _compose_and_run("pretrain", name, list(ctx.args), show_config)
+    _compose_and_run("pretrain", name, list(ctx.args), show_config, rerun, wait)
 
 
-def _compose_and_run(kind: str, name: str, overrides: list[str], show_config: bool) -> None:
-    """Compose, then print the config or run; user errors print one line and exit 2, a diverged run exits 0."""
+def _compose_and_run(kind: str, name: str, overrides: list[str], show_config: bool, rerun: bool, wait: bool) -> None:
+    """Compose, then print the config or run. Exit 0: completed or diverged; 1: the run failed while training;
+    2: bad input (one line naming the key, file or directory); 130: interrupted."""
     from omegaconf import OmegaConf
-
-    from moe_lab.hub import HubUnavailableError
 
     cfg = _compose(kind, name, overrides)
     if show_config:
@@ -65,11 +94,16 @@ def _compose_and_run(kind: str, name: str, overrides: list[str], show_config: bo
         from moe_lab.train.pretrain import run_pretrain as runner
     else:
         from moe_lab.train.finetune import run_finetune as runner
+    from moe_lab.train.pretrain import RunFailedError
+
     try:
-        summary = runner(cfg, overrides, console)
-    except (HubUnavailableError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from None
+        summary = runner(cfg, overrides, console, rerun=rerun, wait=wait)
+    except RunFailedError as err:
+        fail(str(err), code=1)
+    except _user_errors() as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted; the same command with resume=true continues from the last checkpoint", INTERRUPTED)
     if summary["status"] not in ("completed", "diverged"):
         raise typer.Exit(code=1)
 
@@ -79,9 +113,11 @@ def finetune(
     ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="task in conf/task: synth-small, synth-large, cb, sst2, local")],
     show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
+    rerun: Annotated[bool, RERUN] = False,
+    wait: Annotated[bool, WAIT] = False,
 ) -> None:
     """Fine-tune a pretrained model: `moe-lab finetune cb checkpoint=RUN_DIR [finetune.freeze=non_moe ...]`."""
-    _compose_and_run("finetune", task, list(ctx.args), show_config)
+    _compose_and_run("finetune", task, list(ctx.args), show_config, rerun, wait)
 
 
 @app.command(context_settings=OVERRIDES)
@@ -89,18 +125,30 @@ def sweep(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="a study in experiments/ (e.g. top-k, capacity-factor, freeze)")],
     launcher: Annotated[str, typer.Option(help="Hydra launcher: basic (one after another) or joblib")] = "basic",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the grid and exit")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="check every grid point's config, print the grid, exit")
+    ] = False,
+    rerun: Annotated[
+        bool,
+        typer.Option(
+            "--rerun",
+            help="move this grid's runs already on disk aside (never deleted) and run them again; the shared "
+            "pretraining of a fine-tuning study only if its config differs",
+        ),
+    ] = False,
 ) -> None:
-    """Run an ablation study as a Hydra multirun; finished runs are skipped, so a killed sweep resumes."""
-    from moe_lab.sweeps.runner import grid, load_study, run_study, swept_keys
+    """Run an ablation study as a Hydra multirun; finished runs are skipped, so a killed sweep resumes.
+
+    Exit 0: every point completed or diverged; 1: a point failed (runs.csv is written first); 2: bad input."""
+    from moe_lab.sweeps.runner import SweepError, check_points, grid, load_study, run_study, swept_keys
 
     overrides = list(ctx.args)
     try:
         study = load_study(name)
         points = grid(study, overrides)
+        check_points(study, points)
     except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from None
+        fail(str(err))
     keys = swept_keys(points) or [p.split("=")[0] for p in points[0]]
     table = Table(title=f"{study.name}: {study.paper} ({len(points)} runs, moe-lab {study.command})")
     table.add_column("#", justify="right")
@@ -113,11 +161,22 @@ def sweep(
     if dry_run:
         return
     try:
-        frame = run_study(name, overrides, launcher)
-    except ValueError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from None
-    console.print(f"{len(frame)} runs; statuses: {frame['status'].value_counts().to_dict() if len(frame) else {}}")
+        frame = run_study(name, overrides, launcher, rerun=rerun, console=console)
+    except SweepError as err:
+        fail(str(err), code=1)
+    except _user_errors() as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted; the same command resumes the sweep (finished points are skipped)", INTERRUPTED)
+    statuses = frame["status"].value_counts().to_dict() if len(frame) else {}
+    console.print(f"{len(frame)} runs; statuses: {statuses}")
+    failed = frame[frame["status"] == "failed"] if len(frame) else frame
+    if len(failed):
+        fail(
+            f"{len(failed)} of {len(frame)} grid points of {name} failed ({', '.join(failed['run'])}); the reasons "
+            "are in runs.csv and each run's summary.json; the same command retries them",
+            code=1,
+        )
 
 
 @app.command()
@@ -135,12 +194,14 @@ def report(
 
     formats = tuple(f.strip() for f in fmt.split(",") if f.strip())
     try:
-        _, written = make_report(results or results_root(), studies or None, formats, out, console)
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(code=2) from None
+        reports, written = make_report(results or results_root(), studies or None, formats, out, console)
+    except (ValueError, OSError) as err:
+        fail(str(err))
     for path in written:
         console.print(f"wrote {path}")
+    problems = [r.problem for r in reports if r.problem]
+    if problems:  # reported as "no data" in the files; the exit code says that something needs fixing
+        fail(" | ".join(problems))
 
 
 def _bench_table(title: str, columns: tuple[str, ...], threads: int) -> Table:

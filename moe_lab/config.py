@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moe_lab.moe.config import ACTIVATIONS, MoEConfig, check_choice
+from moe_lab.moe.config import ACTIVATIONS, MoEConfig, bounded, check_fields
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRESETS_DIR = CONF_DIR / "preset"
@@ -19,43 +20,40 @@ PRESETS_DIR = CONF_DIR / "preset"
 class ModelConfig:
     """A Transformer with MoE layers every `moe_every` blocks (ST-MoE Sec. 3: every 4th)."""
 
-    d_model: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    d_ff: int = 512
-    activation: str = "geglu"  # FFN of dense blocks; experts use moe.activation
-    max_seq_len: int = 128
+    d_model: int = bounded(128, ge=1)
+    num_layers: int = bounded(4, ge=1)
+    num_heads: int = bounded(4, ge=1)
+    d_ff: int = bounded(512, ge=1)
+    activation: str = bounded("geglu", choices=ACTIVATIONS)  # FFN of dense blocks; experts use moe.activation
+    max_seq_len: int = bounded(128, ge=1)
     causal: bool = True  # decoder (LM pretraining) or bidirectional encoder (classification)
     # 0: no MoE layer; N: blocks N-1, 2N-1, ... are MoE (ST-MoE: 4); 1: every block
-    moe_every: int = 2
+    moe_every: int = bounded(2, ge=0)
     # False builds the FLOP-matched dense twin: each MoE position gets a dense FFN of width top_k * d_ff
     sparse: bool = True
     # ST-MoE Table 16: an extra dense FFN stacked after each sparse one
     dense_stacking: bool = False
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    dropout: float = 0.0
+    norm: str = bounded("rmsnorm", choices=("rmsnorm", "layernorm"))
+    dropout: float = bounded(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     # z-loss on the output logits, coefficient (0 = off); ST-MoE uses 1e-4 on the final logits
-    output_z_loss_coef: float = 0.0
+    output_z_loss_coef: float = bounded(0.0, ge=0)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        check_choice("model.norm", self.norm, ("rmsnorm", "layernorm"))
-        check_choice("model.activation", self.activation, ACTIVATIONS)
+        check_fields(self, "model")
         if self.d_model % self.num_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}")
-        if self.moe_every < 0:
-            raise ValueError(f"model.moe_every must be >= 0 (0 = dense), got {self.moe_every}")
 
 
 @dataclass
 class DataConfig:
     """Where the text comes from: the embedded synthetic corpus, local files or a hub name."""
 
-    source: str = "synthetic"  # synthetic | local | hub
+    source: str = bounded("synthetic", choices=("synthetic", "local", "hub"))
     # local: a file, a glob or a list of them; format is a `datasets` builder: text, json, csv, parquet
     path: Any = None
-    format: str = "text"
+    format: str = bounded("text", choices=("text", "json", "csv", "parquet"))
     val_path: Any = None  # a separate validation file; otherwise the last val_fraction of the tokens
     text_column: str = "text"
     delimiter: str | None = None  # csv/tsv: "\t" for tsv
@@ -63,36 +61,34 @@ class DataConfig:
     name: str | None = None
     subset: str | None = None
     split: str = "train"
-    val_fraction: float = 0.1
+    val_fraction: float = bounded(0.1, gt=0, lt=1)
     # synthetic corpus
-    num_docs: int = 20000
-    num_domains: int = 4
-    corpus_seed: int = 0
+    num_docs: int = bounded(20000, ge=1)
+    num_domains: int = bounded(4, ge=1, le=8)  # synthetic.DOMAINS
+    corpus_seed: int = bounded(0, ge=0)
     cache_dir: str = "~/.cache/moe-lab"
-    max_tokens: int | None = None  # cap on the tokens used (train + val), for quick runs
+    max_tokens: int | None = bounded(None, ge=1, none="all")  # cap on the tokens used (train + val), for quick runs
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        check_choice("data.source", self.source, ("synthetic", "local", "hub"))
+        check_fields(self, "data")
         if self.source == "local" and not self.path:
             raise ValueError("data=local needs data.path=FILE (and data.format=text|json|csv|parquet)")
         if self.source == "hub" and not self.name:
             raise ValueError("data=hub needs data.name=DATASET (e.g. data.name=wikitext data.subset=wikitext-2-raw-v1)")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
 @dataclass
 class TokenizerConfig:
     """byte (default, no download), hf (a transformers tokenizer by name or local path), bpe (trained here)."""
 
-    kind: str = "byte"
+    kind: str = bounded("byte", choices=("byte", "hf", "bpe"))
     name: str | None = None
-    vocab_size: int = 4096  # bpe only
+    vocab_size: int = bounded(4096, ge=258)  # bpe only: 256 bytes + <eos>, <pad> and the merges
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        check_choice("tokenizer.kind", self.kind, ("byte", "hf", "bpe"))
+        check_fields(self, "tokenizer")
         if self.kind == "hf" and not self.name:
             raise ValueError("tokenizer=hf needs tokenizer.name=NAME_OR_PATH")
 
@@ -101,61 +97,53 @@ class TokenizerConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: str = "adamw"  # adamw | adafactor
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | linear | constant | rsqrt
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = 1.0  # max global gradient norm; null = off
-    # clip each parameter's update to this RMS (Adafactor's "d", ST-MoE Table 4); null = off
-    update_clip: float | None = None
+    name: str = bounded("adamw", choices=("adamw", "adafactor"))
+    lr: float = bounded(3e-3, gt=0)
+    weight_decay: float = bounded(0.1, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    warmup_steps: int = bounded(50, ge=0)
+    schedule: str = bounded("cosine", choices=("cosine", "linear", "constant", "rsqrt"))
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+    grad_clip: float | None = bounded(1.0, gt=0, none="off")  # max global gradient norm
+    # clip each parameter's update to this RMS (Adafactor's "d", ST-MoE Table 4)
+    update_clip: float | None = bounded(None, gt=0, none="off")
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        check_choice("optim.name", self.name, ("adamw", "adafactor"))
-        check_choice("optim.schedule", self.schedule, ("cosine", "linear", "constant", "rsqrt"))
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        check_fields(self, "optim")
 
 
 @dataclass
 class TrainConfig:
     """The training loop."""
 
-    max_steps: int = 1000
-    batch_size: int = 32
-    grad_accum: int = 1
-    seq_len: int = 128
-    precision: str = "fp32"  # fp32 | bf16 (bf16 matmuls are ~100x slower on AVX2-only CPUs)
-    eval_every: int = 100
-    eval_batches: int = 20
-    log_every: int = 10
-    ckpt_every: int = 250
-    # a loss above this, or NaN/inf, ends the run as diverged
-    divergence_loss: float = 50.0
+    max_steps: int = bounded(1000, ge=1)
+    batch_size: int = bounded(32, ge=1)
+    grad_accum: int = bounded(1, ge=1)
+    seq_len: int = bounded(128, ge=1)
+    # bf16 matmuls are ~100x slower on AVX2-only CPUs
+    precision: str = bounded("fp32", choices=("fp32", "bf16"))
+    eval_every: int = bounded(100, ge=1)
+    eval_batches: int = bounded(20, ge=1)
+    log_every: int = bounded(10, ge=1)
+    ckpt_every: int = bounded(250, ge=1)
+    # a loss above this, or NaN/inf, ends the run as diverged (inf: only NaN/inf do)
+    divergence_loss: float = bounded(50.0, gt=0, inf_ok=True)
     # also evaluate at these eval capacity factors (one trained model, several eval CFs: ST-MoE Table 8)
-    eval_capacity_factors: list[float] = field(default_factory=list)
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    eval_capacity_factors: list[float] = bounded(factory=list, gt=0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = bounded(0, ge=0)  # torch CPU threads; 0 = torch's default
     # routing fluctuation (StableMoE): route a fixed probe of validation tokens every this many steps and
     # keep their experts (moe_lab.train.fluctuation); 0 = off. Language-model runs only.
-    fluctuation_every: int = 50
-    fluctuation_tokens: int = 4096
+    fluctuation_every: int = bounded(50, ge=0)
+    fluctuation_tokens: int = bounded(4096, ge=1)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        check_choice("train.precision", self.precision, ("fp32", "bf16"))
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_every", "log_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.fluctuation_every < 0 or self.fluctuation_tokens < 1:
-            raise ValueError(
-                f"train.fluctuation_every must be >= 0 (0 = off) and train.fluctuation_tokens >= 1, got "
-                f"{self.fluctuation_every} and {self.fluctuation_tokens}"
-            )
+        check_fields(self, "train")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"train.device={self.device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")
 
 
 @dataclass
@@ -164,9 +152,13 @@ class LoggerConfig:
 
     wandb: bool = True
     # offline | online | disabled; null = $WANDB_MODE, else offline
-    wandb_mode: str | None = None
+    wandb_mode: str | None = bounded(None, choices=("offline", "online", "disabled"), none="$WANDB_MODE, else offline")
     project: str = "moe-lab"
     progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        check_fields(self, "logger")
 
 
 @dataclass
@@ -176,22 +168,28 @@ class TaskConfig:
     name: str = "synth-small"
     # cb, sst2: the real tasks from local files (../shared/data or your own copies); synthetic: derived
     # from the embedded corpus; local: any jsonl/csv/tsv with text and label columns; hub: `datasets` name
-    source: str = "synthetic"
+    source: str = bounded("synthetic", choices=("synthetic", "cb", "sst2", "local", "hub"))
     train_path: str | None = None
     val_path: str | None = None
-    format: str = "json"  # json | csv (tsv: format=csv delimiter="\t")
+    format: str = bounded("json", choices=("json", "csv"))  # tsv: format=csv delimiter="\t"
     delimiter: str | None = None
     text_columns: list[str] = field(default_factory=lambda: ["text"])  # joined with " | " (CB: premise | hypothesis)
     label_column: str = "label"
     label_names: list[str] | None = None  # string labels in this order; None: integer labels 0..C-1
-    metric: str = "accuracy"  # accuracy | f1_macro (reported both; this one is the headline)
-    max_len: int = 128
-    num_train: int | None = None  # keep the first N training examples (after a seeded shuffle)
+    # reported both; this one is the headline
+    metric: str = bounded("accuracy", choices=("accuracy", "f1_macro"))
+    max_len: int = bounded(128, ge=1)
+    # keep the first N training examples (after a seeded shuffle)
+    num_train: int | None = bounded(None, ge=1, none="all")
     # synthetic tasks
-    synthetic_train: int = 250
-    synthetic_val: int = 1000
+    synthetic_train: int = bounded(250, ge=1)
+    synthetic_val: int = bounded(1000, ge=1)
     hub_name: str | None = None
     hub_subset: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        check_fields(self, "task")
 
 
 @dataclass
@@ -201,14 +199,15 @@ class FinetuneConfig:
     # fine-tune the run that `moe-lab sweep` pretrained with this preset (results/pretrained/PRESET), when
     # no checkpoint= is given: lets a study sweep over pretrained models (finetune.pretrained=mini,dense-mini)
     pretrained: str | None = None
-    freeze: str = "all"  # all | non_moe | moe | attention | ffn (moe_lab/train/freeze.py)
+    # moe_lab/train/freeze.py
+    freeze: str = bounded("all", choices=("all", "non_moe", "moe", "attention", "ffn"))
     freeze_router: bool = False
     # training accuracy is measured on this many training examples at every evaluation (overfitting curves)
-    train_eval_examples: int = 512
+    train_eval_examples: int = bounded(512, ge=1)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        check_choice("finetune.freeze", self.freeze, ("all", "non_moe", "moe", "attention", "ffn"))
+        check_fields(self, "finetune")
 
 
 # fine-tuning may change these MoE fields of a pretrained model; the rest is its architecture
@@ -241,12 +240,12 @@ class RunConfig:
     """One run: what `moe-lab pretrain NAME [overrides]` composes."""
 
     name: str = "small"
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     runs_root: str = "results/runs"
     run_dir: str | None = None  # null: runs_root/NAME/TIMESTAMP (resume: the latest one)
     resume: bool = False
     # multiplies the training length (max_steps, eval_every, ckpt_every): `scale=4` runs a study 4x longer
-    scale: float = 1.0
+    scale: float = bounded(1.0, gt=0)
     checkpoint: str | None = None  # fine-tuning: a pretraining run directory
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -261,10 +260,11 @@ class RunConfig:
 
     def validate(self) -> None:
         """Validate every group."""
-        if self.scale <= 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
-        for group in (self.model, self.moe, self.data, self.tokenizer, self.optim, self.train, self.finetune):
+        check_fields(self, "")
+        self.moe.validate("moe")
+        for group in (self.model, self.data, self.tokenizer, self.optim, self.train, self.logger, self.task):
             group.validate()
+        self.finetune.validate()
 
     def scaled(self) -> RunConfig:
         """This config with the training length multiplied by `scale` (and scale reset to 1)."""
@@ -335,12 +335,22 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+# the groups validated one by one before the whole config, so an error names the key a user sets
+# (model.d_model) rather than the MoE field interpolated from it (moe.d_model)
+_GROUPS = ("model", "data", "tokenizer", "optim", "train", "logger", "task", "finetune")
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The typed, validated RunConfig of a composed config."""
-    try:
-        run = OmegaConf.to_object(cfg)
-    except Exception as err:  # OmegaConf wraps dataclass __post_init__ errors
-        raise ConfigError(str(err).split("\n")[0]) from None
+    """The typed, validated RunConfig of a composed config; every error is one ConfigError line."""
+    _reject_unknown_keys(cfg, RunConfig, "")
+    for group in _GROUPS:
+        if group in cfg:
+            node = _to_object(cfg[group])
+            try:
+                node.validate()
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+    run = _to_object(cfg)
     if not isinstance(run, RunConfig):
         raise ConfigError(f"composed config is a {type(run).__name__}, expected RunConfig")
     try:
@@ -350,18 +360,53 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def _to_object(node: DictConfig) -> Any:
+    try:
+        return OmegaConf.to_object(node)
+    except Exception as err:  # OmegaConf wraps dataclass __post_init__ errors (MoEConfig validates itself)
+        first = str(err).strip().split("\n")[0].replace("MoEConfig.", "moe.")
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{key}: {first}" if key and key not in first else first) from None
+
+
+def _reject_unknown_keys(cfg: DictConfig, schema: type, path: str) -> None:
+    """`+key=value` adds keys the schema does not have; name them with the valid ones instead of ignoring them."""
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg:
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            where = f"of {path}" if path else "at the top level"
+            raise ConfigError(f"unknown key {full!r}; valid keys {where}: {sorted(names)}")
+        factory = names[key].default_factory  # type: ignore[misc]
+        if dataclasses.is_dataclass(factory) and isinstance(cfg[key], DictConfig):
+            _reject_unknown_keys(cfg[key], factory, full)  # type: ignore[arg-type]
+
+
 def _explain(err: Exception) -> str:
-    """Hydra's message, plus the valid keys where a key was not found."""
-    # Hydra suggests "+key=value" to append; the schema forbids new keys, so that hint only misleads
-    lines = [ln for ln in str(err).strip().splitlines() if not ln.startswith("To append to your config")]
-    message = "\n".join(lines)
+    """Hydra's message on one line: the options of a group, or the valid keys where a key was not found."""
+    text = str(err).strip()
     if err.__cause__ is not None:
-        message += f"\n{str(err.__cause__).splitlines()[0]}"
-    full_key = getattr(err, "full_key", None) or _key_from_message(message)
-    if full_key:
-        valid = _valid_keys(full_key.rsplit(".", 1)[0] if "." in full_key else "")
+        text += f"\n{str(err.__cause__).strip().splitlines()[0]}"
+    parts: list[str] = []
+    options: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("Config search path"):
+            break
+        if options is not None and line.startswith("\t"):
+            options.append(line.strip())
+        elif line.startswith("Available options in"):
+            parts.append(line.strip().rstrip(":").replace("Available", "available"))
+            options = []
+        # Hydra suggests "+key=value" to append; the schema forbids new keys, so that hint only misleads
+        elif line.strip() and not line.startswith(("To append to your config", "See https://")):
+            parts.append(line.strip().rstrip("."))
+    message = "; ".join(parts) + (f": {', '.join(options)}" if options else "")
+    full_key = getattr(err, "full_key", None) or _key_from_message(text)
+    if full_key and " not in '" in text:
+        parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+        valid = _valid_keys(parent)
         if valid:
-            message += f"\nvalid keys here: {valid}"
+            return f"unknown key {full_key!r}; valid keys {f'of {parent}' if parent else 'at the top level'}: {valid}"
     return message
 
 

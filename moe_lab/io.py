@@ -23,7 +23,8 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block succeeds, rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    # ".<name>.tmp.<random>": the next start of a run removes such files that a kill left (moe_lab.runs)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)

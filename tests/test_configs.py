@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-from moe_lab.config import CONF_DIR, ConfigError, compose, presets, to_run_config
+from moe_lab.config import CONF_DIR, ConfigError, RunConfig, compose, presets, to_run_config
+from moe_lab.moe.config import Bounds, field_bounds
 
 # what an option needs before it validates (a path, a name)
 REQUIRED = {
@@ -60,7 +64,7 @@ def test_dense_small_is_small_without_experts() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.num_layer=3"], "valid keys here: ['activation'"),
+        (["model.num_layer=3"], "unknown key 'model.num_layer'; valid keys of model: ['activation'"),
         (["optim=sgd"], "Could not find 'optim/sgd'"),
         (["train.max_steps=abc"], "could not be converted to Integer"),
         (["moe.top_k=9"], "top_k=9 exceeds num_experts=4"),
@@ -78,3 +82,67 @@ def test_conf_files_have_no_hydra_interpolations() -> None:
     # the Compose API cannot resolve ${hydra:...}
     for path in Path(CONF_DIR).rglob("*.yaml"):
         assert "${hydra:" not in path.read_text(), path
+
+
+# --- bad values for every bounded field: one line, exit 2, nothing written ----------------------------------------
+
+GROUPS = {
+    "": RunConfig,
+    **{f.name: f.default_factory for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)},
+}
+BOUNDED = sorted(
+    (f"{group}.{name}" if group else name, bounds)
+    for group, schema in GROUPS.items()
+    for name, bounds in field_bounds(schema).items()
+)
+# fields a fine-tuning run or the model fills in, not a user's pretraining input
+NOT_USER_SET = {"moe.vocab_size", "moe.d_model", "moe.d_ff"}
+
+
+def test_every_numeric_field_of_the_schema_declares_what_it_accepts() -> None:
+    bounded = {key for key, _ in BOUNDED}
+    for group, schema in GROUPS.items():
+        for f in dataclasses.fields(schema):
+            key = f"{group}.{f.name}" if group else f.name
+            if f.type in ("int", "float", "int | None", "float | None", "list[float]", "tuple[float, float]"):
+                assert key in bounded, f"{key} ({f.type}) has no bounds: bad values would reach training"
+
+
+def bad_value(bounds: Bounds, draw) -> str:
+    """An override value outside `bounds`, as a user would type it."""
+    if bounds.choices is not None:
+        word = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12))
+        assume(word not in bounds.choices and word not in ("null", "true", "false", "nan", "inf"))
+        return word
+    options = ["nan", "-inf"] + ([] if bounds.inf_ok else ["inf"])
+    low = bounds.ge if bounds.ge is not None else bounds.gt
+    if low is not None:
+        below = draw(st.integers(min_value=1, max_value=10**6))
+        options += [str(low - below)] + ([f"{low:g}"] if bounds.gt is not None else [])
+    high = bounds.le if bounds.le is not None else bounds.lt
+    if high is not None:
+        above = draw(st.floats(min_value=1e-3, max_value=1e6))
+        options += [repr(high + above)] + ([f"{high:g}"] if bounds.lt is not None else [])
+    return draw(st.sampled_from(options))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_bad_value_for_any_field_is_one_line_and_exit_2(data, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moe_lab.cli import app
+
+    key, bounds = data.draw(st.sampled_from([(k, b) for k, b in BOUNDED if k not in NOT_USER_SET]), label="field")
+    value = bad_value(bounds, data.draw)
+    if key in ("optim.betas",):
+        value = f"[{value},0.9]"
+    elif key == "train.eval_capacity_factors":
+        value = f"[{value}]"
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["pretrain", "tiny", f"{key}={value}", f"runs_root={runs}"])
+    output = result.output  # stdout and stderr together
+    assert result.exit_code == 2, (key, value, output)
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: config: ") and key.split(".")[-1] in lines[0], lines
+    assert "Traceback" not in output and not runs.exists()

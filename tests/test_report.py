@@ -33,19 +33,40 @@ def row(swept: dict, status: str = "completed", **metrics) -> dict:
 
 
 def write_study(root: Path, name: str, rows: list[dict], files: dict[str, dict[str, object]] | None = None) -> Path:
-    """results/<name>/runs.csv from rows, and per-run files: {run: {"metrics.csv": DataFrame, "summary.json": dict}}."""
+    """results/<name>/runs.csv from rows, and per-run files: {run: {"metrics.csv": DataFrame, "summary.json": dict}}.
+
+    Every row's run gets a summary.json holding its status and metrics, as a sweep leaves it (the report checks
+    runs.csv against them)."""
     study = root / name
     study.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(study / "runs.csv", index=False)
-    for run, contents in (files or {}).items():
+    files = {r["run"]: {} for r in rows} | (files or {})
+    by_run = {r["run"]: r for r in rows}
+    for run, contents in files.items():
         run_dir = study / "runs" / run
         run_dir.mkdir(parents=True, exist_ok=True)
+        results = {k: v for k, v in by_run.get(run, {}).items() if k == "status" or k.startswith(("final_", "best_"))}
+        contents = {**contents, "summary.json": {**results, **contents.get("summary.json", {})}}
         for file, content in contents.items():
             if isinstance(content, pd.DataFrame):
                 content.to_csv(run_dir / file, index=False)
             else:
                 (run_dir / file).write_text(json.dumps(content))
     return study
+
+
+def set_runs(root: Path, name: str, column: str, value: object, where) -> None:
+    """Set `column` to `value` in the rows of a study's runs.csv where `where(frame)` holds, and in those runs'
+    summary.json files, as a sweep that had produced those numbers would have written them."""
+    path = root / name / "runs.csv"
+    runs = pd.read_csv(path)
+    runs.loc[where(runs), column] = value
+    runs.to_csv(path, index=False)
+    for record in runs.to_dict("records"):
+        summary_path = root / name / "runs" / record["run"] / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        summary.update({k: v for k, v in record.items() if k in summary})
+        summary_path.write_text(json.dumps(summary))
 
 
 def loss_metrics(final: float) -> pd.DataFrame:
@@ -370,9 +391,7 @@ def _z_loss_as_many_diverged(root: Path) -> None:  # no fewer divergences with z
 
 def _router_fluctuation_partly(root: Path) -> None:  # fluctuation as in the paper, StableMoE not the best perplexity
     build_router_fluctuation(root)
-    runs = pd.read_csv(root / "router-fluctuation" / "runs.csv")
-    runs.loc[runs["moe"] == "stablemoe", "final_val_ppl"] = 25.0
-    runs.to_csv(root / "router-fluctuation" / "runs.csv", index=False)
+    set_runs(root, "router-fluctuation", "final_val_ppl", 25.0, lambda runs: runs["moe"] == "stablemoe")
 
 
 def _stablemoe_partly(root: Path) -> None:  # the shortest stage 1 is best of the two-stage runs, stage 1 alone beats it
@@ -605,7 +624,7 @@ def test_cli_report_rejects_bad_arguments(tmp_path: Path, args: list[str], messa
     results = tmp_path if args else missing
     result = run_cli("report", *args, "--results", str(results), "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr + result.stdout
-    assert "error: " + message.format(missing=missing) in " ".join(result.stdout.split())
+    assert "error: " + message.format(missing=missing) in " ".join(result.stderr.split())
     assert not (tmp_path / "out").exists()
 
 
@@ -659,17 +678,14 @@ def test_a_fully_diverged_group_is_marked_and_left_out_of_the_verdict(tmp_path: 
 
 def test_diverged_groups_are_missing_evidence_not_evidence_against(tmp_path: Path) -> None:
     build_router_fluctuation(tmp_path)
-    runs = pd.read_csv(tmp_path / "router-fluctuation" / "runs.csv")
-    runs.loc[runs["moe"] == "base", "status"] = "diverged"
-    runs.to_csv(tmp_path / "router-fluctuation" / "runs.csv", index=False)
+    set_runs(tmp_path, "router-fluctuation", "status", "diverged", lambda runs: runs["moe"] == "base")
     report = build("router-fluctuation", load_study(tmp_path, "router-fluctuation"))
     assert report.verdict.reproduced == "yes" and "base" not in report.verdict.ours
     assert report.notes == ["moe=base: 1 diverged, 0 failed of 1 runs (left out of the means)"]
 
     build_overfit(tmp_path)
-    runs = pd.read_csv(tmp_path / "overfit" / "runs.csv")
-    runs.loc[(runs["task"] == "synth-large") & runs["finetune.pretrained"].str.startswith("dense"), "status"] = "failed"
-    runs.to_csv(tmp_path / "overfit" / "runs.csv", index=False)
+    dense_large = lambda runs: (runs["task"] == "synth-large") & runs["finetune.pretrained"].str.startswith("dense")  # noqa: E731
+    set_runs(tmp_path, "overfit", "status", "failed", dense_large)
     assert verdict(tmp_path, "overfit") == "no data"
 
 

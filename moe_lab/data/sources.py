@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 from pathlib import Path
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 from moe_lab.config import DataConfig
 from moe_lab.hub import require_hub
@@ -28,13 +30,56 @@ def _files(path, what: str) -> list[str]:
     return files
 
 
+def check_text_files(files: list[str], what: str, fmt: str) -> None:
+    """Raise ValueError naming a file that is empty, binary or not UTF-8, which `datasets` would report deep in a
+    traceback as "An error occurred while generating the dataset"."""
+    for name in files:
+        if os.path.getsize(name) == 0:
+            raise ValueError(f"{what}: {name} is empty")
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                if (nul := chunk.find(b"\0")) >= 0:
+                    raise ValueError(
+                        f"{what}: {name} looks binary (a NUL byte at offset {offset + nul}); format {fmt} reads "
+                        "UTF-8 text"
+                    )
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{what}: {name} is not UTF-8 text (byte 0x{chunk[err.start]:02x} at offset "
+                        f"{offset + err.start}); convert it first, e.g. `iconv -f latin1 -t utf-8`"
+                    ) from None
+                offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"{what}: {name} is not UTF-8 text (it ends inside a character)") from None
+
+
+def load_files(fmt: str, files: list[str], what: str, **kwargs) -> datasets.Dataset:
+    """`datasets.load_dataset(fmt, data_files=files)` with a one-line error naming the files it cannot read."""
+    if fmt != "parquet":
+        check_text_files(files, what, fmt)
+    try:
+        return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+    except DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ValueError(f"{what}: cannot read {', '.join(files)} as {fmt} ({reason})") from None
+
+
 def _load_local(path, data: DataConfig, what: str) -> datasets.Dataset:
     if data.format not in LOCAL_FORMATS:
         raise ValueError(f"data.format={data.format!r} is not one of {list(LOCAL_FORMATS)}")
     kwargs = {}
     if data.format == "csv" and data.delimiter:
         kwargs["delimiter"] = data.delimiter
-    ds = datasets.load_dataset(data.format, data_files=_files(path, what), split="train", **kwargs)
+    ds = load_files(data.format, _files(path, what), what, **kwargs)
+    if len(ds) == 0:
+        raise ValueError(f"{what}: {path} holds no {data.format} records")
     if data.text_column not in ds.column_names:
         raise ValueError(f"{what}: no column {data.text_column!r}; columns: {ds.column_names} (set data.text_column)")
     return _text_only(ds, data.text_column)

@@ -12,7 +12,7 @@ import datasets
 import torch
 
 from moe_lab.config import TaskConfig
-from moe_lab.data.sources import _files
+from moe_lab.data.sources import _files, load_files
 from moe_lab.hub import require_hub
 
 
@@ -75,7 +75,7 @@ def _load_file(path: str, cfg: TaskConfig) -> datasets.Dataset:
         kwargs = {"delimiter": cfg.delimiter or ",", "quoting": csv.QUOTE_NONE if cfg.delimiter == "\t" else 0}
     elif cfg.format != "json":
         raise ValueError(f"task.format={cfg.format!r} is not one of ['json', 'csv']")
-    return datasets.load_dataset(cfg.format, data_files=_files(path, "task path"), split="train", **kwargs)
+    return load_files(cfg.format, _files(path, "task path"), "task path", **kwargs)
 
 
 def load_task(cfg: TaskConfig, cache_dir: str) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -94,6 +94,22 @@ def load_task(cfg: TaskConfig, cache_dir: str) -> tuple[datasets.Dataset, datase
     raise ValueError(f"task.source={cfg.source!r} is not one of ['synthetic', 'cb', 'sst2', 'local', 'hub']")
 
 
+def _integer_label_names(cfg: TaskConfig, train: datasets.Dataset, val: datasets.Dataset) -> list[str]:
+    """The classes of integer labels, 0..C-1; other labels raise ValueError saying how to name them."""
+    values = {v for ds in (train, val) for v in ds[cfg.label_column]}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        shown = sorted(map(str, values))[:5]
+        raise ValueError(
+            f"task {cfg.name!r}: labels {shown} are not integers 0..C-1; list them in order with task.label_names=[...]"
+        )
+    if min(values, default=0) < 0 or not values:
+        raise ValueError(
+            f"task {cfg.name!r}: integer labels must be 0..C-1, found {sorted(values)}; map them to 0..C-1 or "
+            f"name the classes in order with task.label_names={sorted(map(str, values))}"
+        )
+    return [str(i) for i in range(max(values) + 1)]
+
+
 def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: int) -> ClassificationData:
     """Load, label-map, tokenize and truncate a task's train and validation examples."""
     train, val = load_task(cfg, cache_dir)
@@ -101,7 +117,7 @@ def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: 
         missing = [c for c in [*cfg.text_columns, cfg.label_column] if c not in ds.column_names]
         if missing:
             raise ValueError(f"task {cfg.name!r} {split}: no column(s) {missing}; columns: {ds.column_names}")
-    names = cfg.label_names or [str(v) for v in sorted(set(train[cfg.label_column]))]
+    names = cfg.label_names or _integer_label_names(cfg, train, val)
     if cfg.num_train is not None:
         train = train.shuffle(seed=seed).select(range(min(cfg.num_train, len(train))))
 
@@ -110,10 +126,11 @@ def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: 
         ids = [x[: cfg.max_len] for x in tokenizer.encode_batch(texts)]
         raw = ds[cfg.label_column]
         if cfg.label_names is not None:
-            unknown = sorted({v for v in raw if v not in names} - {None})
-            if unknown:
-                raise ValueError(f"task {cfg.name!r}: labels {unknown} not in task.label_names={names}")
-            labels = [names.index(v) for v in raw]
+            text = [v if isinstance(v, str) or v is None else str(v) for v in raw]
+            unknown = sorted({v for v in text if v not in names} - {None})
+            if unknown or None in text:
+                raise ValueError(f"task {cfg.name!r}: labels {unknown or [None]} not in task.label_names={names}")
+            labels = [names.index(v) for v in text]
         else:
             labels = [int(v) for v in raw]
         return ids, torch.tensor(labels, dtype=torch.long)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 ROUTINGS = ("token_choice", "expert_choice", "hash", "base", "stablemoe")
 # routings that send every token to exactly one expert by a rule of their own (top_k must be 1)
@@ -15,21 +16,97 @@ AUX_LOSS_TYPES = ("topk", "top1")
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric or choice field accepts. It lives in the field's metadata, so validation, error
+    messages and the tests that draw bad values all read one declaration."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | None = None
+    inf_ok: bool = False  # +inf is accepted (a limit that never triggers)
+    none: str = ""  # what null means, when the field accepts it: "dropless", "off"
+
+    def describe(self) -> str:
+        """'in [0, 1)', '>= 1', 'one of [...]', with what null means."""
+        if self.choices is not None:
+            text = f"one of {list(self.choices)}"
+        elif self.lt is not None or self.le is not None:
+            lo = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else "(-inf"
+            hi = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})"
+            text = f"in {lo}, {hi}"
+        elif self.ge is not None:
+            text = f">= {self.ge:g}"
+        elif self.gt is not None:
+            text = f"> {self.gt:g}"
+        else:
+            text = "a finite number"
+        return f"{text} or null ({self.none})" if self.none else text
+
+    def accepts(self, value: Any) -> bool:
+        """Whether one value (an element, for list fields) is allowed."""
+        if value is None:
+            return bool(self.none)
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if math.isnan(value) or (math.isinf(value) and not (self.inf_ok and value > 0)):
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+
+def bounded(default: Any = MISSING, *, factory: Any = MISSING, **bounds: Any) -> Any:
+    """A dataclass field with its accepted values: `d_model: int = bounded(128, ge=1)`."""
+    meta = {"bounds": Bounds(**bounds)}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_bounds(cls: type) -> dict[str, Bounds]:
+    """Each bounded field of a dataclass and what it accepts."""
+    return {f.name: f.metadata["bounds"] for f in fields(cls) if "bounds" in f.metadata}
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Raise ValueError naming the first field of `obj` outside its bounds (every float must also be finite)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        bounds = f.metadata.get("bounds")
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if bounds is not None and not bounds.accepts(v):
+                if bounds.choices is not None:
+                    check_choice(name, v, bounds.choices)
+                raise ValueError(f"{name} must be {bounds.describe()}, got {value!r}")
+            if bounds is None and isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 @dataclass
 class MoEConfig:
     """Everything that defines one MoE layer. Defaults follow ST-MoE (Zoph et al. 2022) where it says."""
 
-    d_model: int = 256
-    d_ff: int = 1024
-    num_experts: int = 8
-    top_k: int = 2
+    d_model: int = bounded(256, ge=1)
+    d_ff: int = bounded(1024, ge=1)
+    num_experts: int = bounded(8, ge=1)
+    top_k: int = bounded(2, ge=1)
     # "token_choice": each token picks its top-k experts (k=1 Switch, k=2 GShard/ST-MoE).
     # "expert_choice": each expert picks its top-C tokens (Zhou et al. 2022); top_k is then the
     # average number of experts per token and only enters through the capacity.
     # "hash": a fixed seeded hash of the token id picks the expert (Roller et al. 2021), no learned router.
     # "base": a balanced assignment maximising token-expert affinity in training, greedy top-1 at inference
     # (Lewis et al. 2021). "stablemoe": StableMoE's two-stage router (Dai et al. 2022). These three are top-1.
-    routing: str = "token_choice"
+    routing: str = bounded("token_choice", choices=ROUTINGS)
     # Divide the gates of a token's chosen experts by their sum (GShard, Mixtral). ST-MoE and Switch
     # use the raw router probabilities; with k=1 renormalising makes every gate 1 and cuts the router
     # off from the task loss.
@@ -37,85 +114,60 @@ class MoEConfig:
     # capacity = ceil(capacity_factor * top_k * tokens_per_group / num_experts); None = dropless.
     # ST-MoE trains at 1.25 and evaluates at 2.0 (Sec. 4, Table 8). Under expert choice the capacity
     # sets how many experts a token gets, so an eval factor above the train one changes the function.
-    train_capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None = 2.0
+    train_capacity_factor: float | None = bounded(1.25, gt=0, none="dropless")
+    eval_capacity_factor: float | None = bounded(2.0, gt=0, none="dropless")
     # Who wins a full expert: "position" (earlier tokens in the group) or "priority" (Batch Prioritized
     # Routing, Riquelme et al. 2021: higher top-1 router probability first). Under both, every token's
     # first choice claims capacity before any second choice (GShard, Mesh TensorFlow).
-    drop_policy: str = "position"
+    drop_policy: str = bounded("position", choices=DROP_POLICIES)
     # Tokens per routing group; capacity is counted per group. None: all tokens of a forward are one group.
-    group_size: int | None = None
+    group_size: int | None = bounded(None, ge=1, none="one group per forward")
     # Multiplicative jitter on the router input, U(1-eps, 1+eps), training only (Switch Sec. 2.4).
-    jitter_eps: float = 0.0
+    jitter_eps: float = bounded(0.0, ge=0, lt=1)
     # Dtype of the router matmul and softmax ("selective precision", Switch Sec. 2.4): float32 whatever
     # the model's dtype; bfloat16 reproduces the unstable variant.
-    router_dtype: str = "float32"
+    router_dtype: str = bounded("float32", choices=ROUTER_DTYPES)
     router_bias: bool = False
     # Switch's router init: truncated normal, std sqrt(scale / fan_in) with scale 0.1 (Switch Sec. 2.4).
-    router_init_scale: float = 0.1
-    aux_loss_coef: float = 1e-2
-    z_loss_coef: float = 1e-3
+    router_init_scale: float = bounded(0.1, gt=0)
+    aux_loss_coef: float = bounded(1e-2, ge=0)
+    z_loss_coef: float = bounded(1e-3, ge=0)
     # How f_i in the load-balancing loss E * sum_i f_i P_i counts tokens (see moe_lab.moe.losses).
-    aux_loss_type: str = "topk"
+    aux_loss_type: str = bounded("topk", choices=AUX_LOSS_TYPES)
     # Count f_i after capacity dropping (kept assignments) instead of before (all router choices).
     aux_loss_after_capacity: bool = False
-    activation: str = "geglu"
+    activation: str = bounded("geglu", choices=ACTIVATIONS)
     # Dropout on the experts' hidden activations, separate from the model's dropout (ST-MoE Sec. 4.3).
-    expert_dropout: float = 0.0
-    backend: str = "sorted"
+    expert_dropout: float = bounded(0.0, ge=0, lt=1)
+    backend: str = bounded("sorted", choices=BACKENDS)
     # Vocabulary size: hash routing and StableMoE's distilled router look at token ids. The model sets it.
-    vocab_size: int | None = None
-    hash_seed: int = 0
+    vocab_size: int | None = bounded(None, ge=1, none="set by the model")
+    hash_seed: int = bounded(0, ge=0)
     # BASE's auction stops when the assignment is within base_tolerance * (max - min affinity) of the optimum
     # in total affinity per token; see moe_lab.moe.balanced.
-    base_tolerance: float = 1e-3
+    base_tolerance: float = bounded(1e-3, gt=0, lt=1)
     # StableMoE: the distilled router's embedding width (the paper: 50) and the weight of its distillation
     # loss (0.3); the balance loss uses aux_loss_coef (the paper's alpha = 0.3). Stage 1 lasts this fraction
     # of training (the paper: 10%); then the distilled router is frozen and routes alone. 1.0 = stage 1 only.
-    distill_dim: int = 50
-    distill_loss_coef: float = 0.3
-    stage1_fraction: float = 0.1
+    distill_dim: int = bounded(50, ge=1)
+    distill_loss_coef: float = bounded(0.3, ge=0)
+    stage1_fraction: float = bounded(0.1, ge=0, le=1)
 
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "MoEConfig") -> None:
         """Raise ValueError naming the bad field and what would be accepted."""
-        check_choice("MoEConfig.routing", self.routing, ROUTINGS)
-        check_choice("MoEConfig.drop_policy", self.drop_policy, DROP_POLICIES)
-        check_choice("MoEConfig.activation", self.activation, ACTIVATIONS)
-        check_choice("MoEConfig.backend", self.backend, BACKENDS)
-        check_choice("MoEConfig.aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
-        check_choice("MoEConfig.router_dtype", self.router_dtype, ROUTER_DTYPES)
-        for name in ("d_model", "d_ff", "num_experts", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MoEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, prefix)
         if self.routing in TOP1_ROUTINGS and self.top_k != 1:
-            raise ValueError(f"MoEConfig.routing={self.routing!r} routes each token to one expert: top_k must be 1")
+            raise ValueError(f"{prefix}.routing={self.routing!r} routes each token to one expert: top_k must be 1")
         if self.routing in TOP1_ROUTINGS and self.num_experts < 2:
-            raise ValueError(f"MoEConfig.routing={self.routing!r} needs num_experts >= 2")
-        if self.vocab_size is not None and self.vocab_size < 1:
-            raise ValueError(f"MoEConfig.vocab_size must be >= 1 or None, got {self.vocab_size}")
-        if not 0.0 < self.base_tolerance < 1.0:
-            raise ValueError(f"MoEConfig.base_tolerance must be in (0, 1), got {self.base_tolerance}")
-        if not 0.0 <= self.stage1_fraction <= 1.0:
-            raise ValueError(f"MoEConfig.stage1_fraction must be in [0, 1], got {self.stage1_fraction}")
-        if self.distill_dim < 1:
-            raise ValueError(f"MoEConfig.distill_dim must be >= 1, got {self.distill_dim}")
+            raise ValueError(f"{prefix}.routing={self.routing!r} needs num_experts >= 2")
         if self.routing == "token_choice" and self.top_k > self.num_experts:
-            raise ValueError(f"MoEConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+            raise ValueError(f"{prefix}.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         for name in ("train_capacity_factor", "eval_capacity_factor"):
-            cf = getattr(self, name)
-            if cf is not None and not cf > 0:
-                raise ValueError(f"MoEConfig.{name} must be > 0 or None (dropless), got {cf}")
-            if cf is None and self.routing == "expert_choice":
-                raise ValueError(f"MoEConfig.{name}=None (dropless) is undefined for expert_choice routing")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"MoEConfig.group_size must be >= 1 or None, got {self.group_size}")
-        if not 0.0 <= self.jitter_eps < 1.0:
-            raise ValueError(f"MoEConfig.jitter_eps must be in [0, 1), got {self.jitter_eps}")
-        if not 0.0 <= self.expert_dropout < 1.0:
-            raise ValueError(f"MoEConfig.expert_dropout must be in [0, 1), got {self.expert_dropout}")
+            if getattr(self, name) is None and self.routing == "expert_choice":
+                raise ValueError(f"{prefix}.{name}=None (dropless) is undefined for expert_choice routing")
 
     @classmethod
     def from_dict(cls, values: dict) -> MoEConfig:

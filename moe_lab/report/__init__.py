@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 
 from moe_lab.report.plots import draw
+from moe_lab.report.reference import REFERENCES
 from moe_lab.report.render import print_summary, render_csv, render_html, render_markdown
-from moe_lab.report.results import load_study
-from moe_lab.report.studies import BUILDERS, StudyReport, build
+from moe_lab.report.results import ResultsError, load_study
+from moe_lab.report.studies import BUILDERS, StudyReport, Verdict, build
 
 FORMATS = ("md", "html", "csv")
 
@@ -35,8 +37,13 @@ def make_report(
     out = Path(out or results_root)
     reports, figures = [], {}
     for name in studies or list(BUILDERS):
-        study = load_study(results_root, name)
-        report = build(name, study)
+        try:
+            study = load_study(results_root, name)
+        except ResultsError as err:  # the other studies are still reported; the CLI exits 2 after writing
+            study, report = None, StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", str(err)))
+            report.problem = str(err)
+        else:
+            report = build(name, study)
         reports.append(report)
         figures[name] = draw(study, report, out / "plots") if {"md", "html"} & set(formats) else []
     written: list[Path] = []

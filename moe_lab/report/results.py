@@ -48,16 +48,64 @@ class StudyResults:
         return json.loads(path.read_text()) if path.exists() else None
 
 
+class ResultsError(ValueError):
+    """A runs.csv that cannot be trusted: unreadable, without its key columns, or out of step with its runs."""
+
+
 def load_study(results_root: Path, name: str) -> StudyResults | None:
-    """The study's results, or None if it has no runs.csv yet."""
+    """The study's results, or None if it has no runs.csv yet; ResultsError if runs.csv disagrees with the
+    run directories beside it (a cut, edited or stale file), naming the file and what is wrong."""
     root = Path(results_root) / name
     path = root / "runs.csv"
     if not path.exists():
         return None
-    runs = pd.read_csv(path)
-    if "status" not in runs.columns:
-        runs["status"] = "unknown"
-    return StudyResults(name, root, runs)
+    fix = f"`moe-lab sweep {name}` with the study's arguments rewrites it (finished runs are skipped)"
+    try:
+        runs = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ResultsError(f"{path} cannot be read as CSV ({str(err).strip().splitlines()[0]}); {fix}") from None
+    missing = [c for c in ("run", "status") if c not in runs.columns]
+    if missing:
+        raise ResultsError(f"{path} has no column(s) {missing} (columns: {list(runs.columns)}); {fix}")
+    if not path.read_bytes().endswith(b"\n"):
+        raise ResultsError(f"{path} ends in the middle of a line (cut short, or written by a killed process); {fix}")
+    study = StudyResults(name, root, runs)
+    problem = _disagreement(study)
+    if problem:
+        raise ResultsError(f"{path} {problem}; {fix}")
+    return study
+
+
+def _disagreement(study: StudyResults) -> str | None:
+    """How runs.csv differs from the run directories' summary.json files, or None if it agrees with them."""
+    listed = [str(r) for r in study.runs["run"]]
+    on_disk = {p.parent.name for p in (study.root / "runs").glob("*/summary.json")}
+    repeated = sorted({r for r in listed if listed.count(r) > 1})
+    if repeated:
+        return f"lists run(s) {repeated} more than once"
+    if set(listed) - on_disk:
+        return f"lists run(s) with no summary.json under {study.root / 'runs'}: {sorted(set(listed) - on_disk)}"
+    if on_disk - set(listed):
+        unlisted = sorted(on_disk - set(listed))
+        return f"has {len(listed)} rows but {study.root / 'runs'} has {len(on_disk)} runs (not listed: {unlisted})"
+    for record in study.runs.to_dict("records"):
+        summary = study.summary(str(record["run"])) or {}
+        for key, value in record.items():
+            if key in summary and not isinstance(summary[key], (dict, list)) and not _same(value, summary[key]):
+                return f"row {record['run']!r} has {key}={value!r} but its summary.json has {summary[key]!r}"
+    return None
+
+
+def _same(csv_value: object, json_value: object) -> bool:
+    missing = csv_value is None or (isinstance(csv_value, float) and math.isnan(csv_value))
+    if json_value is None or missing:
+        return missing and (json_value is None or (isinstance(json_value, float) and math.isnan(json_value)))
+    if isinstance(json_value, (int, float)) and not isinstance(json_value, bool):
+        try:
+            return math.isclose(float(csv_value), float(json_value), rel_tol=1e-9, abs_tol=1e-12)
+        except (TypeError, ValueError):
+            return False
+    return str(csv_value) == str(json_value)
 
 
 def completed(runs: pd.DataFrame) -> pd.DataFrame:

@@ -30,6 +30,7 @@ class StudyReport:
     verdict: Verdict
     notes: list[str] = field(default_factory=list)
     data: pd.DataFrame | None = None  # the aggregated numbers behind the table, for csv output and plots
+    problem: str | None = None  # why the study's results could not be read (a broken runs.csv)
 
 
 def fmt_number(value: float, digits: int = 3) -> str:

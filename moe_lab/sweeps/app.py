@@ -7,10 +7,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from moe_lab.config import CONF_DIR, register_configs
+from moe_lab.runs import RunConflictError
 from moe_lab.sweeps.runner import pretrained_dir, results_root
 from moe_lab.track import write_json_atomic
 
@@ -19,7 +20,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Run one grid point in the job's own directory; a finished run is skipped, a failure recorded."""
+    """Run one grid point in the job's own directory; a finished run is skipped, a failure recorded, and a
+    point another process is training is waited for."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
@@ -29,12 +31,18 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("checkpoint") is None and cfg.finetune.pretrained:
             cfg.checkpoint = str(pretrained_dir(results_root(), cfg.finetune.pretrained))
     console = Console()
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if not overrides_file.exists():  # what runs.csv reads the point's values from, even if it fails to start
+        overrides_file.parent.mkdir(parents=True, exist_ok=True)
+        overrides_file.write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
     try:
         if hc.job.config_name == "finetune":
             from moe_lab.train.finetune import run_finetune as run
         else:
             from moe_lab.train.pretrain import run_pretrain as run
-        run(cfg, overrides, console)
+        run(cfg, overrides, console, wait=True)
+    except RunConflictError as err:  # another run is there: not this point's failure, and not ours to overwrite
+        console.print(f"[red]skipped[/red] {run_dir}: {err}")
     except Exception as err:  # one broken grid point must not end the sweep: record it and go on
         summary_path = run_dir / "summary.json"
         if not summary_path.exists():

@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from moe_lab.config import CONF_DIR
+from moe_lab.io import atomic_write
 from moe_lab.paths import results_root
 
 REPO = CONF_DIR.parent
@@ -74,8 +75,22 @@ def compose_point(study: Study, point: list[str]):
     from moe_lab.config import _compose
 
     root = "finetune" if study.command == "finetune" else "config"
-    extra = ["checkpoint=unused"] if study.command == "finetune" else []
+    given = any(item.startswith("checkpoint=") for item in point)
+    extra = ["checkpoint=unused"] if study.command == "finetune" and not given else []
     return _compose(root, [f"hydra.searchpath=[file://{REPO}]", f"+experiments={study.name}", *extra, *point])
+
+
+def check_points(study: Study, points: list[list[str]]) -> list:
+    """Every grid point's RunConfig; the first point that does not compose raises ConfigError naming it."""
+    from moe_lab.config import ConfigError, to_run_config
+
+    runs = []
+    for i, point in enumerate(points):
+        try:
+            runs.append(to_run_config(compose_point(study, point)))
+        except ConfigError as err:
+            raise ConfigError(f"grid point {i} ({' '.join(point)}): {err}") from None
+    return runs
 
 
 def swept_keys(points: list[list[str]]) -> list[str]:
@@ -110,28 +125,162 @@ def pretrained_presets(study: Study, points: list[list[str]]) -> list[str]:
 
 
 def ensure_pretrained(root: Path, preset: str, extra: list[str]) -> Path:
-    """Pretrain a fine-tuning study's checkpoint once (resumable), under ROOT/pretrained/PRESET."""
+    """Pretrain a fine-tuning study's checkpoint once (resumable), under ROOT/pretrained/PRESET; another sweep
+    pretraining it at the same time is waited for."""
     run_dir = pretrained_dir(root, preset)
     summary = run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         return run_dir
-    cmd = [sys.executable, "-m", "moe_lab.cli", "pretrain", preset, f"run_dir={run_dir}", "resume=true", *extra]
-    subprocess.run(cmd, check=True)
+    cmd = [sys.executable, "-m", "moe_lab.cli", "pretrain", preset, f"run_dir={run_dir}", "resume=true", "--wait"]
+    code = subprocess.run([*cmd, *extra]).returncode
+    if code != 0:
+        raise SweepError(f"pretraining {preset} into {run_dir} failed (exit {code}); its error is above")
     return run_dir
 
 
-def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str) -> list[str]:
-    """The `python -m moe_lab.sweeps.app --multirun ...` command line of a study."""
-    fixed = [o.split("=", 1)[0] for o in overrides if "=" in o and "," not in o]
-    exclude = ["experiments", "checkpoint", *fixed]
-    default_pretrained = (
+class SweepError(RuntimeError):
+    """A sweep that could not finish: its multirun or the pretraining it stands on exited with an error."""
+
+
+@dataclass
+class PointCheck:
+    """A grid point against what its directory holds."""
+
+    point: list[str]
+    run_dir: Path
+    identity: dict
+    on_disk: bool  # the directory holds a run
+    diffs: list[str]  # how that run's config differs from this point's (on disk -> now); empty if the same
+
+
+def shared_overrides(overrides: list[str]) -> list[str]:
+    """The overrides a fine-tuning study's pretraining shares with it: data, logging and seed."""
+    return [o for o in overrides if o.startswith(("data.", "logger", "seed="))]
+
+
+def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[PointCheck], list[PointCheck]]:
+    """(the shared pretrainings, the grid points), each checked against its directory, before anything runs.
+
+    A fine-tuning point's identity includes the identity its pretrained model will have, so a pretraining
+    with another config makes every point that stands on it differ too."""
+    from moe_lab.config import compose, to_run_config
+    from moe_lab.runs import identity_config, identity_diff, identity_hash, read_record, record_hash
+
+    def check(point: list[str], run_dir: Path, identity: dict) -> PointCheck:
+        record = read_record(run_dir)
+        diffs = identity_diff(record["config"], identity, record.get("unknown")) if record else []
+        return PointCheck(point, run_dir, identity, record is not None, diffs)
+
+    points = grid(study, overrides)
+    # the jobs of a study that fine-tunes its own preset get finetune.pretrained from hydra_command
+    extra = [f"finetune.pretrained={study.pretrained}"] if _default_pretrained(study, overrides) else []
+    runs = check_points(study, [[*point, *extra] for point in points])
+    pretrainings, expected = [], {}
+    for preset in pretrained_presets(study, points):
+        shared = shared_overrides(overrides)
+        identity = identity_config(to_run_config(compose(preset, shared)))
+        pretrainings.append(check([preset, *shared], pretrained_dir(root, preset), identity))
+        expected[preset] = identity_hash(identity)
+    checks = []
+    for point, run in zip(points, runs, strict=True):
+        given = next((i.split("=", 1)[1] for i in point if i.startswith("checkpoint=")), None)
+        preset = run.finetune.pretrained or study.pretrained
+        checkpoint = record_hash(Path(given)) if given else expected.get(preset)
+        identity = identity_config(run, checkpoint)
+        checks.append(
+            check(point, results_dir(study, root) / "runs" / point_dirname(study, point, overrides), identity)
+        )
+    return pretrainings, checks
+
+
+def _refuse_or_move(checks: list[PointCheck], what: str, rerun: bool, console) -> None:
+    """Without --rerun, stop if a run on disk has another config; with it, move the runs aside."""
+    from moe_lab.runs import RunConflictError, describe_diff, move_aside
+
+    conflicts = [c for c in checks if c.diffs]
+    if conflicts and not rerun:
+        first = conflicts[0]
+        raise RunConflictError(
+            f"{len(conflicts)} of {len(checks)} {what} hold runs of another config (e.g. {first.run_dir}: "
+            f"{describe_diff(first.diffs)}; on disk -> now): keep them by running in a fresh results directory "
+            "(MOE_LAB_RESULTS=DIR), or add --rerun to move them aside and run them again"
+        )
+    for c in checks:
+        if rerun and c.on_disk and (c.diffs or what == "grid points"):
+            console.print(f"moved {c.run_dir} aside to {move_aside(c.run_dir)}")
+
+
+def run_study(
+    name: str,
+    overrides: list[str],
+    launcher: str = "basic",
+    root: Path | None = None,
+    rerun: bool = False,
+    console=None,
+) -> pd.DataFrame:
+    """Run every grid point that has not completed, then write and return runs.csv.
+
+    Runs on disk are reused only if their config is this command's (moe_lab.runs); otherwise the sweep stops
+    before running anything, or with `rerun` moves them aside first. Raises SweepError after writing runs.csv
+    if the multirun itself did not finish."""
+    from rich.console import Console
+
+    from moe_lab.runs import check_writable
+
+    console = console or Console()
+    study = load_study(name)
+    root = Path(root or results_root())
+    if launcher not in ("basic", "joblib"):
+        raise ValueError(f"launcher {launcher!r} is not one of ['basic', 'joblib']")
+    check_writable(root)
+    pretrainings, checks = plan_study(study, overrides, root)
+    _refuse_or_move(pretrainings, "shared pretrainings", rerun, console)
+    _refuse_or_move(checks, "grid points", rerun, console)
+    # the pretraining a fine-tuning study stands on shares the study's data and logging overrides
+    for pre in pretrainings:
+        ensure_pretrained(root, pre.point[0], pre.point[1:])
+    env = {**os.environ, "MOE_LAB_RESULTS": str(root)}
+    code = subprocess.run(hydra_command(study, root, overrides, launcher), env=env).returncode
+    frame = collect(study, root)
+    if code != 0:
+        raise SweepError(
+            f"the multirun of {name} exited with {code}; runs.csv has the runs so far; the same command resumes it"
+        )
+    return frame
+
+
+def _default_pretrained(study: Study, overrides: list[str]) -> bool:
+    """Whether the study's own pretraining preset is used (not swept, not overridden)."""
+    return bool(
         study.command == "finetune"
         and study.pretrained
         and "finetune.pretrained" not in study.params
         and not any(o.startswith("finetune.pretrained=") for o in overrides)
     )
-    if default_pretrained:
-        exclude.append("finetune.pretrained")
+
+
+def exclude_keys(study: Study, overrides: list[str]) -> list[str]:
+    """Keys left out of a grid point's directory name: the bookkeeping, and the fixed overrides (not swept) of keys
+    the study does not sweep; `moe.top_k=1` on the top-k study still names its one point `moe.top_k=1`."""
+    fixed = [o.split("=", 1)[0] for o in overrides if "=" in o and "," not in o]
+    fixed = [key for key in fixed if key not in study.params]
+    exclude = ["experiments", "checkpoint", *fixed]
+    return [*exclude, "finetune.pretrained"] if _default_pretrained(study, overrides) else exclude
+
+
+def point_dirname(study: Study, point: list[str], overrides: list[str]) -> str:
+    """The directory Hydra's multirun gives a grid point (hydra.job.override_dirname, as hydra_command sets it)."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(point)
+    return get_overrides_dirname(parsed, exclude_keys(study, overrides), item_sep=",", kv_sep="=")
+
+
+def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str) -> list[str]:
+    """The `python -m moe_lab.sweeps.app --multirun ...` command line of a study."""
+    exclude = exclude_keys(study, overrides)
+    default_pretrained = _default_pretrained(study, overrides)
     cmd = [
         sys.executable, "-m", "moe_lab.sweeps.app", "--multirun",
         f"--config-name={'finetune' if study.command == 'finetune' else 'config'}",
@@ -142,6 +291,9 @@ def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str)
         "hydra.sweep.subdir=${hydra:job.override_dirname}",
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]",
         "hydra.job_logging.root.level=WARNING",
+        # each run writes its own .hydra/ once (moe_lab.train.rundir): Hydra's would overwrite a run's config
+        # with the config of whichever command last visited it
+        "hydra.output_subdir=null",
     ]  # fmt: skip
     if default_pretrained:
         cmd.append(f"finetune.pretrained={study.pretrained}")
@@ -152,16 +304,17 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
     """One row per run directory: its swept values, status and final metrics; written to runs.csv."""
     rows = []
     runs = results_dir(study, root) / "runs"
-    for summary_path in sorted(runs.glob("*/summary.json")):
+    paths = sorted(runs.glob("*/summary.json"))
+    values = [_point_values(p.parent) for p in paths]
+    # the study's swept keys, the task, and any other key whose value differs between the runs (`seed=0,1,2`)
+    varied = {k for v in values for k in v if len({str(w.get(k)) for w in values}) > 1}
+    for summary_path, point in zip(paths, values, strict=True):
         run_dir = summary_path.parent
         summary = json.loads(summary_path.read_text())
         row: dict = {"run": run_dir.name}
-        overrides_file = run_dir / ".hydra" / "overrides.yaml"
-        if overrides_file.exists():
-            for item in yaml.safe_load(overrides_file.read_text()) or []:
-                key, _, value = str(item).partition("=")
-                if key in study.params or key.split(".")[0] in ("task",):
-                    row[key] = value
+        for key, value in point.items():
+            if key in study.params or key in varied or key.split(".")[0] in ("task",):
+                row[key] = value
         row["status"] = summary.get("status")
         for key, value in summary.items():
             if key.startswith(("final_", "best_", "fluctuation@")) or key in (
@@ -172,10 +325,18 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
         row.update(_last_moe_metrics(run_dir))
         rows.append(row)
     frame = pd.DataFrame(rows)
-    out = results_dir(study, root) / "runs.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    with atomic_write(results_dir(study, root) / "runs.csv", suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False)
     return frame
+
+
+def _point_values(run_dir: Path) -> dict[str, str]:
+    """A run's overrides (key -> value) from .hydra/overrides.yaml, bookkeeping left out."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    items = (str(item).partition("=") for item in yaml.safe_load(path.read_text()) or [])
+    return {key: value for key, _, value in items if not key.startswith(("+", "~", "hydra")) and key != "checkpoint"}
 
 
 def _last_moe_metrics(run_dir: Path) -> dict[str, float]:
@@ -193,18 +354,3 @@ def _last_moe_metrics(run_dir: Path) -> dict[str, float]:
                 if len(values):
                     out[f"{prefix}_{metric}"] = float(values.iloc[-1].mean())
     return out
-
-
-def run_study(name: str, overrides: list[str], launcher: str = "basic", root: Path | None = None) -> pd.DataFrame:
-    """Run every grid point that has not completed, then write and return runs.csv."""
-    study = load_study(name)
-    root = Path(root or results_root())
-    if launcher not in ("basic", "joblib"):
-        raise ValueError(f"launcher {launcher!r} is not one of ['basic', 'joblib']")
-    # the pretraining a fine-tuning study stands on shares the study's data and logging overrides
-    shared = [o for o in overrides if o.startswith(("data.", "logger", "seed="))]
-    for preset in pretrained_presets(study, grid(study, overrides)):
-        ensure_pretrained(root, preset, shared)
-    env = {**os.environ, "MOE_LAB_RESULTS": str(root)}
-    subprocess.run(hydra_command(study, root, overrides, launcher), check=True, env=env)
-    return collect(study, root)

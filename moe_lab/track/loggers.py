@@ -40,15 +40,18 @@ class CSVSink:
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = ["step"]
 
-    def resume(self, step: int) -> None:
-        """Keep the rows of steps <= `step` (a checkpoint's) and drop the ones logged after it."""
+    def resume(self, step: int) -> int:
+        """Keep the rows of steps <= `step` (a checkpoint's) and drop the ones logged after it; returns the last
+        step the killed process had logged."""
         if not self.path.exists():
-            return
+            return step
         with self.path.open() as f:
             reader = csv.DictReader(f)
             self.columns = list(reader.fieldnames or ["step"])
-            self.rows = [r for r in reader if int(r["step"]) <= step]
+            rows = list(reader)
+        self.rows = [r for r in rows if int(r["step"]) <= step]
         self._write()
+        return max([step, *(int(r["step"]) for r in rows)])
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **metrics}
@@ -68,7 +71,9 @@ class CSVSink:
 class WandbSink:
     """Weights & Biases, offline unless the config or $WANDB_MODE says otherwise."""
 
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict, mode: str | None) -> None:
+    def __init__(
+        self, run_dir: Path, project: str, name: str, config: dict, mode: str | None, run_id: str | None = None
+    ) -> None:
         import wandb
 
         self.mode = mode or os.environ.get("WANDB_MODE") or "offline"
@@ -82,6 +87,9 @@ class WandbSink:
             config=config,
             mode=self.mode,
             reinit="finish_previous",
+            # the run directory keeps its W&B id, so a resumed run continues its W&B run instead of opening another
+            id=run_id,
+            resume="allow" if run_id else None,
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -107,11 +115,17 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.csv = CSVSink(self.run_dir)
         self.wandb = wandb_sink
+        self._wandb_from = 0
+
+    def resume(self, step: int) -> None:
+        """Continue a run from its checkpoint at `step`: metrics.csv drops what was logged after it, and W&B,
+        which already has those steps (the resumed run logs the same numbers again), gets only the new ones."""
+        self._wandb_from = self.csv.resume(step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Record one step's metrics in every sink."""
         self.csv.log(metrics, step)
-        if self.wandb is not None:
+        if self.wandb is not None and step >= self._wandb_from:
             self.wandb.log(metrics, step)
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -34,7 +34,21 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`; a missing file names the path."""
+    """Load a checkpoint written by `save_checkpoint`; a missing, truncated or foreign file names the path."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises RuntimeError, EOFError or UnpicklingError, by how the file is broken
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read the checkpoint {path}: it is truncated or not a moe-lab checkpoint ({reason}); move it "
+            "away to train that run again from step 0"
+        ) from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"{path} is not a moe-lab checkpoint (no model state in it)")
+    return payload
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read."""

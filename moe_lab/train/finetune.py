@@ -16,10 +16,12 @@ from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel, count_parameters
 from moe_lab.models.transformer import ModelLosses
+from moe_lab.runs import identity_config, record_hash
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.freeze import apply_freeze
 from moe_lab.train.loop import CHECKPOINT
-from moe_lab.train.pretrain import begin_run, describe_model, train_and_record, write_hydra_snapshot
+from moe_lab.train.pretrain import describe_model, train_and_record
+from moe_lab.train.rundir import begin_run, claim
 
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -111,7 +113,13 @@ def _overridden(overrides: list[str], prefix: str) -> set[str]:
     return {k[len(prefix) :] for k in keys if k.startswith(prefix)}
 
 
-def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: Console | None = None) -> dict:
+def run_finetune(
+    cfg: DictConfig,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+    rerun: bool = False,
+    wait: bool = False,
+) -> dict:
     """Fine-tune a pretrained model on a classification task; returns the summary written to summary.json."""
     console = console or Console()
     overrides = list(overrides or [])
@@ -120,9 +128,10 @@ def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: C
         raise ValueError("fine-tuning needs checkpoint=RUN_DIR (a `moe-lab pretrain` run directory)")
     pre_dir, pre = pretrained_run(run.checkpoint)
     run = replace(run, name=f"finetune-{run.task.name}")
-    run_dir, previous, seed = begin_run(run, console)
-    if previous is not None:
-        return previous
+    identity = identity_config(run, record_hash(pre_dir))
+    start = begin_run(run, identity, console, rerun)
+    if start.previous is not None:
+        return start.previous
 
     # the architecture is the checkpoint's; fine-tuning may change capacity, losses and dropout
     moe_changes = {k: getattr(run.moe, k) for k in _overridden(overrides, "moe.") & set(FINETUNE_MOE_KEYS)}
@@ -133,7 +142,7 @@ def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: C
     tokenizer = lm_tokenizer(pre.data, pre.tokenizer)
     # examples longer than the model's context are cut to it
     task_cfg = replace(run.task, max_len=min(run.task.max_len, model_cfg.max_seq_len))
-    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, seed)
+    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, start.seed)
     model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes)
     state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
     missing = model.transformer.load_state_dict(
@@ -142,16 +151,20 @@ def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: C
     assert not missing.missing_keys and not missing.unexpected_keys, missing
     counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_hydra_snapshot(run_dir, cfg, overrides)
+    start = claim(start, identity, cfg, overrides, console, wait)
+    if start.previous is not None:  # another process finished it while we waited
+        return start.previous
     params = count_parameters(model)
     describe_model(console, f"{pre.name} -> {run.task.name}", params)
     console.print(
         f"task {run.task.name}: {len(data.train_ids):,} train / {len(data.val_ids):,} val examples, "
         f"{data.num_classes} classes; trainable parameters {counts['trainable']:,} of {counts['total']:,} "
-        f"(freeze={run.finetune.freeze}{', router frozen' if run.finetune.freeze_router else ''}); run dir {run_dir}"
+        f"(freeze={run.finetune.freeze}{', router frozen' if run.finetune.freeze_router else ''}); "
+        f"run dir {start.run_dir}"
     )
-    task = ClassificationTask(data, run.train.batch_size, seed, tokenizer.pad_id, run.finetune.train_eval_examples)
+    task = ClassificationTask(
+        data, run.train.batch_size, start.seed, tokenizer.pad_id, run.finetune.train_eval_examples
+    )
     extra = {
         "task": run.task.name,
         "metric": run.task.metric,
@@ -159,4 +172,4 @@ def run_finetune(cfg: DictConfig, overrides: list[str] | None = None, console: C
         "trainable_parameters": counts["trainable"],
         "moe": {k: getattr(moe_cfg, k) for k in FINETUNE_MOE_KEYS},
     }
-    return train_and_record(run, cfg, run_dir, model, task, params, extra, started, console)
+    return train_and_record(run, cfg, start, model, task, params, extra, started, console)

@@ -19,7 +19,7 @@ from torch import nn
 from moe_lab.config import OptimConfig, TrainConfig
 from moe_lab.models.transformer import ModelLosses, moe_layers
 from moe_lab.track import RunLogger
-from moe_lab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from moe_lab.train.fluctuation import RoutingProbe
 from moe_lab.train.optim import UpdateClipper, build_optimizer, build_scheduler
 
@@ -87,11 +87,12 @@ def train(
     optim_cfg: OptimConfig,
     run_dir: Path,
     logger: RunLogger,
-    resume: bool = False,
+    resume_state: dict[str, Any] | None = None,
     console: Console | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train `model` on `task`; checkpoints to run_dir; a NaN/inf or exploding loss ends it as diverged."""
+    """Train `model` on `task`, continuing from `resume_state` (a loaded checkpoint) if given; checkpoints to
+    run_dir; a NaN/inf or exploding loss ends it as diverged."""
     console = console or Console()
     device = resolve_device(train_cfg.device)
     model.to(device)
@@ -104,14 +105,13 @@ def train(
 
     ckpt_path = Path(run_dir) / CHECKPOINT
     result = TrainResult(status="running", step=0)
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        result = ckpt["result"]
-        logger.csv.resume(result.step)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])  # moves the state to the parameters' device
+        scheduler.load_state_dict(resume_state["scheduler"])
+        set_rng_state(resume_state["rng"])
+        result = resume_state["result"]
+        logger.resume(result.step)
         console.print(f"resumed from {ckpt_path} at step {result.step}")
 
     layers = [layer for _, layer in moe_layers(model)]

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import random
 import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +20,10 @@ from moe_lab.data.lm import LMData, build_lm_data, lm_tokenizer
 from moe_lab.data.tokenizers import token_text
 from moe_lab.models import LanguageModel, count_parameters, flops_per_token
 from moe_lab.models.transformer import ModelLosses
-from moe_lab.track import RunLogger, WandbSink, read_summary
-from moe_lab.train.loop import CHECKPOINT, rank_seed, resolve_device, train
+from moe_lab.runs import identity_config
+from moe_lab.track import RunLogger, WandbSink
+from moe_lab.train.loop import resolve_device, train
+from moe_lab.train.rundir import RunStart, begin_run, claim
 
 
 class LMTask:
@@ -106,31 +106,6 @@ class LMTask:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
-def resolve_run_dir(run: RunConfig) -> Path:
-    """The run's directory: run_dir if given; on resume the newest run of this name; else a new timestamped one."""
-    if run.run_dir:
-        return Path(run.run_dir)
-    root = Path(run.runs_root) / run.name
-    if run.resume:
-        previous = sorted(p.parent for p in root.glob(f"*/{CHECKPOINT}"))
-        if previous:
-            return previous[-1]
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = root / stamp
-    n = 1
-    while path.exists():
-        path, n = root / f"{stamp}-{n}", n + 1
-    return path
-
-
-def write_hydra_snapshot(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
-    """.hydra/config.yaml (resolved) and .hydra/overrides.yaml, as a Hydra app run would leave them."""
-    hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-
-
 def describe_model(console: Console, name: str, params: dict[str, int], flops: int | None = None) -> None:
     """A table of total and active parameters (and FLOPs per token when known)."""
     table = Table(title=f"model {name}", show_header=False)
@@ -142,28 +117,23 @@ def describe_model(console: Console, name: str, params: dict[str, int], flops: i
     console.print(table)
 
 
-def begin_run(run: RunConfig, console: Console) -> tuple[Path, dict | None, int]:
-    """The run directory, the summary of a run that already ended (when resuming it), and the seeded seed."""
-    run_dir = resolve_run_dir(run)
-    previous = read_summary(run_dir)
-    if run.resume and previous and previous.get("status") in ("completed", "diverged"):
-        console.print(f"{run_dir} already {previous['status']}; nothing to resume")
-        return run_dir, previous, 0
-    seed = rank_seed(run.seed)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    if run.train.threads > 0:
-        torch.set_num_threads(run.train.threads)
-    return run_dir, None, seed
+def run_pretrain(
+    cfg: DictConfig,
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+    rerun: bool = False,
+    wait: bool = False,
+) -> dict:
+    """Train one language model as `cfg` says; returns the summary written to summary.json.
 
-
-def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: Console | None = None) -> dict:
-    """Train one language model as `cfg` says; returns the summary written to summary.json."""
+    `rerun` moves a run already in the run directory aside first; `wait` waits for another process training
+    that directory instead of stopping (sweeps)."""
     console = console or Console()
     run = to_run_config(cfg).scaled()
-    run_dir, previous, seed = begin_run(run, console)
-    if previous is not None:
-        return previous
+    identity = identity_config(run)
+    start = begin_run(run, identity, console, rerun)
+    if start.previous is not None:
+        return start.previous
     if run.train.seq_len > run.model.max_seq_len:
         raise ValueError(f"train.seq_len={run.train.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
 
@@ -171,8 +141,12 @@ def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: C
     started = time.time()
     data = build_lm_data(run.data, run.tokenizer, run.train.seq_len)
     model = LanguageModel(run.model, run.moe, data.vocab_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_hydra_snapshot(run_dir, cfg, overrides or [])
+    tokenizer = lm_tokenizer(run.data, run.tokenizer)
+    task = LMTask(data, run.train.batch_size, start.seed, run.train.eval_batches, partial(token_text, tokenizer))
+    start = claim(start, identity, cfg, overrides or [], console, wait)
+    if start.previous is not None:  # another process finished it while we waited
+        return start.previous
+    run_dir = start.run_dir
     params = count_parameters(model)
     flops = flops_per_token(run.model, run.moe, data.vocab_size, run.train.seq_len)
     describe_model(console, run.name, params, flops)
@@ -180,16 +154,14 @@ def run_pretrain(cfg: DictConfig, overrides: list[str] | None = None, console: C
         f"data: {data.train_tokens:,} train tokens ({data.tokenizer_name}), {data.val_BS.numel():,} val; "
         f"unigram val loss {data.unigram_val_loss:.4f}; run dir {run_dir}"
     )
-    tokenizer = lm_tokenizer(run.data, run.tokenizer)
-    task = LMTask(data, run.train.batch_size, seed, run.train.eval_batches, partial(token_text, tokenizer))
     extra = {"flops_per_token": flops, "unigram_val_loss": data.unigram_val_loss}
-    return train_and_record(run, cfg, run_dir, model, task, params, extra, started, console)
+    return train_and_record(run, cfg, start, model, task, params, extra, started, console)
 
 
 def train_and_record(
     run: RunConfig,
     cfg: DictConfig,
-    run_dir: Path,
+    start: RunStart,
     model: torch.nn.Module,
     task: Any,
     params: dict[str, int],
@@ -197,53 +169,69 @@ def train_and_record(
     started: float,
     console: Console,
 ) -> dict:
-    """Train with logging to CSV (and W&B), and write summary.json however the run ends; returns the summary."""
-    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    wandb_sink = None
-    if run.logger.wandb:
-        wandb_name = f"{run.name}/{run_dir.name}"
-        wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode)
-    logger = RunLogger(run_dir, wandb_sink)
-    summary: dict[str, Any] = {
-        "name": run.name,
-        "run_dir": str(run_dir),
-        "status": "running",
-        "parameters": params,
-        **extra,
-        "device": str(resolve_device(run.train.device)),
-        "torch_version": torch.__version__,
-        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-        "config": resolved,
-    }
-    failed = False
+    """Train with logging to CSV (and W&B), and write summary.json however the run ends; returns the summary.
+    Releases the run directory's lock at the end."""
+    run_dir = start.run_dir
     try:
-        result = train(
-            model, task, run.train, run.optim, run_dir, logger, resume=run.resume, console=console,
-            show_progress=run.logger.progress,
-        )  # fmt: skip
-        summary.update(
-            status=result.status,
-            step=result.step,
-            final_train_loss=result.train_loss,
-            **{f"final_{k}": v for k, v in result.eval.items()},
-            **{f"best_{k}": v for k, v in result.best.items()},
-            diverged_at_step=result.diverged_at,
-            reason=result.reason,
-            train_seconds=result.train_seconds,
-            tokens=result.tokens,
-            tokens_per_s=result.tokens_per_s,
-            **result.fluctuation,
-        )
-    except BaseException as err:
-        failed = True
-        summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-        raise
+        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        wandb_sink = None
+        if run.logger.wandb:
+            wandb_id = (start.record or {}).get("wandb_id")
+            wandb_name = f"{run.name}/{run_dir.name}"
+            wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id)
+        logger = RunLogger(run_dir, wandb_sink)
+        summary: dict[str, Any] = {
+            "name": run.name,
+            "run_dir": str(run_dir),
+            "identity": (start.record or {}).get("identity"),
+            "status": "running",
+            "parameters": params,
+            **extra,
+            "device": str(resolve_device(run.train.device)),
+            "torch_version": torch.__version__,
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "config": resolved,
+        }
+        failed = False
+        try:
+            result = train(
+                model, task, run.train, run.optim, run_dir, logger, resume_state=start.resume_state, console=console,
+                show_progress=run.logger.progress,
+            )  # fmt: skip
+            summary.update(
+                status=result.status,
+                step=result.step,
+                final_train_loss=result.train_loss,
+                **{f"final_{k}": v for k, v in result.eval.items()},
+                **{f"best_{k}": v for k, v in result.best.items()},
+                diverged_at_step=result.diverged_at,
+                reason=result.reason,
+                train_seconds=result.train_seconds,
+                tokens=result.tokens,
+                tokens_per_s=result.tokens_per_s,
+                **result.fluctuation,
+            )
+        except BaseException as err:
+            failed = True
+            summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+            if isinstance(err, Exception):
+                raise RunFailedError(
+                    f"{run_dir} failed while training ({type(err).__name__}: {err}); "
+                    f"the traceback is in {run_dir / 'summary.json'}; resume=true continues from the last checkpoint"
+                ) from err
+            raise  # Ctrl-C or SystemExit: recorded as failed, resumable
+        finally:
+            summary["wall_seconds"] = time.time() - started
+            logger.summary(summary)
+            logger.finish(failed=failed)
+        report_run(console, summary)
+        return summary
     finally:
-        summary["wall_seconds"] = time.time() - started
-        logger.summary(summary)
-        logger.finish(failed=failed)
-    report_run(console, summary)
-    return summary
+        start.release()
+
+
+class RunFailedError(RuntimeError):
+    """A run that started training and then raised: recorded as failed in its summary.json."""
 
 
 def report_run(console: Console, summary: dict) -> None:

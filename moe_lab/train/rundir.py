@@ -1,0 +1,167 @@
+"""Starting a run in its directory: which directory, whether the run there is this one, the lock, the records."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from moe_lab.config import RunConfig
+from moe_lab.runs import (
+    RECORD,
+    RunConflictError,
+    RunLock,
+    check_writable,
+    describe_diff,
+    identity_diff,
+    move_aside,
+    new_record,
+    read_record,
+    remove_orphans,
+)
+from moe_lab.track import read_summary, write_json_atomic
+from moe_lab.train.checkpoint import load_checkpoint
+from moe_lab.train.loop import CHECKPOINT, rank_seed
+
+FINISHED = ("completed", "diverged")
+
+
+@dataclass
+class RunStart:
+    """A run about to train (or found finished): its directory, seed, record, lock and checkpoint."""
+
+    run_dir: Path
+    resume: bool
+    seed: int = 0
+    previous: dict | None = None  # the summary of a run that already ended: nothing to do
+    record: dict | None = None  # run.json
+    lock: RunLock | None = None
+    resume_state: dict | None = None  # the checkpoint to continue from
+
+    def release(self) -> None:
+        """Let go of the run directory's lock."""
+        if self.lock is not None:
+            self.lock.release()
+
+
+def resolve_run_dir(run: RunConfig) -> Path:
+    """The run's directory: run_dir if given; on resume the newest run of this name; else a new timestamped one."""
+    if run.run_dir:
+        return Path(run.run_dir)
+    root = Path(run.runs_root) / run.name
+    if run.resume:
+        previous = sorted(p.parent for p in root.glob(f"*/{CHECKPOINT}"))
+        if previous:
+            return previous[-1]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = root / stamp
+    n = 1
+    while path.exists():
+        path, n = root / f"{stamp}-{n}", n + 1
+    return path
+
+
+def write_hydra_snapshot(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
+    """.hydra/config.yaml (resolved) and .hydra/overrides.yaml, as a Hydra app run would leave them."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+
+
+def check_device(name: str) -> None:
+    """Raise ValueError if train.device names a device this machine does not have."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"train.device={name} but CUDA is not available (torch {torch.__version__}: {build}); "
+                             "use train.device=auto or cpu")  # fmt: skip
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("train.device=mps but MPS is not available; use train.device=auto or cpu")
+
+
+def same_run(run_dir: Path, identity: dict[str, Any], resume: bool) -> dict | None:
+    """The record of the run in run_dir if it is this run; None if there is none; RunConflictError if it is another."""
+    record = read_record(run_dir)
+    if record is None:
+        return None
+    if not resume:
+        raise RunConflictError(
+            f"{run_dir} already holds a run: add resume=true to continue it, or --rerun to move it aside and "
+            "start again"
+        )
+    diffs = identity_diff(record["config"], identity, record.get("unknown"))
+    if diffs:
+        raise RunConflictError(
+            f"{run_dir} holds a run of another config ({describe_diff(diffs)}; on disk -> now): keep it by using "
+            "another run_dir or results directory, or add --rerun to move it aside and start again"
+        )
+    return record
+
+
+def begin_run(run: RunConfig, identity: dict[str, Any], console: Console, rerun: bool = False) -> RunStart:
+    """Before any data is built: the run directory, and whether it holds this run already ended (`previous`),
+    this run to resume, or another run (RunConflictError). Seeds the RNGs and sets the thread count."""
+    check_device(run.train.device)
+    run_dir = resolve_run_dir(run)
+    check_writable(run_dir)
+    if rerun and run_dir.is_dir() and any(run_dir.iterdir()):
+        console.print(f"moved {run_dir} aside to {move_aside(run_dir)}")
+    same_run(run_dir, identity, run.resume)
+    previous = read_summary(run_dir)
+    if run.resume and previous and previous.get("status") in FINISHED:
+        console.print(f"{run_dir} already {previous['status']}; nothing to resume")
+        return RunStart(run_dir, run.resume, previous=previous)
+    seed = rank_seed(run.seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if run.train.threads > 0:
+        torch.set_num_threads(run.train.threads)
+    return RunStart(run_dir, run.resume, seed)
+
+
+def claim(
+    start: RunStart,
+    identity: dict[str, Any],
+    cfg: DictConfig,
+    overrides: list[str],
+    console: Console,
+    wait: bool = False,
+) -> RunStart:
+    """Lock the run directory (waiting for another process if `wait`), then under the lock check the run again,
+    remove what a kill left, write run.json and the Hydra snapshot once, and load the checkpoint to resume from.
+    Call it once the data and the model are built, so bad input leaves no directory behind."""
+    run_dir = start.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    lock.acquire(wait, lambda message: console.print(message, soft_wrap=True))
+    try:
+        record = same_run(run_dir, identity, start.resume)  # another process may have started or ended it
+        previous = read_summary(run_dir)
+        if start.resume and previous and previous.get("status") in FINISHED:
+            console.print(f"{run_dir} already {previous['status']}; nothing to resume")
+            lock.release()
+            return replace(start, previous=previous)
+        for path in remove_orphans(run_dir):
+            console.print(f"removed {path.name}, left by a killed process")
+        if record is None or record.get("legacy"):
+            record = new_record(identity)
+            write_json_atomic(run_dir / RECORD, record)
+        if not (run_dir / ".hydra" / "config.yaml").exists():  # a resume keeps the config the run started with
+            write_hydra_snapshot(run_dir, cfg, overrides)
+        state = None
+        if start.resume and (run_dir / CHECKPOINT).exists():
+            state = load_checkpoint(run_dir / CHECKPOINT)
+    except BaseException:
+        lock.release()
+        raise
+    return replace(start, record=record, lock=lock, resume_state=state)
