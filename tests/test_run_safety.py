@@ -206,11 +206,24 @@ def _broken_copy(root: Path, tmp_path: Path, edit) -> Path:
 def test_the_report_names_a_runs_csv_that_disagrees_with_its_runs(
     finished_sweep: Path, tmp_path: Path, edit, needle: str
 ) -> None:
+    from typer.testing import CliRunner
+
+    from moe_lab.cli import app
+
     results = _broken_copy(finished_sweep, tmp_path, edit)
-    result = run_cli("report", "top-k", "--results", str(results), "--format", "md")
-    assert_one_line_error(result, str(results / "top-k" / "runs.csv"), needle, "moe-lab sweep top-k")
+    result = CliRunner().invoke(app, ["report", "top-k", "--results", str(results), "--format", "md"])
+    error = [ln for ln in result.output.splitlines() if ln.startswith("error: ")]
+    assert result.exit_code == 2 and len(error) == 1, result.output
+    for part in (str(results / "top-k" / "runs.csv"), needle, "moe-lab sweep top-k"):
+        assert part in error[0], (part, error[0])
     report = (results / "report.md").read_text()
     assert "no data" in report and needle in report  # the report still says what it could
+
+
+def test_the_report_cli_exits_2_on_a_cut_runs_csv(finished_sweep: Path, tmp_path: Path) -> None:
+    results = _broken_copy(finished_sweep, tmp_path, lambda text: text[: len(text) - 40])
+    result = run_cli("report", "top-k", "--results", str(results), "--format", "md")
+    assert_one_line_error(result, str(results / "top-k" / "runs.csv"), "ends in the middle of a line")
 
 
 def test_the_report_accepts_the_runs_csv_a_sweep_wrote(finished_sweep: Path, tmp_path: Path) -> None:
@@ -292,6 +305,9 @@ BAD_INPUTS = {
     "local-binary": (["data=local", "data.path={binary}"], ["{binary}", "looks binary"]),
     "local-not-utf8": (["data=local", "data.path={latin1}"], ["{latin1}", "not UTF-8", "offset 3"]),
     "eval-batches-0": (["train.eval_batches=0"], ["train.eval_batches must be >= 1, got 0"]),
+}
+# config errors stop before any data or model is built: the same CLI, run in this process (quicker)
+BAD_CONFIGS = {
     "lr-nan": (["optim.lr=nan"], ["optim.lr must be > 0, got nan"]),
     "lr-inf": (["optim.lr=inf"], ["optim.lr must be > 0, got inf"]),
     "no-layers": (["model.num_layers=0"], ["model.num_layers must be >= 1, got 0"]),
@@ -302,6 +318,20 @@ BAD_INPUTS = {
     "not-an-int": (["model.d_model=abc"], ["model.d_model=abc", "could not be converted to Integer"]),
     "no-such-option": (["optim=sgd"], ["optim/sgd", "available options in 'optim': adafactor, adamw"]),
 }
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_a_bad_config_is_one_line_and_leaves_nothing(case: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moe_lab.cli import app
+
+    overrides, needles = BAD_CONFIGS[case]
+    result = CliRunner().invoke(app, ["pretrain", "tiny", f"runs_root={tmp_path / 'runs'}", *overrides])
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: config: "), result.output
+    assert all(n in lines[0] for n in needles), (needles, lines[0])
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -394,7 +424,7 @@ def test_a_read_only_results_directory_is_one_line(tmp_path: Path, cache: str) -
 
 def test_a_killed_run_resumes_its_wandb_run_and_removes_its_temporary_files(tmp_path: Path, cache: str) -> None:
     run_dir = tmp_path / "run"
-    args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=400", "train.ckpt_every=2"]
+    args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=150", "train.ckpt_every=2"]
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.Popen([MOE_LAB, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -408,8 +438,8 @@ def test_a_killed_run_resumes_its_wandb_run_and_removes_its_temporary_files(tmp_
         path.write_bytes(b"half a file")
 
     result = run_cli(*args, "train.max_steps=12", "resume=true", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    assert result.returncode == 2  # the kill left a 400-step run: 12 steps is another run
-    result = run_cli(*args, "resume=true", "train.max_steps=400", env={"WANDB_MODE": "offline"}, timeout=600)
+    assert result.returncode == 2  # the kill left a 150-step run: 12 steps is another run
+    result = run_cli(*args, "resume=true", env={"WANDB_MODE": "offline"}, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout and "left by a killed process" in result.stdout
     assert not [p for p in orphans if p.exists()]
@@ -420,7 +450,7 @@ def test_a_killed_run_resumes_its_wandb_run_and_removes_its_temporary_files(tmp_
 
 def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path: Path, cache: str) -> None:
     run_dir = tmp_path / "run"
-    args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=400", "train.ckpt_every=2"]
+    args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=150", "train.ckpt_every=2"]
     env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200"}
     proc = subprocess.Popen([MOE_LAB, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
