@@ -40,7 +40,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch raises RuntimeError, EOFError or UnpicklingError, by how the file is broken
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__  # torch's first clause
         raise CheckpointError(
             f"cannot read the checkpoint {path}: it is truncated or not a moe-lab checkpoint ({reason}); move it "
             "away to train that run again from step 0"
