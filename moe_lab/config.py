@@ -66,6 +66,9 @@ class DataConfig:
     num_docs: int = bounded(20000, ge=1)
     num_domains: int = bounded(4, ge=1, le=8)  # synthetic.DOMAINS
     corpus_seed: int = bounded(0, ge=0)
+    # the knowledge component (moe_lab.data.facts): biographies of num_people people, fact_fraction of the docs
+    num_people: int = bounded(0, ge=0, le=100_000)
+    fact_fraction: float = bounded(0.0, ge=0.0, le=1.0)
     cache_dir: str = "~/.cache/moe-lab"
     max_tokens: int | None = bounded(None, ge=1, none="all")  # cap on the tokens used (train + val), for quick runs
 
@@ -126,6 +129,7 @@ class TrainConfig:
     precision: str = bounded("fp32", choices=("fp32", "bf16"))
     eval_every: int = bounded(100, ge=1)
     eval_batches: int = bounded(20, ge=1)
+    fact_queries: int = bounded(512, ge=0)  # held-out fact queries scored at each evaluation (facts corpus only)
     log_every: int = bounded(10, ge=1)
     ckpt_every: int = bounded(250, ge=1)
     # a loss above this, or NaN/inf, ends the run as diverged (inf: only NaN/inf do)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from moe_lab.config import ModelConfig, TaskConfig, compose_finetune, to_run_config
 from moe_lab.data.tasks import build_classification_data
@@ -134,3 +135,77 @@ def test_finetune_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and "expected a pretraining run directory" in result.stderr
     result = run_cli("finetune", "synth-small", "finetune.freeze=everything", "checkpoint=x")
     assert result.returncode == 2 and "finetune.freeze='everything' is not one of" in result.stderr
+
+
+# settings a fine-tuning run used to ignore silently (issue #12 §7)
+
+
+@pytest.fixture(scope="module")
+def pretrained_eval_cf_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretraining whose eval capacity factor (1.0) differs from the fine-tuning studies' (2.0)."""
+    root = tmp_path_factory.mktemp("pretrained-cf1")
+    result = pretrain(
+        "tiny", f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}", "train.max_steps=4",
+        "moe.eval_capacity_factor=1.0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "run"
+
+
+def test_a_study_yaml_moe_setting_applies_to_its_fine_tuning_runs(pretrained_eval_cf_1: Path, tmp_path: Path) -> None:
+    from moe_lab.sweeps.runner import compose_point, load_study
+    from moe_lab.train.finetune import run_finetune
+
+    study = load_study("token-drop")  # sets moe.eval_capacity_factor: 2.0 in its YAML, not on the command line
+    point = [
+        f"checkpoint={pretrained_eval_cf_1}", f"run_dir={tmp_path / 'ft'}", "moe.train_capacity_factor=0.5",
+        "train.max_steps=2", "train.eval_every=2", "task.synthetic_val=50", "task.synthetic_train=50",
+        "logger=csv", "logger.progress=false",
+    ]  # fmt: skip
+    cfg = compose_point(study, point)
+    summary = run_finetune(cfg, [f"+experiments={study.name}", *point], Console(quiet=True))
+    assert summary["moe"]["eval_capacity_factor"] == 2.0  # the study's, not the checkpoint's 1.0
+    assert summary["moe"]["train_capacity_factor"] == 0.5
+    pre = json.loads((pretrained_eval_cf_1 / "summary.json").read_text())
+    assert pre["config"]["moe"]["eval_capacity_factor"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "needle", "allowed"),
+    [("moe.num_experts=4", "moe.num_experts: fixed by the pretrained checkpoint", "moe.train_capacity_factor"),
+     ("model.d_model=64", "model.d_model: fixed by the pretrained checkpoint", "model.dropout")],
+)  # fmt: skip
+def test_an_architecture_key_in_fine_tuning_is_refused_not_ignored(
+    pretrained: Path, tmp_path: Path, override: str, needle: str, allowed: str
+) -> None:
+    result = run_cli("finetune", "synth-small", f"checkpoint={pretrained}", f"runs_root={tmp_path}", override)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert needle in line and "fine-tuning may change" in line and allowed in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_labels_are_named_by_the_data_when_no_names_are_given(pretrained: Path, tmp_path: Path) -> None:
+    data = tmp_path / "task.jsonl"
+    rows = [("a cat sat", "not_entailment"), ("a dog ran", "entailment"), ("the sun", "neutral")] * 6
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    run_dir = tmp_path / "ft"
+    result = run_cli(
+        "finetune", "local", f"checkpoint={pretrained}", f"task.train_path={data}", f"task.val_path={data}",
+        f"run_dir={run_dir}", "train.max_steps=2", "train.eval_every=2", "train.batch_size=4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["label_names"] == ["entailment", "neutral", "not_entailment"]  # sorted
+    assert summary["val_examples"] == 18
+
+
+def test_a_fine_tuning_study_sweeps_seeds_over_one_pretraining_and_passes_it_scale(tmp_path: Path) -> None:
+    from moe_lab.sweeps.runner import load_study, plan_study, shared_overrides
+
+    overrides = ["seed=0,1,2", "scale=0.5", "train.threads=1", "data.num_docs=300"]
+    assert shared_overrides(overrides) == ["scale=0.5", "train.threads=1", "data.num_docs=300"]
+    pretrainings, points = plan_study(load_study("freeze"), overrides, tmp_path)
+    assert [p.point for p in pretrainings] == [["mini", "scale=0.5", "train.threads=1", "data.num_docs=300"]]
+    seeds = sorted(item for p in points for item in p.point if item.startswith("seed="))
+    assert seeds == sorted(["seed=0", "seed=1", "seed=2"] * 5)  # 5 freeze settings x 3 seeds

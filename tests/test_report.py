@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
 from html.parser import HTMLParser
@@ -14,7 +15,9 @@ from rich.console import Console
 
 from moe_lab.report import make_report
 from moe_lab.report.plots import FIGURES
-from moe_lab.report.results import aggregate, binomial_std, load_study, mean_std
+from moe_lab.report.pretraining import fewer_diverged, stability_claim
+from moe_lab.report.results import aggregate, load_study
+from moe_lab.report.stats import estimates
 from moe_lab.report.studies import BUILDERS, build
 from tests.conftest import run_cli
 
@@ -69,6 +72,29 @@ def set_runs(root: Path, name: str, column: str, value: object, where) -> None:
         summary_path.write_text(json.dumps(summary))
 
 
+# --- seeds ------------------------------------------------------------------------------------------------------
+
+SEEDS = (0, 1, 2)
+# seed noise of +-0.002 (scaled by NOISE); setting `shift` gets the shift-th ordering, so two settings in one
+# comparison do not share it exactly and their paired difference keeps a standard error
+NOISE = 0.002
+ORDERS = list(itertools.permutations((-1, 0, 1)))
+
+
+def noise(seed: int, shift: int) -> float:
+    return NOISE * ORDERS[shift % len(ORDERS)][seed % 3]
+
+
+def per_seed(value: float | list[float], shift: int, seeds: tuple[int, ...] = SEEDS) -> list[float]:
+    """A setting's value at each seed: `value` plus the seed noise (exact for one seed), or a list as it is."""
+    if isinstance(value, list):
+        return value
+    return [value] if len(seeds) == 1 else [value + noise(s, shift) for s in seeds]
+
+
+# --- per-run files ----------------------------------------------------------------------------------------------
+
+
 def loss_metrics(final: float) -> pd.DataFrame:
     return pd.DataFrame({"step": [10, 20, 30], "loss": [5.0, 3.0, final]})
 
@@ -112,54 +138,92 @@ def specialisation_table() -> pd.DataFrame:
     })  # fmt: skip
 
 
-def build_top_k(root: Path, agree: bool = True) -> None:
-    losses = [1.930, 1.905, 1.856] if agree else [1.856, 1.905, 1.930]
-    rows = [
-        row({"moe.top_k": k}, final_val_loss=v, tokens_per_s=20000.0 - 4000 * i)
-        for i, (k, v) in enumerate(zip([1, 2, 4], losses, strict=True))
-    ]
+# --- one builder per study: agree=True gives the paper's finding by a margin the seeds resolve -----------------
+
+
+def write_top_k(root: Path, losses: dict[int, float | list[float]], seeds: tuple[int, ...] = SEEDS) -> None:
+    rows = []
+    for i, (k, loss) in enumerate(losses.items()):
+        for s, v in zip(seeds, per_seed(loss, i, seeds), strict=True):
+            swept = {"moe.top_k": k} if len(seeds) == 1 else {"moe.top_k": k, "seed": s}
+            rows.append(row(swept, final_val_loss=v, tokens_per_s=20000.0 - 4000 * i))
     write_study(root, "top-k", rows, {r["run"]: {"metrics.csv": loss_metrics(r["final_val_loss"])} for r in rows})
 
 
-def build_capacity_factor(root: Path, agree: bool = True) -> None:
-    # train CF 1: eval CF 1 vs 2; train CF 2: eval CF 2 only counts. agree: eval CF up helps, train CF up helps
-    at1, at2 = (
-        ({1.0: 1.95, 2.0: 1.93}, {1.0: 1.94, 2.0: 1.90}) if agree else ({1.0: 1.90, 2.0: 1.95}, {1.0: 1.91, 2.0: 1.97})
-    )
-    rows = [
-        row(
-            {"moe.train_capacity_factor": cf},
-            **{"final_val_loss@cf1": losses[1.0], "final_dropped_frac@cf1": drop, "final_val_loss@cf2": losses[2.0]},
-            **{"final_dropped_frac@cf2": 0.0, "tokens_per_s": 5000.0 * cf},
-        )
-        for cf, losses, drop in ((1.0, at1, 0.1), (2.0, at2, 0.02))
-    ]
+def build_top_k(root: Path, agree: bool = True) -> None:
+    losses = [1.930, 1.905, 1.856] if agree else [1.856, 1.905, 1.930]
+    write_top_k(root, dict(zip([1, 2, 4], losses, strict=True)))
+
+
+def write_capacity_factor(
+    root: Path, losses: dict[float, dict[float, float | list[float]]], dropped: dict[float, dict[float, float]]
+) -> None:
+    """losses[train CF][eval CF] and the fraction dropped there, for every seed."""
+    rows = []
+    for i, (train_cf, at) in enumerate(losses.items()):
+        values = {eval_cf: per_seed(loss, i + j) for j, (eval_cf, loss) in enumerate(at.items())}
+        for n, s in enumerate(SEEDS):
+            metrics = {}
+            for eval_cf in at:
+                metrics[f"final_val_loss@cf{eval_cf:g}"] = values[eval_cf][n]
+                metrics[f"final_dropped_frac@cf{eval_cf:g}"] = dropped[train_cf][eval_cf]
+            rows.append(
+                row({"moe.train_capacity_factor": train_cf, "seed": s}, **metrics, tokens_per_s=5000.0 * train_cf)
+            )
     write_study(root, "capacity-factor", rows)
 
 
-def build_z_loss(root: Path, agree: bool = True) -> None:
-    """agree: a baseline seed diverged, z-loss none and no worse; flipped: z-loss diverged more and is worse."""
-    base = [("completed", 2.50), ("completed", 2.52), ("diverged", 7.0)]
-    z = [("completed", 2.49), ("completed", 2.51), ("completed", 2.50)] if agree else [
-        ("completed", 2.90), ("diverged", 6.0), ("diverged", 6.5)
-    ]  # fmt: skip
+def build_capacity_factor(root: Path, agree: bool = True) -> None:
+    # train CF 1 drops 10% at eval CF 1: claim (1) compares its eval CF 1 and 2; train CF 2 is at the top eval CF.
+    # agree: raising the eval CF helps, and so does raising the train CF; flipped: both hurt
+    at1, at2 = (
+        ({1.0: 1.95, 2.0: 1.93}, {1.0: 1.94, 2.0: 1.90}) if agree else ({1.0: 1.90, 2.0: 1.95}, {1.0: 1.91, 2.0: 1.97})
+    )
+    write_capacity_factor(root, {1.0: at1, 2.0: at2}, {1.0: {1.0: 0.1, 2.0: 0.0}, 2.0: {1.0: 0.02, 2.0: 0.0}})
+
+
+def write_z_loss(root: Path, settings: dict[str, list[tuple[str, float]]]) -> None:
+    """{setting: [(status, val loss) per seed]}; a baseline's max router logit is 30, any other's 2."""
     rows = []
-    for setting, runs, logit in (("baseline", base, 30.0), ("z-loss", z, 2.0)):
+    for i, (setting, runs) in enumerate(settings.items()):
         for seed, (status, loss) in enumerate(runs):
-            rows.append(row({"+stability": setting, "seed": seed}, status, final_val_loss=loss, moe_max_logit=logit))
+            swept = {"+stability": setting, "seed": seed}
+            logit = 30.0 if setting == "baseline" else 2.0
+            rows.append(row(swept, status, final_val_loss=loss + noise(seed, i), moe_max_logit=logit))
     write_study(
         root, "z-loss-stability", rows, {r["run"]: {"metrics.csv": loss_metrics(r["final_val_loss"])} for r in rows}
     )
 
 
+def unstable(loss: float) -> list[tuple[str, float]]:
+    """Six seeds, four diverged: against 0/6 a one-sided Fisher exact p of 28/924 = 0.03."""
+    return [("completed", loss)] * 2 + [("diverged", 7.0)] * 4
+
+
+def stable(loss: float) -> list[tuple[str, float]]:
+    return [("completed", loss)] * 6
+
+
+def build_z_loss(root: Path, agree: bool = True) -> None:
+    """agree: 4/6 baseline seeds diverged, no z-loss seed, and z-loss no worse; flipped: the other way, z-loss worse."""
+    if agree:
+        write_z_loss(root, {"baseline": unstable(2.50), "z-loss": stable(2.49)})
+    else:
+        write_z_loss(root, {"baseline": stable(2.50), "z-loss": unstable(2.90)})
+
+
+ROUTERS = ("stablemoe", "switch", "st-moe", "base", "hash")
+
+
 def build_router_fluctuation(root: Path, agree: bool = True) -> None:
     late = {"switch": 0.15, "st-moe": 0.1, "base": 0.2, "hash": 0.0, "stablemoe": 0.0 if agree else 0.1}
     ppl = {"switch": 19.8, "st-moe": 19.6, "base": 20.0, "hash": 19.7, "stablemoe": 19.3 if agree else 20.5}
-    rows = [
-        row({"moe": m}, final_val_ppl=ppl[m], final_val_loss=math.log(ppl[m]), moe_dropped_frac=0.01,
-            **{"fluctuation@0.2": 2 * late[m], "fluctuation@0.5": late[m], "fluctuation@0.8": late[m]})
-        for m in late
-    ]  # fmt: skip
+    rows = []
+    for i, m in enumerate(ROUTERS):
+        fluct = {"fluctuation@0.2": 2 * late[m], "fluctuation@0.5": late[m], "fluctuation@0.8": late[m]}
+        for s, loss in zip(SEEDS, per_seed(math.log(ppl[m]), i), strict=True):
+            rows.append(row({"moe": m, "seed": s}, final_val_ppl=math.exp(loss), final_val_loss=loss,
+                            moe_dropped_frac=0.01, eval_moe_dropped_frac=0.0, **fluct))  # fmt: skip
     files = {
         r["run"]: {
             "fluctuation.csv": fluctuation_table(late[r["moe"]]),
@@ -171,67 +235,106 @@ def build_router_fluctuation(root: Path, agree: bool = True) -> None:
     write_study(root, "router-fluctuation", rows, files)
 
 
-def build_stablemoe(root: Path, agree: bool = True) -> None:
-    fractions = [0.1, 0.25, 0.5, 1.0]
-    ppl = [19.2, 19.3, 19.4, 19.5] if agree else [19.5, 19.4, 19.3, 19.2]
-    rows = [row({"moe.stage1_fraction": f}, final_val_ppl=p) for f, p in zip(fractions, ppl, strict=True)]
+def write_stablemoe(root: Path, ppl: dict[float, float]) -> None:
+    rows = []
+    for i, (f, p) in enumerate(ppl.items()):
+        for s, loss in zip(SEEDS, per_seed(math.log(p), i), strict=True):
+            rows.append(row({"moe.stage1_fraction": f, "seed": s}, final_val_ppl=math.exp(loss), final_val_loss=loss))
     write_study(root, "stablemoe", rows, {r["run"]: {"fluctuation.csv": fluctuation_table(0.0)} for r in rows})
 
 
-def build_freeze(root: Path, agree: bool = True, moe: float | None = None, summary: dict | None = None) -> None:
+def build_stablemoe(root: Path, agree: bool = True) -> None:
+    ppl = [19.0, 19.4, 19.7, 20.0] if agree else [20.0, 19.7, 19.4, 19.0]
+    write_stablemoe(root, dict(zip([0.1, 0.25, 0.5, 1.0], ppl, strict=True)))
+
+
+def build_freeze(
+    root: Path,
+    agree: bool = True,
+    moe: float | None = None,
+    summary: dict | None = None,
+    seeds: tuple[int, ...] = SEEDS,
+    f1: dict[str, float] | None = None,
+) -> None:
+    """Validation accuracy per preset (moe worst when agree); `summary` goes into every run's summary.json, and
+    `f1` (per preset) adds final_val_f1."""
     acc = {"all": 0.62, "non_moe": 0.61, "moe": 0.50 if agree else 0.70, "attention": 0.60, "ffn": 0.63}
     if moe is not None:
         acc["moe"] = moe
-    rows = [
-        row({"finetune.freeze": k, "task": "synth-large"}, trainable_parameters=1000 * (i + 1), final_val_accuracy=v,
-            best_val_accuracy=v + 0.01, final_train_accuracy=v + 0.05)
-        for i, (k, v) in enumerate(acc.items())
-    ]  # fmt: skip
+    rows = []
+    for i, (k, v) in enumerate(acc.items()):
+        f1_values = per_seed(f1[k], i + 1, seeds) if f1 else [None] * len(seeds)
+        for s, a, f in zip(seeds, per_seed(v, i, seeds), f1_values, strict=True):
+            extra = {} if f is None else {"final_val_f1": f}
+            swept = {"finetune.freeze": k, "task": "synth-large", "seed": s}
+            rows.append(row(swept, trainable_parameters=1000 * (i + 1), final_val_accuracy=a,
+                            best_val_accuracy=a + 0.01, final_train_accuracy=a + 0.05, **extra))  # fmt: skip
     files = {
-        r["run"]: {"metrics.csv": accuracy_metrics(r["final_train_accuracy"], r["final_val_accuracy"])} for r in rows
+        r["run"]: {
+            "metrics.csv": accuracy_metrics(r["final_train_accuracy"], r["final_val_accuracy"]),
+            "summary.json": summary or {},
+        }
+        for r in rows
     }
-    if summary is not None:
-        files[rows[0]["run"]]["summary.json"] = summary
     write_study(root, "freeze", rows, files)
 
 
-def build_token_drop(root: Path, agree: bool = True) -> None:
-    # (train CF, dropped in training, accuracy); CF 0.5 drops 12%: costs nothing (agree) or 11 points (flipped)
-    runs = [(0.5, 0.12, 0.80 if agree else 0.70), (1.0, 0.03, 0.81), (2.0, 0.0, 0.81)]
-    rows = [row({"moe.train_capacity_factor": cf}, moe_dropped_frac=d, final_val_accuracy=a) for cf, d, a in runs]
+def write_token_drop(root: Path, runs: list[tuple[float, float, float]]) -> None:
+    """[(train CF, dropped in training, accuracy)]."""
+    rows = [
+        row({"moe.train_capacity_factor": cf, "seed": s}, moe_dropped_frac=d, final_val_accuracy=a)
+        for i, (cf, d, acc) in enumerate(runs)
+        for s, a in zip(SEEDS, per_seed(acc, i), strict=True)
+    ]
     write_study(root, "token-drop", rows)
 
 
-def build_aux_loss(root: Path, agree: bool = True) -> None:
-    # (aux coef, train CF, dropped, accuracy); agree: aux on drops fewer tokens and wins by 5 points
-    on_drop = (0.10, 0.003) if agree else (0.20, 0.05)
-    runs = [
-        (0.01, 0.75, on_drop[0], 0.85), (0.0, 0.75, 0.15, 0.80),
-        (0.01, 1.25, on_drop[1], 0.86), (0.0, 1.25, 0.03, 0.81),
-    ]  # fmt: skip
+def build_token_drop(root: Path, agree: bool = True) -> None:
+    # CF 0.5 drops 12%: costs half a point against CF 2's no drops (agree) or 11 points (flipped)
+    write_token_drop(root, [(0.5, 0.12, 0.805 if agree else 0.70), (1.0, 0.03, 0.81), (2.0, 0.0, 0.81)])
+
+
+def write_aux_loss(root: Path, runs: list[tuple[float, float, float, float]]) -> None:
+    """[(aux coef, train CF, dropped, accuracy)]."""
     rows = [
-        row({"moe.aux_loss_coef": a, "moe.train_capacity_factor": cf}, moe_dropped_frac=d, final_val_accuracy=acc)
-        for a, cf, d, acc in runs
-    ]
+        row({"moe.aux_loss_coef": a, "moe.train_capacity_factor": cf, "seed": s}, moe_dropped_frac=d,
+            final_val_accuracy=v)
+        for i, (a, cf, d, acc) in enumerate(runs)
+        for s, v in zip(SEEDS, per_seed(acc, i), strict=True)
+    ]  # fmt: skip
     write_study(root, "aux-loss-finetune", rows)
 
 
-def build_overfit(root: Path, agree: bool = True) -> None:
-    # (pretrained, task, train accuracy, val accuracy)
-    if agree:  # sparse fits the small task better but validates worse; wins the large task
-        runs = [("mini", "synth-small", 1.0, 0.60), ("dense-mini", "synth-small", 0.90, 0.70),
-                ("mini", "synth-large", 0.90, 0.85), ("dense-mini", "synth-large", 0.88, 0.80)]  # fmt: skip
-    else:
-        runs = [("mini", "synth-small", 0.80, 0.75), ("dense-mini", "synth-small", 0.95, 0.65),
-                ("mini", "synth-large", 0.80, 0.75), ("dense-mini", "synth-large", 0.90, 0.85)]  # fmt: skip
-    rows = [
-        row({"finetune.pretrained": p, "task": t}, final_train_accuracy=tr, final_val_accuracy=v, best_val_accuracy=v)
-        for p, t, tr, v in runs
-    ]
+def build_aux_loss(root: Path, agree: bool = True) -> None:
+    # agree: aux on wins by 5 points at both train CFs; flipped: it loses by 5
+    on, off = (0.85, 0.80) if agree else (0.80, 0.85)
+    write_aux_loss(
+        root,
+        [(0.01, 0.75, 0.10, on), (0.0, 0.75, 0.15, off), (0.01, 1.25, 0.003, on + 0.01), (0.0, 1.25, 0.03, off + 0.01)],
+    )
+
+
+def write_overfit(root: Path, runs: list[tuple[str, str, float, float]]) -> None:
+    """[(pretrained, task, train accuracy, val accuracy)]."""
+    rows = []
+    for i, (p, t, tr, v) in enumerate(runs):
+        for s, train, val in zip(SEEDS, per_seed(tr, i), per_seed(v, i + 1), strict=True):
+            rows.append(row({"finetune.pretrained": p, "task": t, "seed": s}, final_train_accuracy=train,
+                            final_val_accuracy=val, best_val_accuracy=val))  # fmt: skip
     files = {
         r["run"]: {"metrics.csv": accuracy_metrics(r["final_train_accuracy"], r["final_val_accuracy"])} for r in rows
     }
     write_study(root, "overfit", rows, files)
+
+
+def build_overfit(root: Path, agree: bool = True) -> None:
+    if agree:  # sparse fits the small task better but validates worse; wins the large task
+        runs = [("mini", "synth-small", 0.99, 0.60), ("dense-mini", "synth-small", 0.90, 0.70),
+                ("mini", "synth-large", 0.90, 0.85), ("dense-mini", "synth-large", 0.88, 0.80)]  # fmt: skip
+    else:
+        runs = [("mini", "synth-small", 0.80, 0.75), ("dense-mini", "synth-small", 0.95, 0.65),
+                ("mini", "synth-large", 0.80, 0.75), ("dense-mini", "synth-large", 0.90, 0.85)]  # fmt: skip
+    write_overfit(root, runs)
 
 
 def build_finetune_grid(root: Path, agree: bool = True) -> None:
@@ -243,7 +346,10 @@ def build_finetune_grid(root: Path, agree: bool = True) -> None:
             for bs in (8, 32):
                 for lr in (1e-4, 1e-3):
                     swept = {"finetune.pretrained": pretrained, "task": task, "optim.lr": lr, "train.batch_size": bs}
-                    rows.append(row(swept, final_val_accuracy=0.80 if (bs, lr) == best else 0.70))
+                    values = per_seed(0.80 if (bs, lr) == best else 0.70, len(rows) // len(SEEDS))
+                    rows += [
+                        row({**swept, "seed": s}, final_val_accuracy=v) for s, v in zip(SEEDS, values, strict=True)
+                    ]
     write_study(root, "finetune-grid", rows)
 
 
@@ -332,11 +438,32 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
     for file in expected_figures:
         assert (out / "plots" / file).read_bytes()[:8] == PNG_MAGIC
 
+    # cells are mean ± standard error (n): three seeds of +-0.002 give a standard error of 0.002/sqrt(3) = 0.0012
     tables = {r.name: md_table(sections[r.name]) for r in reports}
-    assert tables["capacity-factor"][1][:3] == ["1", "1.950 (10.0% dropped)", "1.930 (0.0% dropped)"]
-    assert tables["router-fluctuation"][1][:3] == ["base", "20.000", "40.0% / 20.0% / 20.0%"]
-    assert tables["z-loss-stability"][1][:3] == ["baseline", "2/3", "2.510 ± 0.014"]
-    assert tables["stablemoe"][4][:2] == ["stage 1 only", "19.500"]
+    assert tables["top-k"][1][:2] == ["1", "1.930 ± 0.001 (n=3)"]
+    assert tables["capacity-factor"][1][:3] == [
+        "1", "1.950 ± 0.001 (n=3) (10.0% dropped)", "1.930 ± 0.001 (n=3) (0.0% dropped)"
+    ]  # fmt: skip
+    # perplexity 20 * exp(+-0.002): std 0.040, standard error 0.023
+    assert tables["router-fluctuation"][1][:4] == [
+        "base",
+        "20.000 ± 0.023 (n=3)",
+        "40.0% / 20.0% / 20.0%",
+        "1.0% / 0.0%",
+    ]
+    # two completed baseline seeds, 2.498 and 2.500: standard error |a - b| / 2 = 0.001
+    assert tables["z-loss-stability"][1][:3] == ["baseline", "2/6", "2.499 ± 0.001 (n=2)"]
+    assert tables["z-loss-stability"][2][:3] == ["z-loss", "6/6", "2.490 ± 0.001 (n=6)"]
+    assert tables["stablemoe"][4][:2] == ["stage 1 only", "20.000 ± 0.023 (n=3)"]
+    assert tables["freeze"][1][:3] == ["all", "0.620 ± 0.001 (n=3)", "0.630 ± 0.001 (n=3)"]
+    assert tables["finetune-grid"][0] == ["task", "model", "lr", "batch 32", "batch 8"]
+    assert tables["finetune-grid"][1] == [
+        "synth-large",
+        "dense",
+        "0.0001",
+        "0.800 ± 0.001 (n=3)",
+        "0.700 ± 0.001 (n=3)",
+    ]
 
 
 # --- 2. the verdict follows the numbers ---------------------------------------------------------------------------
@@ -352,109 +479,245 @@ def test_verdict_flips_with_the_numbers(tmp_path: Path, name: str, agree: bool, 
 def test_verdict_states_what_we_measured(tmp_path: Path) -> None:
     build_top_k(tmp_path, agree=False)
     report = build("top-k", load_study(tmp_path, "top-k"))
-    assert report.verdict.ours == "val loss top-1 1.856, top-2 1.905, top-4 1.930"
-    assert report.verdict.checked == "validation loss falls as k rises"
+    # top-1 - top-2 per seed: -0.049 + (0, -0.002, +0.002): standard error 0.002/sqrt(3); top-2 - top-4 per seed:
+    # -0.025 + (-0.002, +0.004, -0.002): standard error 0.002
+    assert report.verdict.ours == (
+        "top-1 1.856 ± 0.001 (n=3), top-2 1.905 ± 0.001 (n=3), top-4 1.930 ± 0.001 (n=3); "
+        "top-1 - top-2 -0.049 ± 0.001 (paired, n=3); top-2 - top-4 -0.025 ± 0.002 (paired, n=3)"
+    )
+    assert report.verdict.checked.startswith("each step up in k lowers the validation loss; differences are judged")
+    assert "a tie, or one seed (no standard error), is inconclusive" in report.verdict.checked
 
 
-def _top_k_partly(root: Path) -> None:
-    write_study(root, "top-k", [row({"moe.top_k": k}, final_val_loss=v) for k, v in ((1, 1.93), (2, 1.95), (4, 1.90))])
+# each writer below makes one case between a clear yes and a clear no (or a clear no by another path)
+
+
+def _top_k_partly(root: Path) -> None:  # top-2 worse than top-1, top-4 better than top-2
+    write_top_k(root, {1: 1.93, 2: 1.95, 4: 1.90})
+
+
+def _top_k_tie(root: Path) -> None:  # top-1 and top-2 equal at every seed: never agreement; top-4 clearly better
+    same = [1.931, 1.925, 1.936]
+    write_top_k(root, {1: same, 2: list(same), 4: 1.85})
+
+
+def _top_k_one_seed(root: Path) -> None:  # the paper's direction by 0.03-0.05, but one seed: a loss has no error
+    write_top_k(root, {1: 1.93, 2: 1.90, 4: 1.85}, seeds=(0,))
+
+
+def _top_k_wrong_way(root: Path) -> None:  # each step up in k raises the loss by 0.02, far beyond 2 errors
+    write_top_k(root, {1: 1.90, 2: 1.92, 4: 1.94})
 
 
 def _capacity_factor_partly(root: Path) -> None:  # eval CF up helps, a higher train CF does not
-    rows = [
-        row({"moe.train_capacity_factor": cf}, **{"final_val_loss@cf1": a, "final_val_loss@cf2": b})
-        for cf, a, b in ((1.0, 1.95, 1.93), (2.0, 1.96, 1.94))
-    ]
-    write_study(root, "capacity-factor", rows)
+    losses = {1.0: {1.0: 1.95, 2.0: 1.93}, 2.0: {1.0: 1.96, 2.0: 1.94}}
+    write_capacity_factor(root, losses, {1.0: {1.0: 0.1, 2.0: 0.0}, 2.0: {1.0: 0.05, 2.0: 0.0}})
 
 
-def _z_loss_no_divergence(smaller_logits: bool) -> object:
+def _capacity_factor_grid(cf2_drop: float) -> object:
+    """Train and eval CF 1, 2, 4: train CF 2 drops `cf2_drop` at eval CF 2, where its loss equals that at 4."""
+
     def write(root: Path) -> None:
-        rows = [
-            row({"+stability": s, "seed": seed}, final_val_loss=2.5, moe_max_logit=logit)
-            for s, logit in (("baseline", 30.0), ("z-loss", 2.0 if smaller_logits else 40.0))
-            for seed in range(2)
-        ]
-        write_study(root, "z-loss-stability", rows)
+        tied = [1.912, 1.905, 1.909]
+        losses = {
+            1.0: {1.0: 1.95, 2.0: 1.93, 4.0: 1.92},
+            2.0: {1.0: 1.99, 2.0: tied, 4.0: list(tied)},
+            4.0: {1.0: 2.00, 2.0: 1.93, 4.0: 1.90},
+        }
+        dropped = {1.0: {1.0: 0.1, 2.0: 0.01, 4.0: 0.0}, 2.0: {1.0: 0.2, 2.0: cf2_drop, 4.0: 0.0}}
+        write_capacity_factor(root, losses, dropped | {4.0: {1.0: 0.3, 2.0: 0.05, 4.0: 0.0}})
 
+    write.__name__ = f"_capacity_factor_cf2_drops_{cf2_drop:g}"
     return write
 
 
-def _z_loss_as_many_diverged(root: Path) -> None:  # no fewer divergences with z-loss, quality no worse
-    rows = [
-        row({"+stability": s, "seed": seed}, status, final_val_loss=2.5, moe_max_logit=2.0)
-        for s in ("baseline", "z-loss")
-        for seed, status in enumerate(("completed", "diverged", "completed"))
-    ]
-    write_study(root, "z-loss-stability", rows)
+def _z_loss_nothing_diverged(root: Path) -> None:  # no divergence cannot tell the settings apart
+    write_z_loss(root, {"baseline": [("completed", 2.50)] * 3, "z-loss": [("completed", 2.50)] * 3})
 
 
-def _router_fluctuation_partly(root: Path) -> None:  # fluctuation as in the paper, StableMoE not the best perplexity
+def _z_loss_as_many_diverged(root: Path) -> None:  # 1/3 each: no fewer divergences with z-loss
+    runs = [("completed", 2.5), ("diverged", 7.0), ("completed", 2.5)]
+    write_z_loss(root, {"baseline": runs, "z-loss": list(runs)})
+
+
+def _z_loss_stable_but_worse(root: Path) -> None:  # fewer divergences (p = 0.03), a loss 0.1 nats worse
+    write_z_loss(root, {"baseline": unstable(2.50), "z-loss": stable(2.60)})
+
+
+def _z_loss_cost_near_the_margin(root: Path) -> None:  # cost 0.008 +- 0.0012: the interval reaches past 0.01
+    write_z_loss(root, {"baseline": unstable(2.50), "z-loss": stable(2.507)})
+
+
+def _router_fluctuation_partly(root: Path) -> None:  # fluctuation as in the paper, StableMoE not the best loss
     build_router_fluctuation(root)
-    set_runs(root, "router-fluctuation", "final_val_ppl", 25.0, lambda runs: runs["moe"] == "stablemoe")
+    stablemoe = lambda runs: runs["moe"] == "stablemoe"  # noqa: E731
+    set_runs(root, "router-fluctuation", "final_val_ppl", 25.0, stablemoe)
+    set_runs(root, "router-fluctuation", "final_val_loss", math.log(25.0), stablemoe)
+
+
+def _router_fluctuation_eval_drops(drop: float) -> object:
+    """The agreeing numbers, with StableMoE dropping `drop` of the tokens at evaluation and the others none."""
+
+    def write(root: Path) -> None:
+        build_router_fluctuation(root)
+        set_runs(root, "router-fluctuation", "eval_moe_dropped_frac", drop, lambda runs: runs["moe"] == "stablemoe")
+
+    write.__name__ = f"_router_fluctuation_stablemoe_eval_drops_{drop:g}"
+    return write
 
 
 def _stablemoe_partly(root: Path) -> None:  # the shortest stage 1 is best of the two-stage runs, stage 1 alone beats it
-    ppl = ((0.1, 19.2), (0.25, 19.3), (1.0, 19.1))
-    write_study(root, "stablemoe", [row({"moe.stage1_fraction": f}, final_val_ppl=p) for f, p in ppl])
+    write_stablemoe(root, {0.1: 19.0, 0.25: 19.4, 1.0: 18.6})
 
 
-def _freeze_close(root: Path) -> None:  # MoE-only worst by 0.01, within 2 binomial standard errors of 1000 examples
-    build_freeze(root, moe=0.59)
+def _freeze_close(root: Path) -> None:  # MoE-only worst by 0.001, within 2 standard errors of the seeds
+    build_freeze(root, moe=0.599)
 
 
-def _freeze_small_validation_set(root: Path) -> None:  # the agreeing numbers, measured on 50 examples
-    build_freeze(root, summary={"config": {"task": {"source": "synthetic", "synthetic_val": 50}}})
+def _freeze_one_seed(summary: dict | None) -> object:
+    """One seed, MoE-only worst by 5 points (0.55 against 0.60), the task's size as `summary` records it."""
+
+    def write(root: Path) -> None:
+        build_freeze(root, moe=0.55, seeds=(0,), summary=summary)
+
+    size = (summary or {}).get("val_examples") or (summary or {}).get("config", {}).get("task", {}).get("synthetic_val")
+    write.__name__ = f"_freeze_one_seed_on_{size}_examples"
+    return write
 
 
-def _token_drop_no_dropping(root: Path) -> None:
-    rows = [
-        row({"moe.train_capacity_factor": cf}, moe_dropped_frac=d, final_val_accuracy=0.8)
-        for cf, d in ((1.0, 0.03), (2.0, 0.0))
-    ]
-    write_study(root, "token-drop", rows)
+F1 = {"all": 0.55, "non_moe": 0.54, "moe": 0.60, "attention": 0.53, "ffn": 0.56}  # MoE-only the best by macro-F1
 
 
-def _overfit_within_noise(root: Path) -> None:  # the agreeing direction, differences of 0.005
-    runs = [("mini", "synth-small", 1.0, 0.700), ("dense-mini", "synth-small", 0.9, 0.705),
-            ("mini", "synth-large", 0.9, 0.805), ("dense-mini", "synth-large", 0.9, 0.800)]  # fmt: skip
-    rows = [
-        row({"finetune.pretrained": p, "task": t}, final_train_accuracy=tr, final_val_accuracy=v)
-        for p, t, tr, v in runs
-    ]
-    write_study(root, "overfit", rows)
+def _freeze_f1_task(root: Path) -> None:  # accuracy says MoE-only is worst; the task's metric, F1, says best
+    build_freeze(root, summary={"metric": "f1_macro"}, f1=F1)
 
 
-def _aux_loss_fewer_drops_no_win(root: Path) -> None:
-    runs = [(0.01, 0.75, 0.10, 0.801), (0.0, 0.75, 0.15, 0.800)]
-    rows = [
-        row({"moe.aux_loss_coef": a, "moe.train_capacity_factor": cf}, moe_dropped_frac=d, final_val_accuracy=acc)
-        for a, cf, d, acc in runs
-    ]
-    write_study(root, "aux-loss-finetune", rows)
+def _freeze_f1_numbers_on_an_accuracy_task(root: Path) -> None:  # the same runs, judged on accuracy
+    build_freeze(root, summary={"metric": "accuracy"}, f1=F1)
+
+
+def _token_drop_no_dropping(root: Path) -> None:  # no CF drops 5-20%: the claim is not tested
+    write_token_drop(root, [(1.0, 0.03, 0.8), (2.0, 0.0, 0.8)])
+
+
+def _token_drop_cost_at_the_margin(root: Path) -> None:  # a cost of 0.01: neither below nor above the margin
+    write_token_drop(root, [(0.5, 0.12, 0.80), (2.0, 0.0, 0.81)])
+
+
+def _overfit_within_noise(root: Path) -> None:  # the agreeing direction, differences of 0.001
+    write_overfit(root, [("mini", "synth-small", 1.0, 0.700), ("dense-mini", "synth-small", 0.9, 0.701),
+                         ("mini", "synth-large", 0.9, 0.801), ("dense-mini", "synth-large", 0.9, 0.800)])  # fmt: skip
+
+
+def _aux_loss_no_win(root: Path) -> None:  # aux on ahead by 0.001, within the seeds' noise
+    write_aux_loss(root, [(0.01, 0.75, 0.10, 0.801), (0.0, 0.75, 0.15, 0.800)])
 
 
 @pytest.mark.parametrize(
     ("name", "write", "expected"),
     [
         ("top-k", _top_k_partly, "partly"),
+        ("top-k", _top_k_tie, "inconclusive"),
+        ("top-k", _top_k_one_seed, "inconclusive"),
+        ("top-k", _top_k_wrong_way, "no"),
         ("capacity-factor", _capacity_factor_partly, "partly"),
-        ("z-loss-stability", _z_loss_no_divergence(smaller_logits=True), "partly"),
-        ("z-loss-stability", _z_loss_no_divergence(smaller_logits=False), "inconclusive"),
-        ("z-loss-stability", _z_loss_as_many_diverged, "partly"),
+        ("capacity-factor", _capacity_factor_grid(cf2_drop=0.0), "yes"),  # train CF 2 is left out of (1)
+        ("capacity-factor", _capacity_factor_grid(cf2_drop=0.01), "inconclusive"),  # its tie is judged
+        ("z-loss-stability", _z_loss_nothing_diverged, "inconclusive"),
+        ("z-loss-stability", _z_loss_as_many_diverged, "inconclusive"),
+        ("z-loss-stability", _z_loss_stable_but_worse, "partly"),
+        ("z-loss-stability", _z_loss_cost_near_the_margin, "inconclusive"),
         ("router-fluctuation", _router_fluctuation_partly, "partly"),
+        ("router-fluctuation", _router_fluctuation_eval_drops(0.02), "inconclusive"),  # confounded
+        ("router-fluctuation", _router_fluctuation_eval_drops(0.004), "yes"),  # within the 0.5% tolerance
         ("stablemoe", _stablemoe_partly, "partly"),
         ("freeze", _freeze_close, "inconclusive"),
-        ("freeze", _freeze_small_validation_set, "inconclusive"),
+        # CB's 56 validation examples: 5 points is within 2 binomial errors (0.093); on 5000 it is not (0.010)
+        ("freeze", _freeze_one_seed({"metric": "accuracy", "val_examples": 56}), "inconclusive"),
+        ("freeze", _freeze_one_seed({"metric": "accuracy", "val_examples": 5000}), "yes"),
+        (
+            "freeze",
+            _freeze_one_seed({"config": {"task": {"source": "synthetic", "synthetic_val": 50}}}),
+            "inconclusive",
+        ),
+        ("freeze", _freeze_one_seed({"config": {"task": {"source": "synthetic", "synthetic_val": 5000}}}), "yes"),
+        ("freeze", _freeze_one_seed(None), "inconclusive"),  # size unknown: one seed has no error
+        ("freeze", _freeze_f1_task, "no"),
+        ("freeze", _freeze_f1_numbers_on_an_accuracy_task, "yes"),
         ("token-drop", _token_drop_no_dropping, "inconclusive"),
+        ("token-drop", _token_drop_cost_at_the_margin, "inconclusive"),
         ("overfit", _overfit_within_noise, "inconclusive"),
-        ("aux-loss-finetune", _aux_loss_fewer_drops_no_win, "inconclusive"),
+        ("aux-loss-finetune", _aux_loss_no_win, "inconclusive"),
     ],
     ids=lambda v: v if isinstance(v, str) else getattr(v, "__name__", None),
 )
 def test_verdict_between_yes_and_no(tmp_path: Path, name: str, write, expected: str) -> None:
     write(tmp_path)
     assert verdict(tmp_path, name) == expected
+
+
+def test_one_seed_accuracy_takes_the_binomial_error_of_the_tasks_own_validation_set(tmp_path: Path) -> None:
+    _freeze_one_seed({"metric": "accuracy", "val_examples": 56})(tmp_path)
+    report = build("freeze", load_study(tmp_path, "freeze"))
+    # sqrt(0.62 * 0.38 / 56) = 0.0649; the best accuracy (the maximum over evaluations) gets no binomial error
+    assert report.table.iloc[0].tolist() == ["all", "0.620 ± 0.065 (n=1)", "0.630 (n=1)", "1000"]
+    # sqrt((0.60 * 0.40 + 0.55 * 0.45) / 56) = 0.0933: one seed each, so unpaired
+    assert report.verdict.ours.endswith("; attention (the worst other) - moe +0.050 ± 0.093 (unpaired, n=1)")
+    assert "one seed: binomial on the 56 validation examples" in report.verdict.checked
+
+
+def test_an_f1_task_is_judged_and_shown_on_macro_f1(tmp_path: Path) -> None:
+    _freeze_f1_task(tmp_path)
+    report = build("freeze", load_study(tmp_path, "freeze"))
+    assert list(report.table.columns) == [
+        "update",
+        "val f1_macro (final)",
+        "val accuracy (best)",
+        "trainable parameters",
+    ]
+    assert report.table.set_index("update")["val f1_macro (final)"].to_dict() == {
+        "all": "0.550 ± 0.001 (n=3)", "attention": "0.530 ± 0.001 (n=3)", "ffn": "0.560 ± 0.001 (n=3)",
+        "moe": "0.600 ± 0.001 (n=3)", "non_moe": "0.540 ± 0.001 (n=3)",
+    }  # fmt: skip
+    assert "attention (the worst other) - moe -0.070" in report.verdict.ours
+    assert "judged on validation f1_macro" in report.verdict.checked
+    assert "one seed: none (inconclusive)" in report.verdict.checked  # no binomial error for an F1
+
+
+def test_capacity_factor_says_which_train_cf_it_left_out(tmp_path: Path) -> None:
+    _capacity_factor_grid(cf2_drop=0.0)(tmp_path)
+    report = build("capacity-factor", load_study(tmp_path, "capacity-factor"))
+    assert report.verdict.checked.endswith("; train CF 2 dropped nothing at its own eval CF and is left out of (1)")
+    assert report.verdict.ours.startswith("train CF 1: eval CF 1 - 4 +0.030 ± ")
+    assert "train CF 2:" not in report.verdict.ours
+
+
+def test_router_fluctuation_names_the_eval_drops_that_confound_it(tmp_path: Path) -> None:
+    _router_fluctuation_eval_drops(0.02)(tmp_path)
+    report = build("router-fluctuation", load_study(tmp_path, "router-fluctuation"))
+    assert report.verdict.reproduced == "inconclusive"
+    assert report.verdict.ours.endswith(
+        "(confounded by eval drops: base 0.0%, hash 0.0%, st-moe 0.0%, switch 0.0%, stablemoe 2.0%)"
+    )
+
+
+def test_token_drop_without_a_cf_in_range_says_so(tmp_path: Path) -> None:
+    _token_drop_no_dropping(tmp_path)
+    report = build("token-drop", load_study(tmp_path, "token-drop"))
+    assert report.verdict.ours == "no capacity factor dropped 5-20% (CF 1 3.0%, CF 2 0.0%)"
+
+
+def test_fewer_diverged_is_the_one_sided_fisher_exact_p() -> None:
+    # hypergeometric P(X <= a_div): 12 runs, 4 diverged, 6 of them z-loss: C(8, 6) / C(12, 6)
+    assert fewer_diverged(0, 6, 4, 6) == pytest.approx(28 / 924)
+    assert fewer_diverged(0, 3, 3, 3) == pytest.approx(1 / 20)  # 0/3 vs 3/3 is exactly 0.05: not below it
+    assert fewer_diverged(1, 3, 1, 3) == pytest.approx((4 + 12) / 20)
+    assert fewer_diverged(4, 6, 0, 6) == pytest.approx(1.0)
+    assert math.isnan(fewer_diverged(0, 0, 0, 0))
+    assert stability_claim(0, 6, 4, 6) == "yes"
+    assert stability_claim(4, 6, 0, 6) == "no"
+    assert stability_claim(0, 3, 3, 3) == "inconclusive"
+    assert stability_claim(0, 6, 0, 6) == "inconclusive"  # nothing diverged
 
 
 # --- 3. missing and diverged runs ---------------------------------------------------------------------------------
@@ -510,20 +773,23 @@ def test_z_loss_diverged_baseline_seeds_are_counted_not_averaged(tmp_path: Path)
     write_study(tmp_path, "z-loss-stability", rows)
     reports, _ = make_report(tmp_path, ["z-loss-stability"], ("md",), tmp_path / "out", Console(quiet=True))
     report = reports[0]
+    # one completed baseline seed: a loss without an error; z-loss: std 0.02 over 3 seeds, error 0.02/sqrt(3)
     assert report.table[["setting", "stable (ours)", "val loss (ours)", "max router logit"]].values.tolist() == [
-        ["baseline", "1/3", "2.600", "30.0"],
-        ["z-loss", "3/3", "2.520 ± 0.020", "2.0 ± 0.0"],
+        ["baseline", "1/3", "2.600 (n=1)", "30.0 (n=1)"],
+        ["z-loss", "3/3", "2.520 ± 0.012 (n=3)", "2.0 ± 0.0 (n=3)"],
     ]
     assert report.notes == ["+stability=baseline: 2 diverged, 0 failed of 3 runs (left out of the means)"]
     baseline = report.data.set_index("+stability").loc["baseline"]
     assert (baseline["runs"], baseline["diverged"], baseline["final_val_loss_n"]) == (3, 2, 1)
     assert baseline["final_val_loss"] == pytest.approx(2.60)
-    assert report.verdict.reproduced == "yes"
+    # 0/3 against 2/3 diverged is p = 0.2, and one baseline loss has no error: neither claim resolves
+    assert report.verdict.reproduced == "inconclusive"
     assert report.verdict.ours == (
-        "stable: baseline 1/3, z-loss 3/3; val loss 2.600 vs 2.520; max router logit 30.0 vs 2.0"
+        "diverged: baseline 2/3, z-loss 0/3; val loss z-loss - baseline -0.080 (unpaired, n=1); "
+        "max router logit 30.0 (n=1) vs 2.0 ± 0.0 (n=3)"
     )
     section = md_sections((tmp_path / "out" / "report.md").read_text())["z-loss-stability"]
-    assert "| baseline | 1/3 | 2.600 | 30.0 | 4/6 | -1.755 |" in section
+    assert "| baseline | 1/3 | 2.600 (n=1) | 30.0 (n=1) | 4/6 | -1.755 |" in section
     assert "\n- +stability=baseline: 2 diverged, 0 failed of 3 runs" in section
 
 
@@ -605,7 +871,8 @@ def test_cli_report_writes_every_format(tmp_path: Path) -> None:
     assert summary["reproduced"].tolist() == ["yes"] * len(BUILDERS)
     top_k = pd.read_csv(out / "tables" / "top-k.csv")
     assert top_k["moe.top_k"].tolist() == [1, 2, 4]
-    assert top_k["final_val_loss"].tolist() == [1.930, 1.905, 1.856]
+    assert top_k["final_val_loss"].tolist() == pytest.approx([1.930, 1.905, 1.856])
+    assert top_k["final_val_loss_n"].tolist() == [3, 3, 3]
     assert "## router-fluctuation" in (out / "report.md").read_text()
     assert not (root / "report.md").exists()
 
@@ -631,15 +898,6 @@ def test_cli_report_rejects_bad_arguments(tmp_path: Path, args: list[str], messa
 # --- 6. aggregation and formatting ------------------------------------------------------------------------------
 
 
-def test_mean_std_formats_one_several_and_no_runs() -> None:
-    assert mean_std({"m": 1.90449, "m_std": 0.0123, "m_n": 3}, "m") == "1.904 ± 0.012"
-    assert mean_std({"m": 1.90451, "m_std": math.nan, "m_n": 1}, "m") == "1.905"
-    assert mean_std({"m": 1.90451, "m_std": 0.5, "m_n": 1}, "m") == "1.905"
-    assert mean_std({"m": math.nan, "m_std": math.nan, "m_n": 0}, "m") == "-"
-    assert mean_std({}, "m") == "-"
-    assert mean_std(pd.Series({"m": 0.8123, "m_std": 0.011, "m_n": 2}), "m", digits=1, scale=100) == "81.2 ± 1.1"
-
-
 def test_aggregate_excludes_diverged_runs_from_means_and_counts_them() -> None:
     runs = pd.DataFrame({
         "k": [1, 1, 1, 1, 2],
@@ -654,26 +912,24 @@ def test_aggregate_excludes_diverged_runs_from_means_and_counts_them() -> None:
     assert agg["loss"][0] == pytest.approx(1.5)
     assert agg["loss_std"][0] == pytest.approx(math.sqrt(0.5))
     assert math.isnan(agg["loss"][1]) and math.isnan(agg["loss_std"][1]) and math.isnan(agg["absent"][0])
-    assert [mean_std(r, "loss") for _, r in agg.iterrows()] == ["1.500 ± 0.707", "-"]
-
-
-def test_binomial_std() -> None:
-    assert binomial_std(0.5, 100) == pytest.approx(0.05)
-    assert binomial_std(1.0, 100) == pytest.approx(1e-7)  # floored, never a zero noise
-    assert math.isnan(binomial_std(0.5, 0))
-    assert math.isnan(binomial_std(math.nan, 100))
+    # the table's cell is the standard error, std / sqrt(n) = sqrt(0.5) / sqrt(2) = 0.5, not the std (0.707);
+    # k=2 has no completed run and no estimate
+    found = estimates(runs, ["k"], "loss")
+    assert list(found) == [(1,)]
+    assert found[(1,)].text() == "1.500 ± 0.500 (n=2)"
 
 
 def test_a_fully_diverged_group_is_marked_and_left_out_of_the_verdict(tmp_path: Path) -> None:
     rows = [
-        row({"moe.top_k": 1}, final_val_loss=1.93),
-        row({"moe.top_k": 2}, final_val_loss=1.90),
-        row({"moe.top_k": 4}, "diverged", diverged_at_step=50, final_val_loss=9.0),
+        row({"moe.top_k": k, "seed": s}, status, final_val_loss=v + noise(s, i))
+        for i, (k, status, v) in enumerate(((1, "completed", 1.93), (2, "completed", 1.90), (4, "diverged", 9.0)))
+        for s in SEEDS
     ]
     write_study(tmp_path, "top-k", rows)
     report = build("top-k", load_study(tmp_path, "top-k"))
     assert report.verdict.reproduced == "yes"  # the two completed k still answer the question
-    assert report.notes == ["moe.top_k=4: 1 diverged, 0 failed of 1 runs (left out of the means)"]
+    assert report.notes == ["moe.top_k=4: 3 diverged, 0 failed of 3 runs (left out of the means)"]
+    assert report.table["val loss (ours)"].tolist() == ["1.930 ± 0.001 (n=3)", "1.900 ± 0.001 (n=3)", "-"]
 
 
 def test_diverged_groups_are_missing_evidence_not_evidence_against(tmp_path: Path) -> None:
@@ -681,7 +937,7 @@ def test_diverged_groups_are_missing_evidence_not_evidence_against(tmp_path: Pat
     set_runs(tmp_path, "router-fluctuation", "status", "diverged", lambda runs: runs["moe"] == "base")
     report = build("router-fluctuation", load_study(tmp_path, "router-fluctuation"))
     assert report.verdict.reproduced == "yes" and "base" not in report.verdict.ours
-    assert report.notes == ["moe=base: 1 diverged, 0 failed of 1 runs (left out of the means)"]
+    assert report.notes == ["moe=base: 3 diverged, 0 failed of 3 runs (left out of the means)"]
 
     build_overfit(tmp_path)
     dense_large = lambda runs: (runs["task"] == "synth-large") & runs["finetune.pretrained"].str.startswith("dense")  # noqa: E731

@@ -97,7 +97,15 @@ def load_documents(data: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset
         from moe_lab.data.synthetic import load_synthetic
 
         cache = Path(os.path.expanduser(data.cache_dir))
-        return load_synthetic(cache, num_docs=data.num_docs, seed=data.corpus_seed, num_domains=data.num_domains), None
+        corpus = load_synthetic(
+            cache,
+            num_docs=data.num_docs,
+            seed=data.corpus_seed,
+            num_domains=data.num_domains,
+            num_people=data.num_people,
+            fact_fraction=data.fact_fraction,
+        )
+        return corpus, None
     if data.source == "local":
         train = _load_local(data.path, data, "data.path")
         val = _load_local(data.val_path, data, "data.val_path") if data.val_path else None

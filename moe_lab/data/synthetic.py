@@ -1,6 +1,6 @@
 """The embedded default corpus: a seeded synthetic English-like language with ground-truth word labels.
 
-The language (vocabularies, templates, collocations) is fixed by `_LANGUAGE_SEED`; `seed` only picks the
+The language (vocabularies, templates, collocations) is fixed by `LANGUAGE_SEED`; `seed` only picks the
 documents, so corpora drawn with different seeds are samples of the same language (train on one seed,
 evaluate on another). Domain d has the same vocabulary whatever `num_domains` is. Exact reproducibility
 rests on CPython's `random.Random` (Mersenne Twister, string seeds hashed with SHA-512), which is stable
@@ -23,7 +23,10 @@ from pathlib import Path
 
 import datasets
 
-# Index = category id. Mirrors the token groups of ST-MoE's expert-specialisation table (Zoph et al. 2022).
+from moe_lab.data import facts
+
+# Index = category id. Mirrors the token groups of ST-MoE's expert-specialisation table (Zoph et al. 2022),
+# then the values of the biographies' facts (moe_lab.data.facts), one category per attribute.
 CATEGORIES: tuple[str, ...] = (
     "punctuation",
     "verb",
@@ -33,10 +36,12 @@ CATEGORIES: tuple[str, ...] = (
     "proper_name",
     "function_word",
     "whitespace",
+    *facts.VALUE_CATEGORIES,
 )
 CATEGORY_IDS: dict[str, int] = {name: i for i, name in enumerate(CATEGORIES)}
 WHITESPACE = CATEGORY_IDS["whitespace"]
 DOMAINS: tuple[str, ...] = ("cooking", "sports", "finance", "space", "medicine", "music", "law", "weather")
+BIOGRAPHY = len(DOMAINS)  # the domain id of a biography document (the knowledge component)
 
 PUNCTUATION = frozenset({".", ",", "!", "?", ";", ":", "$", "%", "-", "(", ")"})
 _FUNCTION_WORDS = """
@@ -45,9 +50,9 @@ during while than then so because as into over under near about around against t
 """
 FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
 
-_LANGUAGE_SEED = 1729
+LANGUAGE_SEED = 1729
 # Part of the cache key: bump whenever the generator's output changes so stale caches are not reused.
-_CORPUS_VERSION = 1
+_CORPUS_VERSION = 2
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(\.\d+)?")
 _FORMAT_RE = re.compile(r"\{([^{}]*)\}")
 _MACRO_RE = re.compile(r"#(\w+)")
@@ -238,17 +243,29 @@ def _interleave(specific: list, general: list, every: int = 13) -> tuple:
 
 
 @functools.cache
-def _language() -> tuple[_Lexicon, ...]:
-    """Every domain's lexicon; depends on nothing but `_LANGUAGE_SEED`."""
+def taken_words() -> frozenset[str]:
+    """Every word of the grammar's language (lower case): the biographies' names and values avoid them."""
     taken = set(FUNCTION_WORDS) | {w.lower() for w in _LITERALS}
-    general_rng = random.Random(_LANGUAGE_SEED)
+    for text in (w for form in facts.FORMS.values() for f in form for w in f.split()):
+        taken.add(text.lower())
+    for lex in _language():
+        taken.update(lex.nouns, lex.adjectives, (w.lower() for w in lex.firsts + lex.lasts))
+        taken.update(w for forms in lex.verbs for w in forms)
+    return frozenset(taken)
+
+
+@functools.cache
+def _language() -> tuple[_Lexicon, ...]:
+    """Every domain's lexicon; depends on nothing but `LANGUAGE_SEED`."""
+    taken = set(FUNCTION_WORDS) | {w.lower() for w in _LITERALS}
+    general_rng = random.Random(LANGUAGE_SEED)
     fresh = _word_maker(general_rng, taken)
     general_nouns = [fresh(1, 2, ("",)) for _ in range(30)]
     general_verbs = [fresh(1, 1, ("",), _verb_forms) for _ in range(20)]
     general_adjs = [fresh(1, 1, _ADJ_SUFFIXES) for _ in range(20)]
     lexicons = []
     for d in range(len(DOMAINS)):
-        rng = random.Random(_LANGUAGE_SEED * 100 + d)
+        rng = random.Random(LANGUAGE_SEED * 100 + d)
         fresh = _word_maker(rng, taken)
         noun_suffixes = tuple(rng.sample(_NOUN_SUFFIXES, 4))
         adj_suffixes = tuple(rng.sample(_ADJ_SUFFIXES, 3))
@@ -363,9 +380,16 @@ def _check_domains(num_domains: int) -> None:
 
 
 def generate_documents(
-    num_docs: int, seed: int = 0, num_domains: int = 4, sentences_per_doc: tuple[int, int] = (3, 8)
+    num_docs: int,
+    seed: int = 0,
+    num_domains: int = 4,
+    sentences_per_doc: tuple[int, int] = (3, 8),
+    num_people: int = 0,
+    fact_fraction: float = 0.0,
 ) -> datasets.Dataset:
-    """Generate `num_docs` single-domain documents with their domain and per-word category labels."""
+    """Generate `num_docs` documents with their domain and per-word category labels: single-domain grammar
+    documents, and with `num_people` > 0 a `fact_fraction` of biographies (domain BIOGRAPHY) of people drawn
+    uniformly from the first `num_people` (moe_lab.data.facts)."""
     _check_domains(num_domains)
     lo, hi = sentences_per_doc
     if num_docs < 0 or not 1 <= lo <= hi:
@@ -373,14 +397,24 @@ def generate_documents(
             f"num_docs={num_docs!r}, sentences_per_doc={sentences_per_doc!r}: "
             "expected num_docs >= 0 and 1 <= min <= max sentences"
         )
+    if not 0.0 <= fact_fraction <= 1.0 or (fact_fraction > 0 and num_people < 1):
+        raise ValueError(
+            f"fact_fraction={fact_fraction!r}, num_people={num_people!r}: expected a fraction in [0, 1], "
+            "and num_people >= 1 for a fraction above 0"
+        )
+    crowd = facts.people(num_people, LANGUAGE_SEED)
     texts, domains, categories = [], [], []
     for i in range(num_docs):
         # One generator per document: a corpus is a prefix of any larger corpus with the same seed.
         rng = random.Random(f"moe-lab-synthetic:{seed}:{i}")
-        domain = rng.randrange(num_domains)
-        writer, words, cats = _Writer(rng, domain), [], []
-        for _ in range(rng.randint(lo, hi)):
-            writer.sentence(words, cats)
+        if fact_fraction and random.Random(f"moe-lab-synthetic:{seed}:{i}:bio").random() < fact_fraction:
+            words, cats = _biography(rng, crowd[rng.randrange(num_people)])
+            domain = BIOGRAPHY
+        else:
+            domain = rng.randrange(num_domains)
+            writer, words, cats = _Writer(rng, domain), [], []
+            for _ in range(rng.randint(lo, hi)):
+                writer.sentence(words, cats)
         texts.append(" ".join(words))
         domains.append(domain)
         categories.append(cats)
@@ -394,6 +428,27 @@ def generate_documents(
     return datasets.Dataset.from_dict(
         {"text": texts, "domain": domains, "word_categories": categories}, features=features
     )
+
+
+_FORM_VERBS = frozenset({"was", "born", "grew", "is", "works", "earns", "came", "draws"})
+_FIRST_VALUE_CATEGORY = len(CATEGORIES) - len(facts.VALUE_CATEGORIES)
+
+
+def _biography(rng: random.Random, person: facts.Person) -> tuple[list[str], list[int]]:
+    """A biography's words and categories: names are proper names, values their attribute's category."""
+    words, cats = [], []
+    names = {person.first, person.last}
+    for word, attribute in facts.biography(rng, person):
+        words.append(word)
+        if attribute is not None:
+            cats.append(_FIRST_VALUE_CATEGORY + attribute)
+        elif word in names:
+            cats.append(CATEGORY_IDS["proper_name"])
+        elif word in _FORM_VERBS:
+            cats.append(CATEGORY_IDS["verb"])
+        else:
+            cats.append(_literal_category(word))
+    return words, cats
 
 
 def char_categories(text: str, word_categories: list[int]) -> list[int]:
@@ -423,11 +478,18 @@ def token_categories(offsets: list[tuple[int, int]], char_cats: list[int]) -> li
 
 
 def load_synthetic(
-    cache_dir: str | Path, num_docs: int = 20000, seed: int = 0, num_domains: int = 4
+    cache_dir: str | Path,
+    num_docs: int = 20000,
+    seed: int = 0,
+    num_domains: int = 4,
+    num_people: int = 0,
+    fact_fraction: float = 0.0,
 ) -> datasets.Dataset:
     """The synthetic corpus, generated once and then read from `cache_dir/synthetic-<params hash>/`."""
     _check_domains(num_domains)
     params = {"num_docs": num_docs, "seed": seed, "num_domains": num_domains, "version": _CORPUS_VERSION}
+    if num_people and fact_fraction:
+        params.update(num_people=num_people, fact_fraction=fact_fraction)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     cache_dir = Path(cache_dir)
     final = cache_dir / f"synthetic-{digest}"
@@ -436,7 +498,10 @@ def load_synthetic(
         # Write beside the target and rename: the rename is atomic, so `final` is always complete.
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
         try:
-            generate_documents(num_docs, seed=seed, num_domains=num_domains).save_to_disk(str(tmp))
+            corpus = generate_documents(
+                num_docs, seed=seed, num_domains=num_domains, num_people=num_people, fact_fraction=fact_fraction
+            )
+            corpus.save_to_disk(str(tmp))
             try:
                 tmp.rename(final)
             except OSError:

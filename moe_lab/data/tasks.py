@@ -94,20 +94,28 @@ def load_task(cfg: TaskConfig, cache_dir: str) -> tuple[datasets.Dataset, datase
     raise ValueError(f"task.source={cfg.source!r} is not one of ['synthetic', 'cb', 'sst2', 'local', 'hub']")
 
 
-def _integer_label_names(cfg: TaskConfig, train: datasets.Dataset, val: datasets.Dataset) -> list[str]:
-    """The classes of integer labels, 0..C-1; other labels raise ValueError saying how to name them."""
+def _label_names(cfg: TaskConfig, train: datasets.Dataset, val: datasets.Dataset) -> tuple[list[str], bool]:
+    """(the classes, whether labels are looked up by name): task.label_names if given; else integer labels are
+    the classes 0..C-1, and text labels are named by the data, sorted (the run's summary.json lists them)."""
+    if cfg.label_names is not None:
+        return list(cfg.label_names), True
     values = {v for ds in (train, val) for v in ds[cfg.label_column]}
+    if None in values:
+        raise ValueError(f"task {cfg.name!r}: some examples have no label in column {cfg.label_column!r}")
+    if all(isinstance(v, str) for v in values):
+        return sorted(values), True
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         shown = sorted(map(str, values))[:5]
         raise ValueError(
-            f"task {cfg.name!r}: labels {shown} are not integers 0..C-1; list them in order with task.label_names=[...]"
+            f"task {cfg.name!r}: labels {shown} are neither all integers 0..C-1 nor all text; list the classes in "
+            "order with task.label_names=[...]"
         )
     if min(values, default=0) < 0 or not values:
         raise ValueError(
             f"task {cfg.name!r}: integer labels must be 0..C-1, found {sorted(values)}; map them to 0..C-1 or "
             f"name the classes in order with task.label_names={sorted(map(str, values))}"
         )
-    return [str(i) for i in range(max(values) + 1)]
+    return [str(i) for i in range(max(values) + 1)], False
 
 
 def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: int) -> ClassificationData:
@@ -117,7 +125,7 @@ def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: 
         missing = [c for c in [*cfg.text_columns, cfg.label_column] if c not in ds.column_names]
         if missing:
             raise ValueError(f"task {cfg.name!r} {split}: no column(s) {missing}; columns: {ds.column_names}")
-    names = cfg.label_names or _integer_label_names(cfg, train, val)
+    names, by_name = _label_names(cfg, train, val)
     if cfg.num_train is not None:
         train = train.shuffle(seed=seed).select(range(min(cfg.num_train, len(train))))
 
@@ -125,7 +133,7 @@ def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: 
         texts = [" | ".join(str(row[c]) for c in cfg.text_columns) for row in ds]
         ids = [x[: cfg.max_len] for x in tokenizer.encode_batch(texts)]
         raw = ds[cfg.label_column]
-        if cfg.label_names is not None:
+        if by_name:
             text = [v if isinstance(v, str) or v is None else str(v) for v in raw]
             unknown = sorted({v for v in text if v not in names} - {None})
             if unknown or None in text:

@@ -1,174 +1,209 @@
-"""Report builders of the fine-tuning studies: freeze, token dropping, aux loss, overfitting, batch x lr."""
+"""Report builders of the fine-tuning studies: freeze, token dropping, aux loss, overfitting, batch x lr.
+
+Each study is judged on its task's own metric (`task.metric`: accuracy, or macro-F1 for CB). With one seed an
+accuracy's standard error is binomial on the task's own validation size; with seeds it is std/sqrt(n).
+"""
 
 from __future__ import annotations
-
-import math
 
 import pandas as pd
 
 from moe_lab.report.reference import REFERENCES
-from moe_lab.report.results import StudyResults, aggregate, binomial_std, mean_std, validation_examples
+from moe_lab.report.results import StudyResults, aggregate
+from moe_lab.report.stats import Estimate, below, combine, contrast, difference, direction, estimates
 from moe_lab.report.verdict import StudyReport, Verdict, fmt_number, percent, status_notes
 
 ACC = "final_val_accuracy"
+METRIC_COLUMNS = {"accuracy": "final_val_accuracy", "f1_macro": "final_val_f1"}
+DROP_MARGIN = 0.01  # a cost of dropping tokens below one point of the metric is "about nothing"
 
 
-def _accuracy_noise(study: StudyResults, agg: pd.DataFrame) -> float:
-    """What one run's validation accuracy cannot resolve: the seeds' std if there are seeds, else binomial."""
-    stds = agg.get(f"{ACC}_std", pd.Series(dtype=float)).dropna()
-    if len(stds):
-        return float(stds.max())
-    return binomial_std(float(agg[ACC].mean()), validation_examples(study))
+def _rule(study: StudyResults) -> str:
+    metric, n = task_metric(study), validation_examples(study)
+    one = f"binomial on the {n} validation examples" if metric == "accuracy" and n else "none (inconclusive)"
+    return (
+        f"judged on validation {metric}; a difference counts beyond 2 standard errors of the difference (seeds: "
+        f"std/sqrt(n), paired when the settings share seeds; one seed: {one}); a tie is inconclusive"
+    )
+
+
+def task_metric(study: StudyResults) -> str:
+    """The metric the study's task is judged on, from its runs' summary.json (accuracy if unknown)."""
+    for run in study.runs["run"]:
+        summary = study.summary(run) or {}
+        if summary.get("metric") in METRIC_COLUMNS:
+            return summary["metric"]
+    return "accuracy"
+
+
+def validation_examples(study: StudyResults) -> int | None:
+    """The task's validation size: recorded in summary.json, else the synthetic task's configured size."""
+    for run in study.runs["run"]:
+        summary = study.summary(run) or {}
+        if summary.get("val_examples"):
+            return int(summary["val_examples"])
+        task = summary.get("config", {}).get("task", {})
+        if task.get("source") == "synthetic":
+            return int(task.get("synthetic_val", 1000))
+    return None
+
+
+def _metric_estimates(study: StudyResults, by: list[str], metric: str | None = None) -> dict:
+    """Estimates of the task's metric (or `metric`) per group, keyed by the value when `by` is one column."""
+    name = task_metric(study)
+    column = metric or METRIC_COLUMNS[name]
+    n = validation_examples(study) if name == "accuracy" and metric in (None, ACC) else None
+    found = estimates(study.runs, by, column, n)
+    return {k[0]: v for k, v in found.items()} if len(by) == 1 else found
+
+
+def _cells(est: dict, keys) -> list[str]:
+    return [est[k].text() if k in est else "-" for k in keys]
 
 
 def freeze(study: StudyResults) -> StudyReport:
     ref = REFERENCES["freeze"]
-    agg = aggregate(study.runs, ["finetune.freeze"], [ACC, "best_val_accuracy", "trainable_parameters"])
+    key = "finetune.freeze"
+    agg = aggregate(study.runs, [key], [ACC, "best_val_accuracy", "trainable_parameters"])
+    val = _metric_estimates(study, [key])
     table = pd.DataFrame({
-        "update": agg["finetune.freeze"],
-        "val accuracy (final)": [mean_std(r, ACC) for _, r in agg.iterrows()],
-        "val accuracy (best)": [mean_std(r, "best_val_accuracy") for _, r in agg.iterrows()],
+        "update": agg[key],
+        f"val {task_metric(study)} (final)": _cells(val, agg[key]),
+        "val accuracy (best)": _cells(_metric_estimates(study, [key], "best_val_accuracy"), agg[key]),
         "trainable parameters": [fmt_number(v, 0) for v in agg["trainable_parameters"]],
     })  # fmt: skip
-    acc = agg.set_index("finetune.freeze")[ACC].dropna()
-    if "moe" not in acc.index or len(acc) < 2:
+    done = {k: v for k, v in val.items() if v.n}
+    if "moe" not in done or len(done) < 2:
         return StudyReport("freeze", ref, table, Verdict("no data", "-", "needs the moe preset and another"))
-    noise = _accuracy_noise(study, agg)
-    others = acc.drop("moe")
-    gap = others.min() - acc["moe"]
-    ours = ", ".join(f"{k} {v:.3f}" for k, v in acc.sort_values(ascending=False).items())
-    if gap > 2 * noise:
-        reproduced = "yes"
-    elif gap > 0:
-        reproduced = "inconclusive"
-    else:
-        reproduced = "no" if -gap > 2 * noise else "inconclusive"
-    checked = f"MoE-only is the worst by more than 2 standard errors ({2 * noise:.3f} accuracy)"
-    verdict = Verdict(reproduced, f"val accuracy {ours}", checked)
-    return StudyReport("freeze", ref, table, verdict, status_notes(agg), agg)
+    worst_other = min((k for k in done if k != "moe"), key=lambda k: done[k].mean)
+    d = difference(done[worst_other], done["moe"])
+    ranking = ", ".join(f"{k} {v.text()}" for k, v in sorted(done.items(), key=lambda kv: -kv[1].mean))
+    ours = f"val {ranking}; {worst_other} (the worst other) - moe {d.text()}"
+    checked = f"updating only the MoE layers is worse than every other choice; {_rule(study)}"
+    return StudyReport("freeze", ref, table, Verdict(direction(d, ">"), ours, checked), status_notes(agg), agg)
 
 
 def token_drop(study: StudyResults) -> StudyReport:
     ref = REFERENCES["token-drop"]
-    agg = aggregate(study.runs, ["moe.train_capacity_factor"], [ACC, "moe_dropped_frac", "eval_moe_dropped_frac"])
+    key = "moe.train_capacity_factor"
+    agg = aggregate(study.runs, [key], [ACC, "moe_dropped_frac", "eval_moe_dropped_frac"])
+    val = _metric_estimates(study, [key])
     table = pd.DataFrame({
-        "train CF (eval 2.0)": agg["moe.train_capacity_factor"].map(lambda v: f"{v:g}"),
+        "train CF (eval 2.0)": agg[key].map(lambda v: f"{v:g}"),
         "dropped in training": [percent(v) for v in agg["moe_dropped_frac"]],
-        "val accuracy": [mean_std(r, ACC) for _, r in agg.iterrows()],
+        f"val {task_metric(study)}": _cells(val, agg[key]),
         "paper (dropped, score)": [
-            ", ".join(str(v) for v in ref.numbers.get(f"{cf:g}", {}).values()) or "-"
-            for cf in agg["moe.train_capacity_factor"]
+            ", ".join(str(v) for v in ref.numbers.get(f"{cf:g}", {}).values()) or "-" for cf in agg[key]
         ],
     })  # fmt: skip
-    data = agg.dropna(subset=[ACC])
+    data = agg[agg[key].map(lambda cf: cf in val and val[cf].n > 0)]
     if len(data) < 2:
         return StudyReport("token-drop", ref, table, Verdict("no data", "-", "needs two or more capacity factors"))
-    noise = _accuracy_noise(study, agg)
     reference = data.loc[data["moe_dropped_frac"].idxmin()]
     dropping = data[(data["moe_dropped_frac"] >= 0.05) & (data["moe_dropped_frac"] <= 0.2)]
-    if dropping.empty:
-        return StudyReport(
-            "token-drop", ref, table, Verdict("inconclusive", "no capacity factor dropped 5-20%", "-"), [], agg
-        )
-    worst = dropping.loc[dropping[ACC].idxmin()]
-    cost = reference[ACC] - worst[ACC]
-    ours = (
-        f"dropping {percent(worst['moe_dropped_frac'])} (CF {worst['moe.train_capacity_factor']:g}) gives "
-        f"{worst[ACC]:.3f} vs {reference[ACC]:.3f} with {percent(reference['moe_dropped_frac'])} dropped"
-    )
-    reproduced = "yes" if cost <= 2 * noise else "no"
     checked = (
-        f"fine-tuning with 5-20% of tokens dropped is within 2 standard errors ({2 * noise:.3f}) of the fewest drops"
+        f"the cost of fine-tuning with 5-20% of tokens dropped (the fewest drops minus each such CF) is below "
+        f"{DROP_MARGIN:g} {task_metric(study)}: yes when cost + 2 standard errors is below it, no when cost - 2 "
+        f"standard errors is above it; {_rule(study)}"
     )
-    return StudyReport("token-drop", ref, table, Verdict(reproduced, ours, checked), status_notes(agg), agg)
+    if dropping.empty:
+        drops = ", ".join(f"CF {r[key]:g} {percent(r['moe_dropped_frac'])}" for _, r in data.iterrows())
+        verdict = Verdict("inconclusive", f"no capacity factor dropped 5-20% ({drops})", checked)
+        return StudyReport("token-drop", ref, table, verdict, status_notes(agg), agg)
+    claims, parts = [], []
+    ref_cf = reference[key]
+    for _, row in dropping.iterrows():
+        cost = difference(val[ref_cf], val[row[key]])
+        claims.append(below(cost, DROP_MARGIN))
+        parts.append(f"CF {row[key]:g} ({percent(row['moe_dropped_frac'])} dropped) costs {cost.text()}")
+    ours = (
+        f"{'; '.join(parts)} against CF {ref_cf:g} ({percent(reference['moe_dropped_frac'])} dropped, "
+        f"{val[ref_cf].text()})"
+    )
+    return StudyReport("token-drop", ref, table, Verdict(combine(claims), ours, checked), status_notes(agg), agg)
 
 
 def aux_loss_finetune(study: StudyResults) -> StudyReport:
     ref = REFERENCES["aux-loss-finetune"]
     keys = ["moe.aux_loss_coef", "moe.train_capacity_factor"]
     agg = aggregate(study.runs, keys, [ACC, "moe_dropped_frac"])
+    val = _metric_estimates(study, keys)
     label = ["on" if a > 0 else "off" for a in agg["moe.aux_loss_coef"]]
     table = pd.DataFrame({
         "aux loss": label,
         "train CF (eval 2.0)": agg["moe.train_capacity_factor"].map(lambda v: f"{v:g}"),
         "dropped in training": [percent(v) for v in agg["moe_dropped_frac"]],
-        "val accuracy": [mean_std(r, ACC) for _, r in agg.iterrows()],
+        f"val {task_metric(study)}": _cells(val, list(zip(agg[keys[0]], agg[keys[1]], strict=True))),
         "paper (dropped, score)": [
             ", ".join(str(v) for v in ref.numbers.get(f"{lab} {cf:g}", {}).values()) or "-"
             for lab, cf in zip(label, agg["moe.train_capacity_factor"], strict=True)
         ],
     })  # fmt: skip
-    noise = _accuracy_noise(study, agg) if len(agg) else math.nan
-    wins, fewer, pairs, parts = 0, 0, 0, []
+    claims, parts = [], []
     for cf, group in agg.groupby("moe.train_capacity_factor"):
-        on, off = group[group["moe.aux_loss_coef"] > 0], group[group["moe.aux_loss_coef"] == 0]
-        if on.empty or off.empty:
+        on = [(a, cf) for a in group["moe.aux_loss_coef"] if a > 0]
+        off = [(a, cf) for a in group["moe.aux_loss_coef"] if a == 0]
+        if not on or not off or not (val.get(on[0], Estimate()).n and val.get(off[0], Estimate()).n):
             continue
-        pairs += 1
-        a_on, a_off = on[ACC].iloc[0], off[ACC].iloc[0]
-        wins += a_on > a_off + 2 * noise
-        fewer += on["moe_dropped_frac"].iloc[0] <= off["moe_dropped_frac"].iloc[0]
-        parts.append(f"CF {cf:g}: on {a_on:.3f} vs off {a_off:.3f}")
-    if pairs == 0:
+        d = difference(val[on[0]], val[off[0]])
+        claims.append(direction(d, ">"))
+        drops = group.set_index("moe.aux_loss_coef")["moe_dropped_frac"]
+        parts.append(
+            f"CF {cf:g}: on - off {d.text()} (dropped {percent(drops[on[0][0]])} vs {percent(drops[off[0][0]])})"
+        )
+    if not claims:
         return StudyReport("aux-loss-finetune", ref, table, Verdict("no data", "-", "needs aux on and off"))
-    if wins == pairs and fewer == pairs:
-        reproduced = "yes"
-    elif fewer == pairs:
-        reproduced = "inconclusive"
-    else:
-        reproduced = "no"
-    ours = "; ".join(parts) + f"; aux on drops fewer tokens at {fewer} of {pairs} CFs"
-    checked = f"aux on drops fewer tokens and wins by more than 2 standard errors ({2 * noise:.3f}) at every CF"
-    return StudyReport("aux-loss-finetune", ref, table, Verdict(reproduced, ours, checked), status_notes(agg), agg)
+    checked = f"keeping the aux loss beats turning it off at every train CF; {_rule(study)}"
+    verdict = Verdict(combine(claims), "; ".join(parts), checked)
+    return StudyReport("aux-loss-finetune", ref, table, verdict, status_notes(agg), agg)
 
 
 def _model_label(value: str) -> str:
     return "dense" if str(value).startswith("dense") else "sparse"
 
 
+def _with_model(study: StudyResults) -> StudyResults:
+    runs = study.runs.copy()
+    runs["model"] = runs["finetune.pretrained"].map(_model_label)
+    return StudyResults(study.name, study.root, runs)
+
+
 def overfit(study: StudyResults) -> StudyReport:
     ref = REFERENCES["overfit"]
     agg = aggregate(study.runs, ["finetune.pretrained", "task"], [ACC, "final_train_accuracy", "best_val_accuracy"])
     agg["model"] = agg["finetune.pretrained"].map(_model_label)
+    study = _with_model(study)
+    keys = ["task", "model"]
+    val = _metric_estimates(study, keys)
+    train = _metric_estimates(study, keys, "final_train_accuracy")
+    cells = list(zip(agg["task"], agg["model"], strict=True))
     table = pd.DataFrame({
         "task": agg["task"],
         "model": agg["model"],
-        "train accuracy": [mean_std(r, "final_train_accuracy") for _, r in agg.iterrows()],
-        "val accuracy (final)": [mean_std(r, ACC) for _, r in agg.iterrows()],
-        "val accuracy (best)": [mean_std(r, "best_val_accuracy") for _, r in agg.iterrows()],
+        "train accuracy": _cells(train, cells),
+        f"val {task_metric(study)} (final)": _cells(val, cells),
+        "val accuracy (best)": _cells(_metric_estimates(study, keys, "best_val_accuracy"), cells),
     })  # fmt: skip
-    by = agg.set_index(["task", "model"])
     tasks = sorted(set(agg["task"]))
     small = next((t for t in tasks if "small" in t or t == "cb"), None)
     large = next((t for t in tasks if "large" in t or t == "sst2"), None)
-    if small is None or large is None or len(by) < 4:
-        return StudyReport("overfit", ref, table, Verdict("no data", "-", "needs sparse and dense on two tasks"))
-    cells = [(small, "sparse"), (small, "dense"), (large, "sparse"), (large, "dense")]
-    if any(c not in by.index or math.isnan(by.loc[c, ACC]) for c in cells):
-        verdict = Verdict("no data", "-", "needs completed sparse and dense runs on both tasks")
+    needed = [(small, "sparse"), (small, "dense"), (large, "sparse"), (large, "dense")]
+    if small is None or large is None or any(not val.get(c, Estimate()).n for c in needed):
+        verdict = Verdict("no data", "-", "needs completed sparse and dense runs on a small and a large task")
         return StudyReport("overfit", ref, table, verdict, status_notes(agg), agg)
-    noise = _accuracy_noise(study, agg)
-    s_small, d_small = by.loc[(small, "sparse")], by.loc[(small, "dense")]
-    s_large, d_large = by.loc[(large, "sparse")], by.loc[(large, "dense")]
-    overfits = s_small["final_train_accuracy"] >= d_small["final_train_accuracy"] and s_small[ACC] < d_small[ACC]
-    wins_large = s_large[ACC] > d_large[ACC]
+    d_small = difference(val[(small, "sparse")], val[(small, "dense")])
+    d_large = difference(val[(large, "sparse")], val[(large, "dense")])
+    gap = difference(train[(small, "sparse")], val[(small, "sparse")])
     ours = (
-        f"{small}: sparse train/val {s_small['final_train_accuracy']:.3f}/{s_small[ACC]:.3f} vs dense "
-        f"{d_small['final_train_accuracy']:.3f}/{d_small[ACC]:.3f}; {large}: sparse val {s_large[ACC]:.3f} vs "
-        f"dense {d_large[ACC]:.3f}"
+        f"{small}: sparse - dense val {d_small.text()} (sparse train {train[(small, 'sparse')].text()}, val "
+        f"{val[(small, 'sparse')].text()}); {large}: sparse - dense val {d_large.text()}"
     )
-    within = abs(s_small[ACC] - d_small[ACC]) <= 2 * noise and abs(s_large[ACC] - d_large[ACC]) <= 2 * noise
-    if overfits and wins_large:
-        reproduced = "inconclusive" if within else "yes"
-    elif overfits or wins_large:
-        reproduced = "inconclusive" if within else "partly"
-    else:
-        reproduced = "inconclusive" if within else "no"
     checked = (
-        f"small task: sparse train accuracy >= dense and validation below dense; large task: sparse validation "
-        f"above dense; differences within 2 standard errors ({2 * noise:.3f}) are inconclusive"
+        f"(1) on the small task the sparse model validates below the dense one; (2) on the large task above it; "
+        f"{_rule(study)}; the sparse train-validation gap on the small task is {gap.text()}"
     )
-    return StudyReport("overfit", ref, table, Verdict(reproduced, ours, checked), status_notes(agg), agg)
+    verdict = Verdict(combine([direction(d_small, "<"), direction(d_large, ">")]), ours, checked)
+    return StudyReport("overfit", ref, table, verdict, status_notes(agg), agg)
 
 
 def finetune_grid(study: StudyResults) -> StudyReport:
@@ -176,46 +211,45 @@ def finetune_grid(study: StudyResults) -> StudyReport:
     keys = ["finetune.pretrained", "task", "optim.lr", "train.batch_size"]
     agg = aggregate(study.runs, keys, [ACC])
     agg["model"] = agg["finetune.pretrained"].map(_model_label)
+    study = _with_model(study)
+    val = _metric_estimates(study, ["task", "model", "optim.lr", "train.batch_size"])
     batches = sorted(agg["train.batch_size"].unique(), reverse=True)
     rows = []
-    for (task, model, lr), group in agg.groupby(["task", "model", "optim.lr"], sort=True):
+    for (task, model, lr), _ in agg.groupby(["task", "model", "optim.lr"], sort=True):
         row = {"task": task, "model": model, "lr": f"{lr:g}"}
         for bs in batches:
-            cell = group[group["train.batch_size"] == bs]
-            row[f"batch {bs}"] = mean_std(cell.iloc[0], ACC) if len(cell) else "-"
+            row[f"batch {bs}"] = val[(task, model, lr, bs)].text() if (task, model, lr, bs) in val else "-"
         rows.append(row)
     table = pd.DataFrame(rows)
     if agg.empty or agg[ACC].isna().all():
         return StudyReport("finetune-grid", ref, table, Verdict("no data", "-", "needs completed runs"))
-    noise = _accuracy_noise(study, agg)
-    parts, agree, resolvable = [], 0, 0
+    claims, parts = [], []
     for task, group in agg.groupby("task"):
-        best = {}
-        for model, sub in group.groupby("model"):
-            sub = sub.dropna(subset=[ACC]).sort_values(ACC, ascending=False)
-            if len(sub) >= 2:
-                best[model] = sub.iloc[0]
-                # is the best setting resolvable from the runner-up?
-                resolvable += sub.iloc[0][ACC] - sub.iloc[1][ACC] > 2 * noise
-        if {"sparse", "dense"} <= set(best):
-            s, d = best["sparse"], best["dense"]
-            smaller_batch = s["train.batch_size"] <= d["train.batch_size"]
-            higher_lr = s["optim.lr"] >= d["optim.lr"]
-            agree += smaller_batch and higher_lr
-            parts.append(
-                f"{task}: best sparse bs {s['train.batch_size']} lr {s['optim.lr']:g}, "
-                f"best dense bs {d['train.batch_size']} lr {d['optim.lr']:g}"
-            )
-    n_tasks = len(parts)
-    if n_tasks == 0:
-        reproduced = "no data"
-    elif resolvable == 0:
-        reproduced = "inconclusive"
-    else:
-        reproduced = "yes" if agree == n_tasks else ("partly" if agree else "no")
+        lrs, bss = sorted(group["optim.lr"].unique()), sorted(group["train.batch_size"].unique())
+        if len(lrs) < 2 or len(bss) < 2 or set(group["model"]) != {"sparse", "dense"}:
+            continue
+        lo_lr, hi_lr, small_bs, large_bs = lrs[0], lrs[-1], bss[0], bss[-1]
+
+        def cell(model: str, lr: float, bs: int, task=task) -> Estimate:
+            return val.get((task, model, lr, bs), Estimate())
+
+        # interaction contrasts (averaged over the other factor): how much more the sparse model gains than the
+        # dense one from the smaller batch, and from the higher learning rate
+        batch_terms, lr_terms = [], []
+        for sign, model in ((1.0, "sparse"), (-1.0, "dense")):
+            for lr in (lo_lr, hi_lr):
+                batch_terms += [(sign / 2, cell(model, lr, small_bs)), (-sign / 2, cell(model, lr, large_bs))]
+            for bs in (small_bs, large_bs):
+                lr_terms += [(sign / 2, cell(model, hi_lr, bs)), (-sign / 2, cell(model, lo_lr, bs))]
+        for what, terms in ((f"batch {small_bs} vs {large_bs}", batch_terms), (f"lr {hi_lr:g} vs {lo_lr:g}", lr_terms)):
+            d = contrast(terms)
+            claims.append(direction(d, ">"))
+            parts.append(f"{task}, {what}: sparse gain - dense gain {d.text()}")
+    if not claims:
+        return StudyReport("finetune-grid", ref, table, Verdict("no data", "-", "needs a 2x2 grid per model"))
     checked = (
-        "per task, the sparse model's best setting has a batch no larger and a learning rate no lower than the "
-        f"dense model's; inconclusive when no best setting beats its runner-up by 2 standard errors ({2 * noise:.3f})"
+        "per task, the sparse model gains more than the dense one from the smaller batch and from the higher "
+        f"learning rate (interaction contrasts, each averaged over the other factor); {_rule(study)}"
     )
-    verdict = Verdict(reproduced, "; ".join(parts), checked)
+    verdict = Verdict(combine(claims), "; ".join(parts), checked)
     return StudyReport("finetune-grid", ref, table, verdict, status_notes(agg), agg)

@@ -132,32 +132,3 @@ def aggregate(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataF
             row[f"{metric}_n"] = len(values)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def mean_std(row: pd.Series | dict, metric: str, digits: int = 3, scale: float = 1.0) -> str:
-    """'1.905' for one run, '1.905 +- 0.012' for several, '-' for none."""
-    value, std, n = row.get(metric, math.nan), row.get(f"{metric}_std", math.nan), row.get(f"{metric}_n", 0)
-    if n == 0 or value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    text = f"{value * scale:.{digits}f}"
-    if n > 1 and not math.isnan(std):
-        text += f" ± {std * scale:.{digits}f}"
-    return text
-
-
-def binomial_std(accuracy: float, num_examples: int) -> float:
-    """The standard error of an accuracy measured on num_examples: what one seed cannot tell apart."""
-    if num_examples <= 0 or math.isnan(accuracy):
-        return math.nan
-    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / num_examples)
-
-
-def validation_examples(study: StudyResults) -> int:
-    """Validation examples of the study's fine-tuning task(s), from a run's summary.json (1000 if unknown)."""
-    for run in study.runs["run"]:
-        summary = study.summary(run)
-        if summary and "config" in summary:
-            task = summary["config"].get("task", {})
-            if task.get("source") == "synthetic":
-                return int(task.get("synthetic_val", 1000))
-    return 1000

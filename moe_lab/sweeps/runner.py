@@ -88,7 +88,11 @@ def check_points(study: Study, points: list[list[str]]) -> list:
     for i, point in enumerate(points):
         try:
             runs.append(to_run_config(compose_point(study, point)))
-        except ConfigError as err:
+            if study.command == "finetune":
+                from moe_lab.train.finetune import finetune_changes
+
+                finetune_changes([*point, f"+experiments={study.name}"])
+        except (ConfigError, ValueError) as err:
             raise ConfigError(f"grid point {i} ({' '.join(point)}): {err}") from None
     return runs
 
@@ -154,8 +158,11 @@ class PointCheck:
 
 
 def shared_overrides(overrides: list[str]) -> list[str]:
-    """The overrides a fine-tuning study's pretraining shares with it: data, logging and seed."""
-    return [o for o in overrides if o.startswith(("data.", "logger", "seed="))]
+    """The overrides a fine-tuning study's pretraining shares with it: data, tokenizer, logging, the training
+    length `scale`, and where and how it runs. Not `seed`: every seed of a study fine-tunes the same pretrained
+    model (a sweep over seeds would otherwise ask one pretraining to take several)."""
+    shared = ("data.", "data=", "tokenizer", "logger", "scale=", "train.threads=", "train.device=")
+    return [o for o in overrides if o.lstrip("+").startswith(shared)]
 
 
 def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[PointCheck], list[PointCheck]]:

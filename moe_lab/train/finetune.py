@@ -113,6 +113,38 @@ def _overridden(overrides: list[str], prefix: str) -> set[str]:
     return {k[len(prefix) :] for k in keys if k.startswith(prefix)}
 
 
+def _study_keys(overrides: list[str], group: str) -> set[str]:
+    """The keys of `group` (moe, model) that the study a sweep point runs under (`+experiments=NAME`) sets."""
+    from moe_lab.sweeps.runner import EXPERIMENTS
+
+    keys: set[str] = set()
+    for item in overrides:
+        key, _, name = item.partition("=")
+        if key.lstrip("+") == "experiments" and name:
+            section = OmegaConf.load(EXPERIMENTS / f"{name}.yaml").get(group)
+            keys |= set(section.keys()) if section else set()
+    return keys
+
+
+FINETUNE_MODEL_KEYS = ("dropout",)
+
+
+def finetune_changes(overrides: list[str]) -> tuple[set[str], set[str]]:
+    """(MoE keys, model keys) a fine-tuning run changes from its pretrained model: those set on the command line
+    or by the study. A key the checkpoint fixes (the architecture) raises ValueError naming the ones that may."""
+    changes = {}
+    for group, allowed in (("moe", FINETUNE_MOE_KEYS), ("model", FINETUNE_MODEL_KEYS)):
+        keys = _overridden(overrides, f"{group}.") | _study_keys(overrides, group)
+        fixed = sorted(keys - set(allowed))
+        if fixed:
+            raise ValueError(
+                f"{', '.join(f'{group}.{k}' for k in fixed)}: fixed by the pretrained checkpoint (its architecture); "
+                f"fine-tuning may change {', '.join(f'{group}.{k}' for k in allowed)}"
+            )
+        changes[group] = keys
+    return changes["moe"], changes["model"]
+
+
 def run_finetune(
     cfg: DictConfig,
     overrides: list[str] | None = None,
@@ -126,6 +158,7 @@ def run_finetune(
     run = to_run_config(cfg).scaled()
     if not run.checkpoint:
         raise ValueError("fine-tuning needs checkpoint=RUN_DIR (a `moe-lab pretrain` run directory)")
+    moe_keys, model_keys = finetune_changes(overrides)
     pre_dir, pre = pretrained_run(run.checkpoint)
     run = replace(run, name=f"finetune-{run.task.name}")
     identity = identity_config(run, record_hash(pre_dir))
@@ -134,10 +167,8 @@ def run_finetune(
         return start.previous
 
     # the architecture is the checkpoint's; fine-tuning may change capacity, losses and dropout
-    moe_changes = {k: getattr(run.moe, k) for k in _overridden(overrides, "moe.") & set(FINETUNE_MOE_KEYS)}
-    moe_cfg = replace(pre.moe, **moe_changes)
-    dropout = run.model.dropout if "dropout" in _overridden(overrides, "model.") else pre.model.dropout
-    model_cfg = replace(pre.model, dropout=dropout)
+    moe_cfg = replace(pre.moe, **{k: getattr(run.moe, k) for k in moe_keys})
+    model_cfg = replace(pre.model, **{k: getattr(run.model, k) for k in model_keys})
     started = time.time()
     tokenizer = lm_tokenizer(pre.data, pre.tokenizer)
     # examples longer than the model's context are cut to it
@@ -168,6 +199,8 @@ def run_finetune(
     extra = {
         "task": run.task.name,
         "metric": run.task.metric,
+        "val_examples": len(data.val_ids),
+        "label_names": list(data.label_names),
         "pretrained": str(pre_dir),
         "trainable_parameters": counts["trainable"],
         "moe": {k: getattr(moe_cfg, k) for k in FINETUNE_MOE_KEYS},

@@ -23,6 +23,7 @@ from moe_lab.models.transformer import ModelLosses
 from moe_lab.runs import identity_config
 from moe_lab.track import RunLogger, WandbSink
 from moe_lab.train.loop import resolve_device, train
+from moe_lab.train.recall import FactRecall
 from moe_lab.train.rundir import RunStart, begin_run, claim
 
 
@@ -36,8 +37,10 @@ class LMTask:
         seed: int,
         eval_batches: int,
         token_name: Callable[[int], str] | None = None,
+        recall: FactRecall | None = None,
     ) -> None:
         self.data = data
+        self.recall = recall
         self.token_name = token_name
         self.batch_size = batch_size
         self.seed = seed
@@ -103,7 +106,22 @@ class LMTask:
             total += loss * rows[:, 1:].numel()
             count += rows[:, 1:].numel()
         val_loss = total / count
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.recall is not None:
+            out.update(self.recall.evaluate(model, device, self.batch_size))
+        return out
+
+
+def fact_recall(run: RunConfig, tokenizer) -> FactRecall | None:
+    """The held-out fact queries of a synthetic corpus with biographies (train.fact_queries of them), or None."""
+    data = run.data
+    if data.source != "synthetic" or not (data.num_people and data.fact_fraction) or not run.train.fact_queries:
+        return None
+    from moe_lab.data.facts import queries
+    from moe_lab.data.synthetic import LANGUAGE_SEED
+
+    chosen = queries(data.num_people, LANGUAGE_SEED, limit=run.train.fact_queries)
+    return FactRecall(chosen, tokenizer, run.model.max_seq_len)
 
 
 def describe_model(console: Console, name: str, params: dict[str, int], flops: int | None = None) -> None:
@@ -142,7 +160,10 @@ def run_pretrain(
     data = build_lm_data(run.data, run.tokenizer, run.train.seq_len)
     model = LanguageModel(run.model, run.moe, data.vocab_size)
     tokenizer = lm_tokenizer(run.data, run.tokenizer)
-    task = LMTask(data, run.train.batch_size, start.seed, run.train.eval_batches, partial(token_text, tokenizer))
+    recall = fact_recall(run, tokenizer)
+    task = LMTask(
+        data, run.train.batch_size, start.seed, run.train.eval_batches, partial(token_text, tokenizer), recall
+    )
     start = claim(start, identity, cfg, overrides or [], console, wait)
     if start.previous is not None:  # another process finished it while we waited
         return start.previous
