@@ -242,10 +242,15 @@ def _interleave(specific: list, general: list, every: int = 13) -> tuple:
     return tuple(out)
 
 
+def _fixed_words() -> set[str]:
+    """The words no generated stem may be: function words and the templates' literals (lower case)."""
+    return set(FUNCTION_WORDS) | {w.lower() for w in _LITERALS}
+
+
 @functools.cache
 def taken_words() -> frozenset[str]:
     """Every word of the grammar's language (lower case): the biographies' names and values avoid them."""
-    taken = set(FUNCTION_WORDS) | {w.lower() for w in _LITERALS}
+    taken = _fixed_words()
     for text in (w for form in facts.FORMS.values() for f in form for w in f.split()):
         taken.add(text.lower())
     for lex in _language():
@@ -257,7 +262,7 @@ def taken_words() -> frozenset[str]:
 @functools.cache
 def _language() -> tuple[_Lexicon, ...]:
     """Every domain's lexicon; depends on nothing but `LANGUAGE_SEED`."""
-    taken = set(FUNCTION_WORDS) | {w.lower() for w in _LITERALS}
+    taken = _fixed_words()
     general_rng = random.Random(LANGUAGE_SEED)
     fresh = _word_maker(general_rng, taken)
     general_nouns = [fresh(1, 2, ("",)) for _ in range(30)]

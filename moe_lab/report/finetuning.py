@@ -10,7 +10,7 @@ import pandas as pd
 
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.results import StudyResults, aggregate
-from moe_lab.report.stats import Estimate, below, combine, contrast, difference, direction, estimates
+from moe_lab.report.stats import Estimate, below, by_value, combine, contrast, difference, direction, estimates
 from moe_lab.report.verdict import StudyReport, Verdict, fmt_number, percent, status_notes
 
 ACC = "final_val_accuracy"
@@ -53,8 +53,7 @@ def _metric_estimates(study: StudyResults, by: list[str], metric: str | None = N
     name = task_metric(study)
     column = metric or METRIC_COLUMNS[name]
     n = validation_examples(study) if name == "accuracy" and metric in (None, ACC) else None
-    found = estimates(study.runs, by, column, n)
-    return {k[0]: v for k, v in found.items()} if len(by) == 1 else found
+    return by_value(estimates(study.runs, by, column, n))
 
 
 def _cells(est: dict, keys) -> list[str]:

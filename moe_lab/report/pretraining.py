@@ -9,7 +9,7 @@ import pandas as pd
 
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.results import StudyResults, aggregate
-from moe_lab.report.stats import Estimate, below, combine, difference, direction, estimates
+from moe_lab.report.stats import Estimate, below, by_value, combine, difference, direction, estimates
 from moe_lab.report.verdict import StudyReport, Verdict, fmt_number, paper_value, percent, status_notes
 
 LOSS_RULE = (
@@ -20,8 +20,7 @@ LOSS_RULE = (
 
 def _loss_estimates(study: StudyResults, by: list[str], metric: str = "final_val_loss") -> dict:
     """Estimates keyed by the single swept value when `by` has one column."""
-    found = estimates(study.runs, by, metric)
-    return {k[0]: v for k, v in found.items()} if len(by) == 1 else found
+    return by_value(estimates(study.runs, by, metric))
 
 
 def top_k(study: StudyResults) -> StudyReport:
@@ -168,6 +167,9 @@ def z_loss_stability(study: StudyResults) -> StudyReport:
     return StudyReport("z-loss-stability", ref, table, verdict, status_notes(agg), agg)
 
 
+DROP_TOLERANCE = 0.005  # eval drop fractions closer than this cannot decide a comparison of losses
+
+
 def router_fluctuation(study: StudyResults) -> StudyReport:
     ref = REFERENCES["router-fluctuation"]
     fl = [c for c in ("fluctuation@0.2", "fluctuation@0.5", "fluctuation@0.8") if c in study.runs.columns]
@@ -222,9 +224,6 @@ def router_fluctuation(study: StudyResults) -> StudyReport:
     )
     verdict = Verdict(combine([fluct, best_claim]), ours, checked)
     return StudyReport("router-fluctuation", ref, table, verdict, status_notes(agg), agg)
-
-
-DROP_TOLERANCE = 0.005  # eval drop fractions closer than this cannot decide a comparison of losses
 
 
 def stablemoe(study: StudyResults) -> StudyReport:

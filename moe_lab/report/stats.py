@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from moe_lab.report.results import completed
+
 Z = 2.0  # standard errors a difference must exceed to count
 
 
@@ -127,7 +129,7 @@ def estimates(runs: pd.DataFrame, by: list[str], metric: str, num_examples: int 
 
     Runs are told apart by their `seed` column, else by their order in the group (one seed each)."""
     out: dict[tuple, Estimate] = {}
-    done = runs[runs["status"] == "completed"] if "status" in runs.columns else runs
+    done = completed(runs) if "status" in runs.columns else runs
     for key, group in done.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         seeds = group["seed"].astype(int).tolist() if "seed" in group.columns else list(range(len(group)))
@@ -135,6 +137,11 @@ def estimates(runs: pd.DataFrame, by: list[str], metric: str, num_examples: int 
         by_seed = {s: float(v) for s, v in zip(seeds, values, strict=True) if not _isnan(v)}
         out[key] = Estimate(by_seed, num_examples)
     return out
+
+
+def by_value(found: dict[tuple, Estimate]) -> dict:
+    """`estimates` keyed by the group's value itself where the groups have one key column, e.g. {2: ...}."""
+    return {k[0] if len(k) == 1 else k: v for k, v in found.items()}
 
 
 def combine(outcomes: list[str]) -> str:
