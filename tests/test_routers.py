@@ -207,13 +207,13 @@ def test_hash_table_is_the_same_in_another_process() -> None:
 def test_hash_layer_routes_by_the_table() -> None:
     vocab = 10
     layer = top1_layer("hash", vocab_size=vocab, hash_seed=3)
-    assert layer.router is None
+    assert not list(layer.router.parameters())  # nothing to learn
     assert not any("router" in name for name, _ in layer.named_parameters())
     ids = torch.tensor([[3, 1, 3, 7, 0, 9, 1, 3]])
     x = torch.randn(1, 8, 8)
     y = layer(x, ids)
     expert_T = layer.last_expert_index[0, :, 0]
-    assert torch.equal(layer.hash_table_V, hash_table(vocab, 4, 3))
+    assert torch.equal(layer.router.hash_table_V, hash_table(vocab, 4, 3))
     assert torch.equal(expert_T, hash_table(vocab, 4, 3)[ids[0]])
     assert len({int(e) for e in expert_T[ids[0] == 3]}) == 1 and len({int(e) for e in expert_T[ids[0] == 1]}) == 1
     # the gate is 1: the output is the expert's
@@ -274,6 +274,43 @@ def test_stablemoe_stage1_routes_greedily_with_a_sigmoid_gate() -> None:
     distill = F.cross_entropy(layer.distilled(ids[0]), expert_T)
     assert losses.distill_loss.item() == pytest.approx(distill.item(), rel=1e-6)
     assert losses.distill_loss_scaled.item() == pytest.approx(0.3 * distill.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("eval_router", ["distilled", "learned"])
+def test_stablemoe_stage1_evaluation_routes_by_the_chosen_router(eval_router: str) -> None:
+    # the StableMoE fork evaluates with the light router in both stages; "learned" keeps the main router
+    layer = top1_layer("stablemoe", stage1_eval_router=eval_router).eval()
+    ids = torch.tensor([[1, 4, 4, 9, 0, 2, 7, 7]])
+    with torch.no_grad():
+        layer.distilled.centroids.mul_(-1.0)  # make the two routers disagree somewhere
+    x = torch.randn(1, 8, 8)
+    y = layer(x, ids)
+    learned = layer.router(x[0])[0].argmax(-1)
+    distilled = layer.distilled.route(ids[0])
+    assert not torch.equal(learned, distilled)
+    expert_T = distilled if eval_router == "distilled" else learned
+    assert torch.equal(layer.last_expert_index[0, :, 0], expert_T)
+    torch.testing.assert_close(y[0], manual_top1(layer, x[0], expert_T, sigmoid_gate(layer, x[0], expert_T)))
+    assert not layer.distilled.frozen and layer.last_losses.distill_loss.item() == 0.0  # no distillation in eval
+    layer.train()  # training in stage 1 always routes by the learned scores
+    layer(x, ids)
+    assert torch.equal(layer.last_expert_index[0, :, 0], learned)
+
+
+def test_layer_reads_checkpoints_from_before_the_router_classes() -> None:
+    # hash tables and light routers were saved as `hash_table_V` and `distilled.*` on the layer
+    for routing, old_prefix in (("stablemoe", "distilled."), ("hash", "hash_table_V")):
+        layer = top1_layer(routing, hash_seed=1)
+        state = {
+            (k.replace("router.", "", 1) if k.startswith("router." + old_prefix) else k): v.clone()
+            for k, v in layer.state_dict().items()
+        }
+        assert any(k.startswith(old_prefix) for k in state)
+        torch.manual_seed(7)
+        fresh = top1_layer(routing, hash_seed=2)
+        fresh.load_state_dict(state)
+        for key, value in layer.state_dict().items():
+            assert torch.equal(fresh.state_dict()[key], value), key
 
 
 def test_stablemoe_distillation_trains_only_the_light_router() -> None:
@@ -375,10 +412,12 @@ STAGE1_FRACTION = 0.5
 FREEZE_STEP = math.ceil(STAGE1_FRACTION * MAX_STEPS)  # the loop freezes after the step that reaches the fraction
 
 
-@pytest.mark.parametrize("routing", ["hash", "base", "stablemoe"])
+@pytest.mark.parametrize("routing", ["hash", "base", "stablemoe", "stablemoe-learned-eval"])
 def test_pretrain_with_the_router_through_the_cli(routing: str, tmp_path: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    extra = [f"moe.stage1_fraction={STAGE1_FRACTION}"] if routing == "stablemoe" else []
+    extra = [f"moe.stage1_fraction={STAGE1_FRACTION}"] if routing.startswith("stablemoe") else []
+    if routing == "stablemoe-learned-eval":  # the probe then sees the learned router in stage 1
+        routing, extra = "stablemoe", [*extra, "moe.stage1_eval_router=learned"]
     result = run_cli(
         "pretrain", "tiny", f"moe={routing}", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "logger=csv",
         "logger.progress=false", f"train.max_steps={MAX_STEPS}", "train.eval_every=3", "train.ckpt_every=3",
@@ -402,7 +441,7 @@ def test_pretrain_with_the_router_through_the_cli(routing: str, tmp_path: Path, 
             assert float(row["moe/1/load_imbalance"]) == 1.0 and float(row["moe/1/dropped_frac"]) == 0.0, row
     if routing == "stablemoe":
         ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-        assert bool(ckpt["model"]["transformer.blocks.1.ffn.distilled.frozen"])
+        assert bool(ckpt["model"]["transformer.blocks.1.ffn.router.distilled.frozen"])
         assert all(float(r["distill_loss"]) > 0 for r in train_rows[:FREEZE_STEP])
         assert all(float(r["distill_loss"]) == 0 for r in train_rows[FREEZE_STEP:])
         for row in table:
@@ -411,5 +450,6 @@ def test_pretrain_with_the_router_through_the_cli(routing: str, tmp_path: Path, 
                 assert float(row["changed_vs_final"]) == 0.0, row
             if step > FREEZE_STEP:
                 assert float(row["changed_vs_prev"]) == 0.0, row
-        # the stage-1 routing differed: the freeze is what stopped the fluctuation
-        assert float(table[FREEZE_STEP - 1]["changed_vs_final"]) > 0
+        if extra[-1] == "moe.stage1_eval_router=learned":
+            # the stage-1 routing differed: the freeze is what stopped the fluctuation
+            assert float(table[FREEZE_STEP - 1]["changed_vs_final"]) > 0

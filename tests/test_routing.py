@@ -138,6 +138,35 @@ def test_expert_capacity_formula(tokens: int, experts: int, k: int, cf: float | 
     assert expert_capacity(tokens, experts, k, cf) == expected
 
 
+@pytest.mark.parametrize(
+    ("tokens", "experts", "k", "cf", "expected"),
+    [
+        (8192, 64, 2, 2.5, 320),  # flaxformer CF 2.5 at top-2 = gshard CF 1.25: no factor k
+        (8192, 64, 1, 1.25, 160),
+        (100, 8, 1, 1.25, 16),  # round(15.625)
+        (40, 8, 2, 2.5, 12),  # round(12.5) is 12: half to even, as jnp.round
+        (10, 4, 2, 0.75, 4),  # round(1.875) = 2, raised to the minimum of 4
+        (10, 4, 2, None, None),
+    ],
+)
+def test_flaxformer_capacity_convention(
+    tokens: int, experts: int, k: int, cf: float | None, expected: int | None
+) -> None:
+    assert expert_capacity(tokens, experts, k, cf, "flaxformer") == expected
+
+
+def test_layer_counts_capacity_in_its_convention() -> None:
+    # 8 tokens, 2 experts, top-1, CF 1.0: gshard holds ceil(4) = 4 per expert, flaxformer max(4, round(4)) = 4;
+    # at CF 0.5 gshard holds 2, flaxformer its minimum 4
+    for convention, kept in (("gshard", 2), ("flaxformer", 4)):
+        layer, x = controlled_layer(ALL_PREFER_0, top_k=1, train_capacity_factor=0.5, capacity_convention=convention)
+        layer.train()
+        layer(x)
+        assert int(layer.last_keep_TK.sum()) == kept, convention
+    with pytest.raises(ValueError, match="capacity_convention"):
+        MoEConfig(capacity_convention="mesh")
+
+
 def test_train_and_eval_capacity_factors_switch_with_mode() -> None:
     # top-1, 8 tokens on one expert: train CF 0.5 -> capacity 2, eval CF 2.0 -> capacity 8
     layer, x = controlled_layer(ALL_PREFER_0, top_k=1, train_capacity_factor=0.5, eval_capacity_factor=2.0)
@@ -187,3 +216,15 @@ def test_bfloat16_router_rounds_its_logits() -> None:
     logits, probs = layer.router(torch.randn(64, 8))
     assert torch.equal(logits, logits.to(torch.bfloat16).float())
     assert torch.equal(probs, probs.to(torch.bfloat16).float())
+
+
+def test_expert_choice_has_no_switch_aux_loss_but_keeps_the_z_loss() -> None:
+    # expert choice is balanced by construction: flaxformer adds no balance loss (Switch's would be cf * k)
+    layer, x = controlled_layer(ALL_PREFER_0, top_k=1, routing="expert_choice", train_capacity_factor=1.0)
+    layer.train()
+    layer(x)
+    losses = layer.last_losses
+    assert losses.aux_loss.item() == 0.0 and losses.aux_loss_scaled.item() == 0.0
+    logits = ALL_PREFER_0.double()
+    expected_z = (torch.logsumexp(logits, dim=-1) ** 2).mean().item()
+    assert losses.z_loss.item() == pytest.approx(expected_z, rel=1e-5)

@@ -10,9 +10,11 @@ ROUTINGS = ("token_choice", "expert_choice", "hash", "base", "stablemoe")
 # routings that send every token to exactly one expert by a rule of their own (top_k must be 1)
 TOP1_ROUTINGS = ("hash", "base", "stablemoe")
 DROP_POLICIES = ("position", "priority")
+CAPACITY_CONVENTIONS = ("gshard", "flaxformer")
 ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
 BACKENDS = ("sorted", "einsum", "loop")
 AUX_LOSS_TYPES = ("topk", "top1")
+STAGE1_EVAL_ROUTERS = ("distilled", "learned")
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -112,10 +114,14 @@ class MoEConfig:
     # off from the task loss.
     renormalize_gates: bool = False
     # capacity = ceil(capacity_factor * top_k * tokens_per_group / num_experts); None = dropless.
+    # That is the "gshard" convention (GShard Alg. 1, DeepSpeed, Tutel). "flaxformer" (flaxformer and Mesh
+    # TensorFlow, the code of ST-MoE's tables) counts round(capacity_factor * tokens_per_group / num_experts),
+    # at least 4, with no factor top_k: at top-2, gshard CF 1.25 holds the slots of flaxformer CF 2.5.
     # ST-MoE trains at 1.25 and evaluates at 2.0 (Sec. 4, Table 8). Under expert choice the capacity
     # sets how many experts a token gets, so an eval factor above the train one changes the function.
     train_capacity_factor: float | None = bounded(1.25, gt=0, none="dropless")
     eval_capacity_factor: float | None = bounded(2.0, gt=0, none="dropless")
+    capacity_convention: str = bounded("gshard", choices=CAPACITY_CONVENTIONS)
     # Who wins a full expert: "position" (earlier tokens in the group) or "priority" (Batch Prioritized
     # Routing, Riquelme et al. 2021: higher top-1 router probability first). Under both, every token's
     # first choice claims capacity before any second choice (GShard, Mesh TensorFlow).
@@ -152,6 +158,10 @@ class MoEConfig:
     distill_dim: int = bounded(50, ge=1)
     distill_loss_coef: float = bounded(0.3, ge=0)
     stage1_fraction: float = bounded(0.1, ge=0, le=1)
+    # Which router decides at evaluation during stage 1: "distilled" (the StableMoE fork's fairseq code routes
+    # every evaluation by the light router, in both stages) or "learned" (the main router, as in training).
+    # It changes stage-1 validation and the fluctuation probe; stage 2 always routes by the distilled router.
+    stage1_eval_router: str = bounded("distilled", choices=STAGE1_EVAL_ROUTERS)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -185,9 +195,19 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int | None:
-    """Slots per expert in a group of num_tokens: ceil(cf * k * tokens / E) (GShard Alg. 1, Switch Eq. 3)."""
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, convention: str = "gshard"
+) -> int | None:
+    """Slots per expert in a group of num_tokens.
+
+    "gshard": ceil(cf * k * tokens / E) (GShard Alg. 1, Switch Eq. 3), at least 1. "flaxformer":
+    round(cf * tokens / E), at least 4 (flaxformer's moe_layers and Mesh TensorFlow's moe.py; round half to even,
+    as jnp.round)."""
     if capacity_factor is None:
         return None
+    if convention == "flaxformer":
+        return max(4, round(capacity_factor * num_tokens / num_experts))
+    if convention != "gshard":
+        raise ValueError(f"capacity convention {convention!r} is not one of {list(CAPACITY_CONVENTIONS)}")
     # the small epsilon keeps float noise (1.1 * 100 = 110.00000000000001) from adding a slot
     return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts - 1e-9))

@@ -120,11 +120,11 @@ def group_ids(num_tokens: int, group_size: int | None, device: torch.device) -> 
 
 
 def _group_capacities(
-    sizes: list[int], num_experts: int, top_k: int, capacity_factor: float | None
+    sizes: list[int], num_experts: int, top_k: int, capacity_factor: float | None, convention: str
 ) -> list[int] | None:
     if capacity_factor is None:
         return None
-    return [expert_capacity(n, num_experts, top_k, capacity_factor) for n in sizes]
+    return [expert_capacity(n, num_experts, top_k, capacity_factor, convention) for n in sizes]
 
 
 def route_token_choice(
@@ -134,6 +134,7 @@ def route_token_choice(
     drop_policy: str = "position",
     renormalize: bool = False,
     group_size: int | None = None,
+    convention: str = "gshard",
 ) -> Routing:
     """Token-choice top-k routing: each token picks its k most probable experts."""
     num_tokens, num_experts = probs_TE.shape
@@ -164,7 +165,7 @@ def route_token_choice(
         gate_S=gate_TK[token_S, choice_S],
         group_S=group_T[token_S],
         choice_S=choice_S,
-        capacity_G=_group_capacities(sizes, num_experts, top_k, capacity_factor),
+        capacity_G=_group_capacities(sizes, num_experts, top_k, capacity_factor, convention),
         group_T=group_T,
         group_sizes=sizes,
         num_experts=num_experts,
@@ -173,13 +174,17 @@ def route_token_choice(
 
 
 def route_expert_choice(
-    probs_TE: torch.Tensor, top_k: int, capacity_factor: float, group_size: int | None = None
+    probs_TE: torch.Tensor,
+    top_k: int,
+    capacity_factor: float,
+    group_size: int | None = None,
+    convention: str = "gshard",
 ) -> Routing:
     """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens of every group."""
     num_tokens, num_experts = probs_TE.shape
     device = probs_TE.device
     group_T, sizes = group_ids(num_tokens, group_size, device)
-    capacity_G = _group_capacities(sizes, num_experts, top_k, capacity_factor)
+    capacity_G = _group_capacities(sizes, num_experts, top_k, capacity_factor, convention)
     routing = Routing(
         token_S=torch.empty(0, dtype=torch.long, device=device),
         expert_S=torch.empty(0, dtype=torch.long, device=device),
@@ -220,6 +225,7 @@ def route_assigned(
     num_experts: int,
     capacity_factor: float | None,
     group_size: int | None = None,
+    convention: str = "gshard",
 ) -> Routing:
     """Top-1 routing to given experts with given gates (hash, BASE, StableMoE); capacity goes by position."""
     num_tokens = expert_T.shape[0]
@@ -232,7 +238,7 @@ def route_assigned(
         gate_S=gate_T,
         group_S=group_T,
         choice_S=torch.zeros_like(token_S),
-        capacity_G=_group_capacities(sizes, num_experts, 1, capacity_factor),
+        capacity_G=_group_capacities(sizes, num_experts, 1, capacity_factor, convention),
         group_T=group_T,
         group_sizes=sizes,
         num_experts=num_experts,

@@ -24,7 +24,7 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
     moe_prefixes = [name for name, _ in moe_layers(model)]
     dense_prefixes = [name for name, m in model.named_modules() if isinstance(m, DenseFFN)]
     for name, _ in model.named_parameters():
-        if any(name.startswith((p + ".router.", p + ".distilled.")) for p in moe_prefixes):
+        if any(name.startswith(p + ".router.") for p in moe_prefixes):
             kinds[name] = "router"
         elif any(name.startswith(p + ".experts.") for p in moe_prefixes):
             kinds[name] = "experts"
