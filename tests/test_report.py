@@ -15,7 +15,7 @@ from rich.console import Console
 
 from moe_lab.report import make_report
 from moe_lab.report.plots import FIGURES
-from moe_lab.report.pretraining import fewer_diverged, stability_claim
+from moe_lab.report.pretraining import fewer_diverged, lr_sensitivity, stability_claim, stable_range_claim
 from moe_lab.report.results import aggregate, load_study
 from moe_lab.report.stats import estimates
 from moe_lab.report.studies import BUILDERS, build
@@ -182,34 +182,46 @@ def build_capacity_factor(root: Path, agree: bool = True) -> None:
     write_capacity_factor(root, {1.0: at1, 2.0: at2}, {1.0: {1.0: 0.1, 2.0: 0.0}, 2.0: {1.0: 0.02, 2.0: 0.0}})
 
 
-def write_z_loss(root: Path, settings: dict[str, list[tuple[str, float]]]) -> None:
-    """{setting: [(status, val loss) per seed]}; a baseline's max router logit is 30, any other's 2."""
+Z_LRS = (0.01, 0.1, 1.0)
+UNIGRAM = 3.0  # every z-loss run's summary.json unigram loss: the LR sensitivity's cap
+
+
+def write_z_loss(root: Path, settings: dict[str, dict[float, list[tuple[str, float]]]], noisy: bool = True) -> None:
+    """{setting: {lr: [(status, val loss) per seed]}}; a baseline's max router logit is 30, any other's 2; each
+    (setting, lr) gets its own seed-noise ordering (none if not `noisy`)."""
     rows = []
-    for i, (setting, runs) in enumerate(settings.items()):
-        for seed, (status, loss) in enumerate(runs):
-            swept = {"+stability": setting, "seed": seed}
-            logit = 30.0 if setting == "baseline" else 2.0
-            rows.append(row(swept, status, final_val_loss=loss + noise(seed, i), moe_max_logit=logit))
-    write_study(
-        root, "z-loss-stability", rows, {r["run"]: {"metrics.csv": loss_metrics(r["final_val_loss"])} for r in rows}
-    )
+    for i, (setting, by_lr) in enumerate(settings.items()):
+        for j, (lr, runs) in enumerate(by_lr.items()):
+            for seed, (status, loss) in enumerate(runs):
+                swept = {"+stability": setting, "optim.lr": lr, "seed": seed}
+                logit = 30.0 if setting == "baseline" else 2.0
+                final = loss + noise(seed, i * len(by_lr) + j) if noisy else loss
+                rows.append(row(swept, status, final_val_loss=final, moe_max_logit=logit))
+    files = {
+        r["run"]: {"metrics.csv": loss_metrics(r["final_val_loss"]), "summary.json": {"unigram_val_loss": UNIGRAM}}
+        for r in rows
+    }
+    write_study(root, "z-loss-stability", rows, files)
 
 
-def unstable(loss: float) -> list[tuple[str, float]]:
-    """Six seeds, four diverged: against 0/6 a one-sided Fisher exact p of 28/924 = 0.03."""
-    return [("completed", loss)] * 2 + [("diverged", 7.0)] * 4
-
-
-def stable(loss: float) -> list[tuple[str, float]]:
-    return [("completed", loss)] * 6
+def lr_sweep(
+    losses: tuple[float | None, ...], seeds: int = 2, lrs: tuple[float, ...] = Z_LRS
+) -> dict[float, list[tuple[str, float]]]:
+    """One setting's runs over `lrs`: a loss completes at every seed, None diverges at every seed (loss 7.0)."""
+    return {
+        lr: [("completed", v)] * seeds if v is not None else [("diverged", 7.0)] * seeds
+        for lr, v in zip(lrs, losses, strict=True)
+    }
 
 
 def build_z_loss(root: Path, agree: bool = True) -> None:
-    """agree: 4/6 baseline seeds diverged, no z-loss seed, and z-loss no worse; flipped: the other way, z-loss worse."""
+    """agree: baseline diverges at lr 0.1 and 1 (4/6 runs), z-loss nowhere (0/6: one-sided Fisher p = 28/924 =
+    0.03), and z-loss at its best lr (0.1) is 0.05 better than baseline at its (0.01); flipped: the other way round,
+    z-loss 0.45 worse."""
     if agree:
-        write_z_loss(root, {"baseline": unstable(2.50), "z-loss": stable(2.49)})
+        write_z_loss(root, {"baseline": lr_sweep((2.50, None, None)), "z-loss": lr_sweep((2.50, 2.45, 2.90))})
     else:
-        write_z_loss(root, {"baseline": stable(2.50), "z-loss": unstable(2.90)})
+        write_z_loss(root, {"baseline": lr_sweep((2.50, 2.45, 2.80)), "z-loss": lr_sweep((2.90, None, None))})
 
 
 ROUTERS = ("stablemoe", "switch", "st-moe", "base", "hash")
@@ -375,6 +387,7 @@ FIGURE_FILES = {
     "specialisation": "{study}-specialisation.png",
     "accuracy_curves": "{study}-accuracy.png",
     "loss_curves": "{study}-loss.png",
+    "loss_vs_lr": "{study}-lr.png",
 }
 
 
@@ -433,7 +446,7 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
         for file in figures:
             assert f"![{Path(file).stem}](plots/{file})" in section
         expected_figures |= set(figures)
-    assert len(expected_figures) == 10  # token-drop and aux-loss-finetune have none
+    assert len(expected_figures) == 11  # token-drop and aux-loss-finetune have none
     assert {p.name for p in (out / "plots").iterdir()} == expected_figures
     for file in expected_figures:
         assert (out / "plots" / file).read_bytes()[:8] == PNG_MAGIC
@@ -451,9 +464,16 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
         "40.0% / 20.0% / 20.0%",
         "1.0% / 0.0%",
     ]
-    # two completed baseline seeds, 2.498 and 2.500: standard error |a - b| / 2 = 0.001
-    assert tables["z-loss-stability"][1][:3] == ["baseline", "2/6", "2.499 ± 0.001 (n=2)"]
-    assert tables["z-loss-stability"][2][:3] == ["z-loss", "6/6", "2.490 ± 0.001 (n=6)"]
+    # two seeds per (setting, lr): baseline at lr 0.01 2.498 and 2.500, standard error |a - b| / 2 = 0.001; z-loss
+    # at 0.1 2.452 and 2.448 (0.002). LR sensitivity, capped at the unigram loss 3.0 where a lr diverged:
+    # baseline mean(2.499, 3, 3) - 2.499 = 0.334; z-loss mean(2.501, 2.450, 2.901) - 2.450 = 0.167
+    assert tables["z-loss-stability"][:3] == [
+        ["setting", "lr 0.01", "lr 0.1", "lr 1", "stable lrs", "LR sensitivity", "paper stable", "paper quality"],
+        ["baseline", "2.499 ± 0.001 (n=2) [2/2 stable]", "- [0/2 stable]", "- [0/2 stable]", "0.01", "0.334", "4/6",
+         "-1.755"],
+        ["z-loss", "2.501 ± 0.001 (n=2) [2/2 stable]", "2.450 ± 0.002 (n=2) [2/2 stable]",
+         "2.901 ± 0.001 (n=2) [2/2 stable]", "0.01, 0.1, 1", "0.167", "3/3", "-1.741"],
+    ]  # fmt: skip
     assert tables["stablemoe"][4][:2] == ["stage 1 only", "20.000 ± 0.023 (n=3)"]
     assert tables["freeze"][1][:3] == ["all", "0.620 ± 0.001 (n=3)", "0.630 ± 0.001 (n=3)"]
     assert tables["finetune-grid"][0] == ["task", "model", "lr", "batch 32", "batch 8"]
@@ -531,21 +551,31 @@ def _capacity_factor_grid(cf2_drop: float) -> object:
     return write
 
 
-def _z_loss_nothing_diverged(root: Path) -> None:  # no divergence cannot tell the settings apart
-    write_z_loss(root, {"baseline": [("completed", 2.50)] * 3, "z-loss": [("completed", 2.50)] * 3})
+def _z_loss_nothing_diverged(root: Path) -> None:  # the sweep never reached instability: no range to compare
+    write_z_loss(root, {"baseline": lr_sweep((2.50, 2.45, 2.80)), "z-loss": lr_sweep((2.50, 2.45, 2.80))})
 
 
-def _z_loss_as_many_diverged(root: Path) -> None:  # 1/3 each: no fewer divergences with z-loss
-    runs = [("completed", 2.5), ("diverged", 7.0), ("completed", 2.5)]
-    write_z_loss(root, {"baseline": runs, "z-loss": list(runs)})
+def _z_loss_as_many_diverged(root: Path) -> None:
+    # both diverge at lr 1 only (2/6 each, which alone would be within chance): the grid shows no widening, so (1)
+    # is no; z-loss at its best lr (0.1) is 0.100 +- 0.004 worse than baseline at its (0.1), so (2) is no too
+    write_z_loss(root, {"baseline": lr_sweep((2.50, 2.45, None)), "z-loss": lr_sweep((2.60, 2.55, None))})
 
 
-def _z_loss_stable_but_worse(root: Path) -> None:  # fewer divergences (p = 0.03), a loss 0.1 nats worse
-    write_z_loss(root, {"baseline": unstable(2.50), "z-loss": stable(2.60)})
+def _z_loss_stable_but_worse(root: Path) -> None:  # fewer divergences (p = 0.03), 0.101 +- 0.003 worse at best lrs
+    write_z_loss(root, {"baseline": lr_sweep((2.50, None, None)), "z-loss": lr_sweep((2.60, 2.60, 2.70))})
 
 
-def _z_loss_cost_near_the_margin(root: Path) -> None:  # cost 0.008 +- 0.0012: the interval reaches past 0.01
-    write_z_loss(root, {"baseline": unstable(2.50), "z-loss": stable(2.507)})
+def _z_loss_cost_near_the_margin(root: Path) -> None:
+    # fewer divergences (p = 0.03); z-loss at lr 0.1 minus baseline at 0.01, per seed 2.509 - 2.498 and
+    # 2.505 - 2.500: 0.008 +- 0.003, an interval reaching past the 0.01 margin
+    write_z_loss(root, {"baseline": lr_sweep((2.50, None, None)), "z-loss": lr_sweep((2.52, 2.507, 2.60))})
+
+
+def _z_loss_sweep_still_running(root: Path) -> None:
+    # z-loss has not reached lr 1, where baseline diverged (6 seeds): pooling all of baseline's runs would give
+    # 0/12 against 6/18 (p = C(24, 12) / C(30, 12) = 0.031, yes); at the lrs both ran nothing diverged
+    baseline, z_loss = lr_sweep((2.50, 2.45, None), seeds=6), lr_sweep((2.50, 2.45), seeds=6, lrs=Z_LRS[:2])
+    write_z_loss(root, {"baseline": baseline, "z-loss": z_loss})
 
 
 def _router_fluctuation_partly(root: Path) -> None:  # fluctuation as in the paper, StableMoE not the best loss
@@ -624,9 +654,10 @@ def _aux_loss_no_win(root: Path) -> None:  # aux on ahead by 0.001, within the s
         ("capacity-factor", _capacity_factor_grid(cf2_drop=0.0), "yes"),  # train CF 2 is left out of (1)
         ("capacity-factor", _capacity_factor_grid(cf2_drop=0.01), "inconclusive"),  # its tie is judged
         ("z-loss-stability", _z_loss_nothing_diverged, "inconclusive"),
-        ("z-loss-stability", _z_loss_as_many_diverged, "inconclusive"),
+        ("z-loss-stability", _z_loss_as_many_diverged, "no"),
         ("z-loss-stability", _z_loss_stable_but_worse, "partly"),
         ("z-loss-stability", _z_loss_cost_near_the_margin, "inconclusive"),
+        ("z-loss-stability", _z_loss_sweep_still_running, "inconclusive"),
         ("router-fluctuation", _router_fluctuation_partly, "partly"),
         ("router-fluctuation", _router_fluctuation_eval_drops(0.02), "inconclusive"),  # confounded
         ("router-fluctuation", _router_fluctuation_eval_drops(0.004), "yes"),  # within the 0.5% tolerance
@@ -720,6 +751,30 @@ def test_fewer_diverged_is_the_one_sided_fisher_exact_p() -> None:
     assert stability_claim(0, 6, 0, 6) == "inconclusive"  # nothing diverged
 
 
+def test_lr_sensitivity_is_the_mean_capped_loss_over_the_lrs_minus_the_best() -> None:
+    # a diverged lr (NaN) counts as the cap: mean(2.0, 1.8, 3.0) - 1.8 = 0.4667
+    assert lr_sensitivity({0.01: 2.0, 0.1: 1.8, 1.0: math.nan}, cap=3.0) == pytest.approx(0.4667, abs=1e-4)
+    # a loss above the cap counts as the cap: mean(2.0, 3.0) - 2.0
+    assert lr_sensitivity({0.01: 2.0, 0.1: 3.5}, cap=3.0) == pytest.approx(0.5)
+    assert lr_sensitivity({0.1: 1.8}, cap=3.0) == 0.0  # one lr is its own best
+    # no lr completed: no best loss, no sensitivity (not a perfect 0)
+    assert math.isnan(lr_sensitivity({0.1: math.nan, 1.0: math.nan}, cap=3.0))
+    assert math.isnan(lr_sensitivity({}, cap=3.0))
+
+
+def test_stable_range_claim_pools_the_lrs_and_needs_a_difference_in_the_grid() -> None:
+    stable = {0.01: (0, 2), 0.1: (0, 2), 1.0: (0, 2)}
+    top_two_diverge = {0.01: (0, 2), 0.1: (2, 2), 1.0: (2, 2)}
+    assert stable_range_claim(stable, top_two_diverge) == "yes"  # 0/6 against 4/6: p = 28/924 = 0.03
+    assert stable_range_claim(top_two_diverge, stable) == "no"
+    assert stable_range_claim(stable, dict(stable)) == "inconclusive"  # nothing diverged
+    same = {0.01: (0, 2), 0.1: (0, 2), 1.0: (2, 2)}
+    assert stable_range_claim(same, dict(same)) == "no"  # 2/6 each: alone within chance, but no widening
+    # the same pooled counts (2/4 each) spread differently over the lrs: within chance, not "no"
+    assert stable_range_claim({0.1: (1, 2), 1.0: (1, 2)}, {0.1: (0, 2), 1.0: (2, 2)}) == "inconclusive"
+    assert stable_range_claim({1.0: (1, 2)}, {1.0: (2, 2)}) == "inconclusive"  # 1/2 against 2/2: p = 3/6
+
+
 # --- 3. missing and diverged runs ---------------------------------------------------------------------------------
 
 
@@ -763,34 +818,81 @@ def test_study_where_every_run_diverged_lists_the_runs(tmp_path: Path) -> None:
 
 
 def test_z_loss_diverged_baseline_seeds_are_counted_not_averaged(tmp_path: Path) -> None:
-    base = [("diverged", 8.0), ("completed", 2.60), ("diverged", 9.0)]
-    z = [("completed", 2.50), ("completed", 2.52), ("completed", 2.54)]
-    rows = [
-        row({"+stability": setting, "seed": seed}, status, final_val_loss=loss, moe_max_logit=logit)
-        for setting, runs, logit in (("baseline", base, 30.0), ("z-loss", z, 2.0))
-        for seed, (status, loss) in enumerate(runs)
-    ]
-    write_study(tmp_path, "z-loss-stability", rows)
-    reports, _ = make_report(tmp_path, ["z-loss-stability"], ("md",), tmp_path / "out", Console(quiet=True))
+    done = lambda *losses: [("completed", v) for v in losses]  # noqa: E731
+    base = {0.01: done(2.60, 2.62, 2.64), 0.1: [("diverged", 8.0), ("completed", 2.60), ("diverged", 9.0)]}
+    z = {0.01: done(2.50, 2.52, 2.54), 0.1: done(2.46, 2.47, 2.48)}
+    write_z_loss(tmp_path, {"baseline": base, "z-loss": z}, noisy=False)
+    out = tmp_path / "out"
+    reports, _ = make_report(tmp_path, ["z-loss-stability"], ("md",), out, Console(quiet=True))
     report = reports[0]
-    # one completed baseline seed: a loss without an error; z-loss: std 0.02 over 3 seeds, error 0.02/sqrt(3)
-    assert report.table[["setting", "stable (ours)", "val loss (ours)", "max router logit"]].values.tolist() == [
-        ["baseline", "1/3", "2.600 (n=1)", "30.0 (n=1)"],
-        ["z-loss", "3/3", "2.520 ± 0.012 (n=3)", "2.0 ± 0.0 (n=3)"],
-    ]
-    assert report.notes == ["+stability=baseline: 2 diverged, 0 failed of 3 runs (left out of the means)"]
-    baseline = report.data.set_index("+stability").loc["baseline"]
+    # baseline at lr 0.1: one completed seed, a loss without an error, and not a stable lr; std 0.02 over 3 seeds
+    # is an error of 0.02/sqrt(3) = 0.012, std 0.01 one of 0.006. LR sensitivity (cap 3.0): baseline
+    # mean(2.62, 3.0) - 2.62 = 0.190, z-loss mean(2.52, 2.47) - 2.47 = 0.025
+    assert report.table.values.tolist() == [
+        ["baseline", "2.620 ± 0.012 (n=3) [3/3 stable]", "2.600 (n=1) [1/3 stable]", "0.01", "0.190", "4/6", "-1.755"],
+        ["z-loss", "2.520 ± 0.012 (n=3) [3/3 stable]", "2.470 ± 0.006 (n=3) [3/3 stable]", "0.01, 0.1", "0.025", "3/3",
+         "-1.741"],
+    ]  # fmt: skip
+    assert report.notes == ["+stability=baseline, optim.lr=0.1: 2 diverged, 0 failed of 3 runs (left out of the means)"]
+    baseline = report.data.set_index(["+stability", "optim.lr"]).loc[("baseline", 0.1)]
     assert (baseline["runs"], baseline["diverged"], baseline["final_val_loss_n"]) == (3, 2, 1)
     assert baseline["final_val_loss"] == pytest.approx(2.60)
-    # 0/3 against 2/3 diverged is p = 0.2, and one baseline loss has no error: neither claim resolves
+    # 0/6 against 2/6 diverged is p = C(10, 6) / C(12, 6) = 0.23: (1) does not resolve. Baseline's best stable lr is
+    # 0.01 (2.62), not 0.1 with its lone 2.60; z-loss at 0.1 minus it, per seed -0.14, -0.15, -0.16: (2) is yes
     assert report.verdict.reproduced == "inconclusive"
     assert report.verdict.ours == (
-        "diverged: baseline 2/3, z-loss 0/3; val loss z-loss - baseline -0.080 (unpaired, n=1); "
-        "max router logit 30.0 (n=1) vs 2.0 ± 0.0 (n=3)"
+        "diverged by lr: baseline 0.01: 0/3, 0.1: 2/3; z-loss 0.01: 0/3, 0.1: 0/3; best-lr val loss z-loss - "
+        "baseline -0.150 ± 0.006 (paired, n=3) (lr 0.1 vs 0.01)"
     )
-    section = md_sections((tmp_path / "out" / "report.md").read_text())["z-loss-stability"]
-    assert "| baseline | 1/3 | 2.600 (n=1) | 30.0 (n=1) | 4/6 | -1.755 |" in section
-    assert "\n- +stability=baseline: 2 diverged, 0 failed of 3 runs" in section
+    section = md_sections((out / "report.md").read_text())["z-loss-stability"]
+    baseline_row = "| 2.620 ± 0.012 (n=3) [3/3 stable] | 2.600 (n=1) [1/3 stable] | 0.01 | 0.190 | 4/6 | -1.755 |"
+    assert f"| baseline {baseline_row}" in section
+    assert "\n- +stability=baseline, optim.lr=0.1: 2 diverged, 0 failed of 3 runs" in section
+    assert "![z-loss-stability-lr](plots/z-loss-stability-lr.png)" in section
+    assert (out / "plots" / "z-loss-stability-lr.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_z_loss_sweep_still_running_leaves_out_the_lrs_not_run(tmp_path: Path) -> None:
+    _z_loss_sweep_still_running(tmp_path)
+    report = build("z-loss-stability", load_study(tmp_path, "z-loss-stability"))
+    # z-loss has no lr 1 yet: an empty cell, and its LR sensitivity is over the two lrs it ran (six seeds cancel
+    # the noise): mean(2.50, 2.45) - 2.45 = 0.025, not mean(2.50, 2.45, 3.0) - 2.45 = 0.200 as if lr 1 had diverged
+    assert report.table.iloc[1].tolist() == [
+        "z-loss", "2.500 ± 0.001 (n=6) [6/6 stable]", "2.450 ± 0.001 (n=6) [6/6 stable]", "-", "0.01, 0.1", "0.025",
+        "3/3", "-1.741",
+    ]  # fmt: skip
+    assert report.verdict.ours.startswith(
+        "diverged by lr: baseline 0.01: 0/6, 0.1: 0/6; z-loss 0.01: 0/6, 0.1: 0/6; best-lr val loss"
+    )
+
+
+def test_z_loss_runs_without_an_lr_column_are_one_learning_rate(tmp_path: Path) -> None:
+    # a runs.csv from before the sweep: no optim.lr column; baseline 4/6 diverged, z-loss 0/6
+    base = [("completed", 2.50), ("completed", 2.52)] + [("diverged", 7.0)] * 4
+    z = [("completed", v) for v in (2.48, 2.49, 2.50, 2.48, 2.49, 2.50)]
+    rows = [
+        row({"+stability": setting, "seed": seed}, status, final_val_loss=loss, moe_max_logit=2.0)
+        for setting, runs in (("baseline", base), ("z-loss", z))
+        for seed, (status, loss) in enumerate(runs)
+    ]
+    files = {r["run"]: {"summary.json": {"unigram_val_loss": UNIGRAM}} for r in rows}
+    write_study(tmp_path, "z-loss-stability", rows, files)
+    out = tmp_path / "out"
+    report = make_report(tmp_path, ["z-loss-stability"], ("md",), out, Console(quiet=True))[0][0]
+    # z-loss: std sqrt(4e-4 / 5) = 0.0089 over 6 seeds, an error of 0.004; baseline has no stable lr, so no LR
+    # sensitivity, and z-loss's one lr is its own best
+    assert report.table.values.tolist() == [
+        ["baseline", "2.510 ± 0.010 (n=2) [2/6 stable]", "none", "-", "4/6", "-1.755"],
+        ["z-loss", "2.490 ± 0.004 (n=6) [6/6 stable]", "not swept", "0.000", "3/3", "-1.741"],
+    ]
+    assert list(report.table.columns)[1] == "lr not swept"
+    # (1) is 0/6 against 4/6 (p = 0.03, yes); (2) has no stable baseline lr to compare against
+    assert report.verdict.reproduced == "inconclusive"
+    assert report.verdict.ours == (
+        "diverged by lr: baseline not swept: 4/6; z-loss not swept: 0/6; best-lr val loss z-loss - baseline - "
+        "(lr not swept vs -)"
+    )
+    assert not (out / "plots" / "z-loss-stability-lr.png").exists()  # one learning rate: no curve over lr
 
 
 # --- 4. the HTML ------------------------------------------------------------------------------------------------
@@ -847,7 +949,7 @@ def test_html_is_well_formed_and_inlines_existing_figures(full_report: tuple[Pat
     assert tree.tables == 1 + len(BUILDERS)
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "plots").iterdir())
     assert sorted(img["data-source"] for img in tree.imgs) == pngs
-    assert len(pngs) == 10
+    assert len(pngs) == 11
     for img in tree.imgs:
         prefix = "data:image/png;base64,"
         assert img["src"].startswith(prefix)

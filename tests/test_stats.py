@@ -291,12 +291,27 @@ def test_estimates_groups_by_several_columns_and_passes_num_examples() -> None:
     assert by_value(found) == found  # several key columns: the tuples stay
 
 
-def test_estimates_without_a_seed_column_numbers_runs_by_order() -> None:
-    runs = pd.DataFrame({"k": [1, 1, 1, 2], "status": ["completed"] * 4, "loss": [2.0, 1.0, 3.0, 5.0]})
+def test_estimates_without_a_seed_column_never_pair_runs_by_order() -> None:
+    runs = pd.DataFrame({"k": [1, 1, 1, 2, 2, 2], "status": ["completed"] * 6, "loss": [2.0, 1.0, 3.0, 5.0, 4.0, 6.0]})
     found = by_value(estimates(runs, ["k"], "loss"))
-    assert found[1].by_seed == {0: 2.0, 1: 1.0, 2: 3.0}
+    assert sorted(found[1].by_seed.values()) == [1.0, 2.0, 3.0]
     assert found[1].se == pytest.approx(1 / math.sqrt(3))
-    assert found[2].by_seed == {0: 5.0}
+    d = difference(found[2], found[1])  # three runs each, no seeds: unpaired, sqrt(1/3 + 1/3)
+    assert not d.paired and d.se == pytest.approx(math.sqrt(2 / 3))
+
+
+def test_estimates_refuse_repeated_or_missing_seeds() -> None:
+    twice = pd.DataFrame({"k": [1, 1], "seed": [0, 0], "status": ["completed"] * 2, "loss": [1.0, 3.0]})
+    with pytest.raises(ValueError, match=r"several completed runs of seed\(s\) \[0\]"):
+        estimates(twice, ["k"], "loss")
+    unseeded = pd.DataFrame({"run": ["a", "b"], "k": [1, 1], "seed": [0, math.nan], "loss": [1.0, 3.0]})
+    with pytest.raises(ValueError, match=r"runs \['b'\] of \{'k': 1\} have no seed"):
+        estimates(unseeded, ["k"], "loss")
+
+
+def test_direction_refuses_an_unknown_side() -> None:
+    with pytest.raises(ValueError, match="expected must be"):
+        direction(Difference(0.0, 0.1, False, 1), "tie")
 
 
 def test_estimates_without_status_or_metric() -> None:

@@ -54,14 +54,23 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
 def test_dry_run_lists_the_grid() -> None:
     result = run_cli("sweep", "capacity-factor", "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 runs" in result.stdout
+    assert "12 runs" in " ".join(result.stdout.split())  # 4 train CFs x the study's 3 seeds (the title may wrap)
     rows = [ln for ln in result.stdout.splitlines() if ln.startswith("│")]
     cells = [[c.strip() for c in row.split("│")[1:-1]] for row in rows]
-    assert cells == [["0", "0.75"], ["1", "1.0"], ["2", "1.25"], ["3", "2.0"]]
+    assert cells == [[str(i), cf, seed] for i, (cf, seed) in enumerate(
+        (cf, seed) for cf in ("0.75", "1.0", "1.25", "2.0") for seed in ("0", "1", "2")
+    )]  # fmt: skip
     grid_2d = run_cli("sweep", "capacity-factor", "moe.eval_capacity_factor=1.0,2.0", "--dry-run")
-    assert "8 runs" in grid_2d.stdout
+    assert "24 runs" in " ".join(grid_2d.stdout.split())
     extra = run_cli("sweep", "top-k", "seed=0,1", "--dry-run")
     assert "6 runs" in extra.stdout and "seed" in extra.stdout
+
+
+def test_a_fine_tuning_sweep_refuses_an_architecture_key_before_running() -> None:
+    result = run_cli("sweep", "freeze", "moe.num_experts=4", "--dry-run")
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: grid point 0 (") and "moe.num_experts: fixed by the pretrained checkpoint" in line
 
 
 def test_unknown_study_lists_the_studies() -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.stats import Estimate, below, by_value, combine, contrast, difference, direction, estimates
-from moe_lab.report.verdict import StudyReport, Verdict, fmt_number, percent, status_notes
+from moe_lab.report.verdict import StudyReport, Verdict, capacity_note, fmt_number, percent, status_notes
 
 ACC = "final_val_accuracy"
 METRIC_COLUMNS = {"accuracy": "final_val_accuracy", "f1_macro": "final_val_f1"}
@@ -119,7 +119,8 @@ def token_drop(study: StudyResults) -> StudyReport:
         f"{'; '.join(parts)} against CF {ref_cf:g} ({percent(reference['moe_dropped_frac'])} dropped, "
         f"{val[ref_cf].text()})"
     )
-    return StudyReport("token-drop", ref, table, Verdict(combine(claims), ours, checked), status_notes(agg), agg)
+    notes = [capacity_note(study), *status_notes(agg)]
+    return StudyReport("token-drop", ref, table, Verdict(combine(claims), ours, checked), notes, agg)
 
 
 def aux_loss_finetune(study: StudyResults) -> StudyReport:

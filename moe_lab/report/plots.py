@@ -152,6 +152,27 @@ def loss_curves(study: StudyResults, report: StudyReport, out: Path) -> Path | N
     return _save(fig, out / f"{study.name}-loss.png")
 
 
+def loss_vs_lr(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
+    """Final validation loss against learning rate, one line per setting (Wortsman et al. 2023, Fig. 1): the mean
+    over the seeds that completed, an x where a seed diverged."""
+    runs = study.runs
+    if "optim.lr" not in runs.columns or "+stability" not in runs.columns or runs["optim.lr"].nunique() < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (setting, group) in enumerate(runs.groupby("+stability", sort=False)):
+        color = f"C{i % 10}"
+        done = group[group["status"] == "completed"].groupby("optim.lr")["final_val_loss"].mean()
+        ax.plot(done.index, done.values, marker="o", color=color, label=setting)
+        bad = group[group["status"] != "completed"]
+        if len(bad):
+            top = runs["final_val_loss"].max()
+            ax.plot(bad["optim.lr"], [top] * len(bad), "x", color=color, ms=9, mew=2)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="final validation loss", title=f"{study.name}: loss vs learning rate")
+    ax.legend(fontsize=8, title="x = a diverged seed", title_fontsize=8)
+    return _save(fig, out / f"{study.name}-lr.png")
+
+
 def expert_load(study: StudyResults, report: StudyReport, out: Path) -> Path | None:
     """Share of routed tokens per expert at the end of training, first MoE layer, per run."""
     loads = {}
@@ -208,7 +229,7 @@ FIGURES: dict[str, list[Figure]] = {
     "router-fluctuation": [fluctuation_curves, expert_load, specialisation],
     "stablemoe": [fluctuation_curves],
     "overfit": [accuracy_curves],
-    "z-loss-stability": [loss_curves],
+    "z-loss-stability": [loss_vs_lr, loss_curves],
     "top-k": [loss_curves],
     "freeze": [accuracy_curves],
     "token-drop": [],

@@ -10,7 +10,16 @@ import pandas as pd
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.stats import Estimate, below, by_value, combine, difference, direction, estimates
-from moe_lab.report.verdict import StudyReport, Verdict, fmt_number, paper_value, percent, status_notes
+from moe_lab.report.verdict import (
+    StudyReport,
+    Verdict,
+    capacity_note,
+    cell_text,
+    fmt_number,
+    paper_value,
+    percent,
+    status_notes,
+)
 
 LOSS_RULE = (
     "differences are judged against 2 standard errors of the difference (paired over seeds when the settings "
@@ -97,11 +106,7 @@ def capacity_factor(study: StudyResults) -> StudyReport:
     if skipped:
         checked += f"; train CF {', '.join(skipped)} dropped nothing at its own eval CF and is left out of (1)"
     verdict = Verdict(combine(claims), ours, checked)
-    return StudyReport("capacity-factor", ref, table, verdict, status_notes(agg), agg)
-
-
-def _stable(row: pd.Series) -> str:
-    return f"{int(row['runs'] - row['diverged'] - row['failed'])}/{int(row['runs'])}"
+    return StudyReport("capacity-factor", ref, table, verdict, [capacity_note(study), *status_notes(agg)], agg)
 
 
 QUALITY_MARGIN = 0.01  # nats/token: a loss cost smaller than this is "no cost" (ST-MoE's z-loss gain is 0.014)
@@ -129,41 +134,105 @@ def stability_claim(a_div: int, a_n: int, b_div: int, b_n: int) -> str:
     return "inconclusive"
 
 
+SETTINGS = ["baseline", "z-loss", "jitter", "update-clip", "fp32-router"]
+LR = "optim.lr"
+
+
+def _cap(study: StudyResults) -> float:
+    """The loss of a model that learned nothing beyond token frequencies: the runs' unigram validation loss."""
+    for run in study.runs["run"]:
+        summary = study.summary(str(run)) or {}
+        if summary.get("unigram_val_loss") is not None:
+            return float(summary["unigram_val_loss"])
+    return math.nan
+
+
+def lr_sensitivity(losses: dict[float, float], cap: float) -> float:
+    """Wortsman et al. 2023 (Sec. 3.2): the mean over the swept learning rates of min(loss, cap) - the best
+    loss, where a diverged learning rate counts as the cap (they cap at the initial loss; we at the unigram
+    loss, which a run that learned only token frequencies reaches). Lower is less sensitive."""
+    if all(math.isnan(v) for v in losses.values()):  # no learning rate completed: there is no best loss
+        return math.nan
+    capped = [cap if math.isnan(v) else min(v, cap) for v in losses.values()]
+    return sum(capped) / len(capped) - min(capped)
+
+
+def stable_range_claim(a: dict[float, tuple[int, int]], b: dict[float, tuple[int, int]]) -> str:
+    """Whether setting a is stable over a wider range of learning rates than b ({lr: (diverged, runs)}):
+    pooled over the learning rates, yes or no by the one-sided Fisher exact test (p < 0.05); no also when both
+    diverge exactly as often at every learning rate (the grid shows no widening); inconclusive when nothing
+    diverged (the sweep did not reach instability) or the counts differ within chance."""
+    a_div, a_n = sum(d for d, _ in a.values()), sum(n for _, n in a.values())
+    b_div, b_n = sum(d for d, _ in b.values()), sum(n for _, n in b.values())
+    if a_div == 0 and b_div == 0:
+        return "inconclusive"
+    if a == b:
+        return "no"
+    return stability_claim(a_div, a_n, b_div, b_n)
+
+
 def z_loss_stability(study: StudyResults) -> StudyReport:
     ref = REFERENCES["z-loss-stability"]
     key = "+stability"
-    agg = aggregate(study.runs, [key], ["final_val_loss", "moe_max_logit", "moe_z_loss"])
-    order = ["baseline", "z-loss", "jitter", "update-clip", "fp32-router"]
-    agg["_order"] = agg[key].map(lambda s: order.index(s) if s in order else len(order))
-    agg = agg.sort_values("_order").drop(columns="_order").reset_index(drop=True)
-    loss = _loss_estimates(study, [key])
-    logit = _loss_estimates(study, [key], "moe_max_logit")
-    table = pd.DataFrame({
-        "setting": agg[key],
-        "stable (ours)": [_stable(r) for _, r in agg.iterrows()],
-        "val loss (ours)": [loss[s].text() if s in loss else "-" for s in agg[key]],
-        "max router logit": [logit[s].text(1) if s in logit else "-" for s in agg[key]],
-        "paper stable": [paper_value(ref, s, "stable") for s in agg[key]],
-        "paper quality": [paper_value(ref, s, "quality") for s in agg[key]],
-    })  # fmt: skip
-    by = agg.set_index(key)
-    if not {"baseline", "z-loss"} <= set(by.index):
+    runs = study.runs
+    if LR not in runs.columns:  # one learning rate: the sweep cannot show a range. A label, not NaN: the groups
+        runs = runs.assign(**{LR: "not swept"})  # are looked up by key, and NaN != NaN
+    agg = aggregate(runs, [key, LR], ["final_val_loss", "moe_max_logit"])
+    loss = estimates(runs, [key, LR], "final_val_loss")
+    cap = _cap(study)
+    settings = [s for s in SETTINGS if s in set(agg[key])] + sorted(set(agg[key]) - set(SETTINGS))
+    lrs = sorted(agg[LR].unique())
+    counts = {(r[key], r[LR]): (int(r["diverged"] + r["failed"]), int(r["runs"])) for _, r in agg.iterrows()}
+    best: dict[str, float] = {}  # the learning rate of the lowest mean loss where no seed diverged
+    rows = []
+    for setting in settings:
+        row = {"setting": setting}
+        means = {}
+        for lr in lrs:
+            est = loss.get((setting, lr), Estimate())
+            div, n = counts.get((setting, lr), (0, 0))
+            row[f"lr {cell_text(lr)}"] = f"{est.text()} [{n - div}/{n} stable]" if n else "-"
+            if n:  # a learning rate not run (yet) is left out, not counted as diverged
+                means[lr] = est.mean if div == 0 else math.nan
+        stable = [lr for lr in lrs if (setting, lr) in counts and counts[(setting, lr)][0] == 0]
+        finite = {lr: m for lr, m in means.items() if not math.isnan(m)}
+        if finite:
+            best[setting] = min(finite, key=finite.get)
+        row["stable lrs"] = ", ".join(cell_text(lr) for lr in stable) or "none"
+        row["LR sensitivity"] = fmt_number(lr_sensitivity(means, cap))
+        row["paper stable"] = paper_value(ref, setting, "stable")
+        row["paper quality"] = paper_value(ref, setting, "quality")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if not {"baseline", "z-loss"} <= set(settings):
         return StudyReport("z-loss-stability", ref, table, Verdict("no data", "-", "needs baseline and z-loss"))
-    base, z = by.loc["baseline"], by.loc["z-loss"]
-    stable = stability_claim(int(z["diverged"]), int(z["runs"]), int(base["diverged"]), int(base["runs"]))
-    cost = difference(loss.get("z-loss", Estimate()), loss.get("baseline", Estimate()))
-    quality = below(cost, QUALITY_MARGIN)
+    both = [lr for lr in lrs if ("baseline", lr) in counts and ("z-loss", lr) in counts]  # (1) compares like with like
+    by_lr = {s: {lr: counts[(s, lr)] for lr in both} for s in ("baseline", "z-loss")}
+    widened = stable_range_claim(by_lr["z-loss"], by_lr["baseline"])
+    if "baseline" in best and "z-loss" in best:
+        cost = difference(loss[("z-loss", best["z-loss"])], loss[("baseline", best["baseline"])])
+        quality = below(cost, QUALITY_MARGIN)
+    else:
+        cost, quality = difference(Estimate(), Estimate()), "inconclusive"
+
+    def diverged(setting: str) -> str:
+        return ", ".join(f"{cell_text(lr)}: {d}/{n}" for lr, (d, n) in by_lr[setting].items())
+
     ours = (
-        f"diverged: baseline {int(base['diverged'])}/{int(base['runs'])}, z-loss {int(z['diverged'])}/"
-        f"{int(z['runs'])}; val loss z-loss - baseline {cost.text()}; max router logit "
-        f"{logit.get('baseline', Estimate()).text(1)} vs {logit.get('z-loss', Estimate()).text(1)}"
+        f"diverged by lr: baseline {diverged('baseline')}; z-loss {diverged('z-loss')}; best-lr val loss z-loss "
+        f"- baseline {cost.text()} (lr {cell_text(best.get('z-loss', '-'))} vs {cell_text(best.get('baseline', '-'))})"
     )
     checked = (
-        "(1) z-loss diverges less often than baseline (one-sided Fisher exact test, p < 0.05; inconclusive when "
-        f"nothing diverged); (2) its validation loss is no worse than baseline's by {QUALITY_MARGIN} nats: yes when "
-        "the difference + 2 standard errors is below that, no when the difference - 2 standard errors is above it"
+        "(1) z-loss is stable over a wider range of learning rates than baseline: pooled over the learning rates "
+        "both were run at it diverges less often (one-sided Fisher exact test, p < 0.05); no when it diverges more "
+        "often, or exactly as often at every learning rate; inconclusive when nothing diverged; (2) at each one's "
+        f"best stable learning rate its validation loss is no worse than baseline's by {QUALITY_MARGIN} nats: yes "
+        "when the difference + 2 standard errors is below that, no when the difference - 2 standard errors is above "
+        "it. "
+        "LR sensitivity (Wortsman et al. 2023): mean over the learning rates of min(loss, unigram loss "
+        f"{fmt_number(cap)}) - the best, a diverged learning rate counting as the unigram loss"
     )
-    verdict = Verdict(combine([stable, quality]), ours, checked)
+    verdict = Verdict(combine([widened, quality]), ours, checked)
     return StudyReport("z-loss-stability", ref, table, verdict, status_notes(agg), agg)
 
 

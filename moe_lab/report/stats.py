@@ -33,7 +33,7 @@ def _isnan(value: float | None) -> bool:
 class Estimate:
     """A setting's mean over its seeds, with the values by seed for paired comparisons."""
 
-    by_seed: dict[int, float] = field(default_factory=dict)
+    by_seed: dict = field(default_factory=dict)  # seed (or, without seeds, a run's own key) -> value
     num_examples: int | None = None  # validation examples of an accuracy (binomial error for one seed)
 
     @property
@@ -127,12 +127,26 @@ def difference(a: Estimate, b: Estimate) -> Difference:
 def estimates(runs: pd.DataFrame, by: list[str], metric: str, num_examples: int | None = None) -> dict[tuple, Estimate]:
     """One Estimate of `metric` per group of the completed runs (key: the group's values of `by`).
 
-    Runs are told apart by their `seed` column, else by their order in the group (one seed each)."""
+    Runs are told apart by their `seed` column. Without one, each run is its own unpaired draw: its key names
+    the group and its row, so runs of two groups are never paired by their order. Two completed runs of one
+    seed in a group mean `by` leaves out a swept column: a ValueError, not a silent overwrite."""
     out: dict[tuple, Estimate] = {}
     done = completed(runs) if "status" in runs.columns else runs
     for key, group in done.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        seeds = group["seed"].astype(int).tolist() if "seed" in group.columns else list(range(len(group)))
+        if "seed" in group.columns:
+            if group["seed"].isna().any():
+                raise ValueError(f"runs {list(group.loc[group['seed'].isna(), 'run'] if 'run' in group else [])} "
+                                 f"of {dict(zip(by, key, strict=True))} have no seed")  # fmt: skip
+            seeds = group["seed"].astype(int).tolist()
+            repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+            if repeated:
+                raise ValueError(
+                    f"{dict(zip(by, key, strict=True))} has several completed runs of seed(s) {repeated}: "
+                    f"group by every swept column (grouped by {by})"
+                )
+        else:
+            seeds = [(key, i) for i in range(len(group))]
         values = group[metric].tolist() if metric in group.columns else [math.nan] * len(group)
         by_seed = {s: float(v) for s, v in zip(seeds, values, strict=True) if not _isnan(v)}
         out[key] = Estimate(by_seed, num_examples)
@@ -161,6 +175,8 @@ def combine(outcomes: list[str]) -> str:
 def direction(d: Difference, expected: str) -> str:
     """A claim that a - b is on the side `expected` ('>' or '<'): yes if it is by more than Z standard errors,
     no if it is on the other side by as much, inconclusive if it is a tie or has no standard error."""
+    if expected not in (">", "<"):
+        raise ValueError(f"expected must be '>' or '<', got {expected!r}")
     if d.outcome == expected:
         return "yes"
     if d.outcome in (">", "<"):

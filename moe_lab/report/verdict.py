@@ -70,6 +70,25 @@ def status_notes(agg: pd.DataFrame) -> list[str]:
     return notes
 
 
+def capacity_note(study) -> str:
+    """How the study's runs turned a capacity factor into slots, and how the paper's factors compare."""
+    convention, top_k = "gshard", None
+    for run in study.runs["run"]:
+        moe = ((study.summary(str(run)) or {}).get("config") or {}).get("moe") or {}
+        if moe:
+            convention, top_k = moe.get("capacity_convention", "gshard"), moe.get("top_k")
+            break
+    ours = "ceil(cf * k * T / E)" if convention == "gshard" else "round(cf * T / E), at least 4"
+    note = (
+        f"Capacity factors here are moe.capacity_convention={convention}: an expert holds {ours} slots of a group "
+        "of T tokens. The paper's (Mesh TensorFlow / flaxformer) hold round(cf * T / E), at least 4, with no "
+        "factor k"
+    )
+    if convention == "gshard" and top_k and top_k > 1:
+        note += f", so at top-{top_k} our CF c holds the slots of the paper's CF {top_k}c"
+    return note + "; moe.capacity_convention=flaxformer runs in the paper's."
+
+
 def no_data(name: str) -> StudyReport:
     """The report of a study that has not been run."""
     why = f"no results/{name}/runs.csv: run `moe-lab sweep {name}`"
