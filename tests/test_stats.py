@@ -320,3 +320,9 @@ def test_estimates_without_status_or_metric() -> None:
     assert by_value(estimates(runs, ["k"], "loss"))[1].by_seed == {0: 1.0, 1: 3.0}
     missing = by_value(estimates(runs, ["k"], "accuracy"))
     assert missing[1].n == 0 and missing[1].text() == "-"
+
+
+def test_a_tiny_standard_error_is_shown_with_more_decimals_not_as_zero() -> None:
+    assert Difference(0.003, 0.0003, True, 3).text() == "+0.0030 ± 0.0003 (paired, n=3)"
+    assert Estimate({0: 1.0, 1: 1.0002}).text() == "1.0001 ± 0.0001 (n=2)"
+    assert Estimate({0: 1.0, 1: 1.0}).text() == "1.000 ± 0.000 (n=2)"  # no spread at all stays at 3 decimals

@@ -65,8 +65,16 @@ class Estimate:
         if self.n == 0:
             return "-"
         se = self.se
+        digits = _digits(se, digits, scale)
         spread = "" if math.isnan(se) else f" ± {se * scale:.{digits}f}"
         return f"{self.mean * scale:.{digits}f}{spread} (n={self.n})"
+
+
+def _digits(se: float, digits: int, scale: float) -> int:
+    """Decimals to show a standard error with: more than `digits` (up to 5) when it would round to zero."""
+    while not _isnan(se) and se > 0 and digits < 5 and round(se * scale, digits) == 0:
+        digits += 1
+    return digits
 
 
 def binomial_se(accuracy: float, num_examples: int) -> float:
@@ -101,6 +109,7 @@ class Difference:
         if _isnan(self.value):
             return "-"
         how = "paired" if self.paired else "unpaired"
+        digits = _digits(self.se, digits, scale)
         se = "" if _isnan(self.se) else f" ± {self.se * scale:.{digits}f}"
         return f"{self.value * scale:+.{digits}f}{se} ({how}, n={self.n})"
 
