@@ -174,3 +174,13 @@ def test_the_committed_results_are_the_runs_of_the_committed_studies(name: str) 
     pretrainings, checks = plan_study(load_study(name), ["train.threads=1", "logger.progress=false"], repo / "results")
     assert all(c.on_disk for c in checks), [str(c.run_dir) for c in checks if not c.on_disk]
     assert not [c for c in pretrainings + checks if c.diffs], [(str(c.run_dir), c.diffs) for c in checks if c.diffs]
+
+
+def test_runs_csv_keeps_an_appended_config_group_as_a_swept_value(tmp_path: Path) -> None:
+    # `+stability=z-loss` is what z-loss-stability sweeps; `+experiments=NAME` only names the study
+    from moe_lab.sweeps.runner import _point_values
+
+    (tmp_path / ".hydra").mkdir()
+    overrides = ["+stability=z-loss", "optim.lr=0.1", "+experiments=z-loss-stability", "hydra.run.dir=x", "~foo"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, "checkpoint=/a/b"]))
+    assert _point_values(tmp_path) == {"+stability": "z-loss", "optim.lr": "0.1"}

@@ -343,7 +343,9 @@ def _point_values(run_dir: Path) -> dict[str, str]:
     if not path.exists():
         return {}
     items = (str(item).partition("=") for item in yaml.safe_load(path.read_text()) or [])
-    return {key: value for key, _, value in items if not key.startswith(("+", "~", "hydra")) and key != "checkpoint"}
+    # `+experiments=NAME` selects the study; an appended group such as `+stability=z-loss` is a swept value
+    skip = ("experiments", "checkpoint")
+    return {k: v for k, _, v in items if not k.startswith(("~", "hydra")) and k.lstrip("+") not in skip}
 
 
 def _last_moe_metrics(run_dir: Path) -> dict[str, float]:
