@@ -37,12 +37,12 @@ run: $(STAMP) ## the main job: pretrain the `small` sparse LM on the embedded co
 
 # every study at its default CPU size, in the order the README's results table lists them
 STUDIES ?= top-k capacity-factor z-loss-stability router-fluctuation stablemoe freeze token-drop aux-loss-finetune overfit finetune-grid
-# grid points run in parallel, one process per core with one thread each: on 2 cores the studies took 50 min
-# against 68 min one point at a time with 2 threads (small matmuls scale poorly across threads). The thread count
+# grid points run in parallel, one process per core with one thread each (small matmuls scale poorly across
+# threads); with the studies' seeds the run of 2026-12-02 took 91 min on 2 cores. The thread count
 # changes the float summation order, so an exact rerun of results/ needs these same arguments.
 SWEEP_ARGS ?= --launcher joblib train.threads=1 logger.progress=false
 
-reproduce: $(STAMP) ## run every study at its default size, then moe-lab report (under an hour on 2 cores)
+reproduce: $(STAMP) ## run every study at its default size and seeds, then moe-lab report (about 90 min on 2 cores)
 	@start=$$(date +%s); failed=""; \
 	for study in $(STUDIES); do \
 		t0=$$(date +%s); \

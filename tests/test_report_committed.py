@@ -123,11 +123,11 @@ def test_readme_results_table_numbers_are_in_the_report() -> None:
 
 def test_the_readme_check_catches_a_changed_number() -> None:
     readme, report_md = README.read_text(), (RESULTS / "report.md").read_text()
-    assert "top-1 1.933, top-2 1.905" in readme
-    changed = readme.replace("top-1 1.933, top-2 1.905", "top-1 1.934, top-2 1.905")
-    assert "top-k (ours): 1.934" in missing_from_report(changed, report_md)
-    rounded_wrong = readme.replace("top-1 1.933, top-2 1.905", "top-1 1.94, top-2 1.905")  # 1.933 is 1.93
-    assert "top-k (ours): 1.94" in missing_from_report(rounded_wrong, report_md)
+    assert "top-1 1.944 ± 0.006 (n=3), top-2" in readme
+    changed = readme.replace("top-1 1.944 ± 0.006 (n=3), top-2", "top-1 1.947 ± 0.006 (n=3), top-2")
+    assert "top-k (ours): 1.947" in missing_from_report(changed, report_md)
+    rounded_wrong = readme.replace("top-1 1.944 ± 0.006 (n=3), top-2", "top-1 1.95 ± 0.006 (n=3), top-2")
+    assert "top-k (ours): 1.95" in missing_from_report(rounded_wrong, report_md)  # 1.944 rounds to 1.94
 
 
 def test_number_extraction() -> None:
