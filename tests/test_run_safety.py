@@ -50,22 +50,24 @@ def tree(root: Path) -> dict[str, int]:
 def test_a_sweep_under_another_config_stops_and_rerun_moves_the_old_runs_aside(tmp_path: Path, cache: str) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     study = tmp_path / "results" / "top-k"
-    first = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", env=env)
+    first = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "seed=0", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     before = tree(study)
 
     # the same grid points, 10 steps instead of 8: not the runs on disk
-    stale = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "train.max_steps=10", env=env)
+    stale = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "seed=0", "train.max_steps=10", env=env)
     line = assert_one_line_error(stale, "2 of 2 grid points", "train.max_steps 8 -> 10", "--rerun", "MOE_LAB_RESULTS")
     assert "already completed" not in stale.stdout
     assert tree(study) == before, line  # nothing was run, rewritten or removed
 
     # settings that do not change the numbers are the same run
-    same = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "train.threads=1", "train.ckpt_every=3", env=env)
+    same = run_cli(
+        "sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "seed=0", "train.threads=1", "train.ckpt_every=3", env=env
+    )
     assert same.returncode == 0, same.stdout + same.stderr
     assert same.stdout.count("already completed") == 2
 
-    rerun = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "train.max_steps=10", "--rerun", env=env)
+    rerun = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "seed=0", "train.max_steps=10", "--rerun", env=env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     moved = sorted((study / "runs" / "replaced").glob("*/moe.top_k=*"))
     assert [p.name for p in moved] == ["moe.top_k=1", "moe.top_k=2"]
@@ -125,7 +127,7 @@ def test_a_sweep_waits_for_a_point_another_process_is_training(tmp_path: Path, c
     lock.acquire(wait=False)
     env = {**os.environ, "WANDB_MODE": "disabled", "MOE_LAB_RESULTS": str(tmp_path / "results"), "COLUMNS": "200"}
     proc = subprocess.Popen(
-        [MOE_LAB, "sweep", "top-k", *TINY, cache, "moe.top_k=1,2"],
+        [MOE_LAB, "sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "seed=0"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -158,7 +160,7 @@ def test_a_sweep_waits_for_a_point_another_process_is_training(tmp_path: Path, c
 
 def test_two_sweeps_of_one_study_at_once_train_each_point_once(tmp_path: Path, cache: str) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "MOE_LAB_RESULTS": str(tmp_path / "results"), "COLUMNS": "200"}
-    args = [MOE_LAB, "sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "train.max_steps=24"]
+    args = [MOE_LAB, "sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "seed=0", "train.max_steps=24"]
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
     time.sleep(0.5)
     procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -178,7 +180,7 @@ def test_two_sweeps_of_one_study_at_once_train_each_point_once(tmp_path: Path, c
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory: pytest.TempPathFactory, cache: str) -> Path:
     root = tmp_path_factory.mktemp("sweep") / "results"
-    result = run_cli("sweep", "top-k", *TINY, cache, env={"MOE_LAB_RESULTS": str(root)})
+    result = run_cli("sweep", "top-k", *TINY, cache, "seed=0", env={"MOE_LAB_RESULTS": str(root)})
     assert result.returncode == 0, result.stdout + result.stderr
     return root
 
@@ -256,7 +258,7 @@ def test_runs_csv_is_replaced_whole_or_not_at_all(finished_sweep: Path, tmp_path
 def test_a_sweep_with_a_failed_point_exits_1_after_writing_runs_csv(tmp_path: Path, cache: str) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     # 40 tokens are too few for one batch: that point fails when it builds its data, the other trains
-    result = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=2", "data.max_tokens=40,100000", env=env)
+    result = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=2", "seed=0", "data.max_tokens=40,100000", env=env)
     assert_one_line_error(result, "1 of 2 grid points of top-k failed", "data.max_tokens=40", code=1)
     frame = pd.read_csv(tmp_path / "results" / "top-k" / "runs.csv")
     statuses = dict(zip(frame["data.max_tokens"], frame["status"], strict=True))
@@ -267,7 +269,7 @@ def test_a_sweep_with_a_failed_point_exits_1_after_writing_runs_csv(tmp_path: Pa
 def test_a_diverged_point_is_a_result_not_a_failure(tmp_path: Path, cache: str) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     result = run_cli(
-        "sweep", "top-k", *TINY, cache, "moe.top_k=1", "optim.lr=1e6", "optim.warmup_steps=0", "optim.grad_clip=null",
+        "sweep", "top-k", *TINY, cache, "moe.top_k=1", "seed=0", "optim.lr=1e6", "optim.warmup_steps=0", "optim.grad_clip=null",
         "train.divergence_loss=20", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -411,7 +413,10 @@ def test_a_read_only_results_directory_is_one_line(tmp_path: Path, cache: str) -
     results = tmp_path / "results"
     results.mkdir()
     env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200", "MOE_LAB_RESULTS": str(results)}
-    for args in (["pretrain", "tiny", f"runs_root={results / 'runs'}", cache], ["sweep", "top-k", *TINY, cache]):
+    for args in (
+        ["pretrain", "tiny", f"runs_root={results / 'runs'}", cache],
+        ["sweep", "top-k", *TINY, cache, "seed=0"],
+    ):
         command = _read_only(results, [MOE_LAB, *args])
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
         assert_one_line_error(result, f"cannot write under {results}", "is not writable")

@@ -88,7 +88,7 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path: Path) -> None:
 
     # kill the sweep as soon as its first run has finished
     proc = subprocess.Popen(
-        [MOE_LAB, "sweep", "top-k", *TINY, cache], env={**os.environ, "WANDB_MODE": "disabled", **env},
+        [MOE_LAB, "sweep", "top-k", *TINY, cache, "seed=0"], env={**os.environ, "WANDB_MODE": "disabled", **env},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     first = runs / "moe.top_k=1" / "summary.json"
@@ -101,7 +101,7 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path: Path) -> None:
     assert not (runs / "moe.top_k=4" / "summary.json").exists(), "the sweep finished before it was killed"
     first_written = first.stat().st_mtime_ns
 
-    result = run_cli("sweep", "top-k", *TINY, cache, env=env)
+    result = run_cli("sweep", "top-k", *TINY, cache, "seed=0", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert first.stat().st_mtime_ns == first_written  # the finished run was skipped, not redone
     assert "already completed" in result.stdout
