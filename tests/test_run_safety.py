@@ -70,7 +70,7 @@ def test_a_sweep_under_another_config_stops_and_rerun_moves_the_old_runs_aside(t
     rerun = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=1,2", "seed=0", "train.max_steps=10", "--rerun", env=env)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     moved = sorted((study / "runs" / "replaced").glob("*/moe.top_k=*"))
-    assert [p.name for p in moved] == ["moe.top_k=1", "moe.top_k=2"]
+    assert [p.name for p in moved] == ["moe.top_k=1,seed=0", "moe.top_k=2,seed=0"]
     for old in moved:  # the old runs are kept whole
         assert json.loads((old / "summary.json").read_text())["step"] == 8
         assert (old / "checkpoint.pt").exists() and (old / ".hydra" / "config.yaml").exists()
@@ -121,7 +121,7 @@ def test_a_fine_tuning_run_is_tied_to_the_identity_of_its_pretrained_model(tmp_p
 
 
 def test_a_sweep_waits_for_a_point_another_process_is_training(tmp_path: Path, cache: str) -> None:
-    point = tmp_path / "results" / "top-k" / "runs" / "moe.top_k=1"
+    point = tmp_path / "results" / "top-k" / "runs" / "moe.top_k=1,seed=0"
     point.mkdir(parents=True)
     lock = RunLock(point)
     lock.acquire(wait=False)
@@ -170,7 +170,7 @@ def test_two_sweeps_of_one_study_at_once_train_each_point_once(tmp_path: Path, c
     assert both.count("completed after 24 steps") == 2, both  # each point trained by one sweep only
     assert both.count("already completed") == 2, both
     for k in (1, 2):
-        steps = pd.read_csv(tmp_path / "results" / "top-k" / "runs" / f"moe.top_k={k}" / "metrics.csv")["step"]
+        steps = pd.read_csv(tmp_path / "results" / "top-k" / "runs" / f"moe.top_k={k},seed=0" / "metrics.csv")["step"]
         assert steps.is_monotonic_increasing, steps.tolist()  # no half-written, interleaved or duplicated rows
 
 
@@ -197,7 +197,7 @@ def _broken_copy(root: Path, tmp_path: Path, edit) -> Path:
     ("edit", "needle"),
     [
         (lambda text: text[: len(text) - 40], "ends in the middle of a line"),  # cut inside the last row
-        (lambda text: text.replace("completed", "diverged", 1), "row 'moe.top_k=1' has status='diverged'"),
+        (lambda text: text.replace("completed", "diverged", 1), "row 'moe.top_k=1,seed=0' has status='diverged'"),
         (lambda text: "\n".join(text.splitlines()[:-1]) + "\n", "has 2 rows but"),  # a whole row lost
         (lambda text: text[:7], "has no column(s) ['status']"),  # cut inside the header
         (lambda text: "", "cannot be read as CSV"),
@@ -269,8 +269,8 @@ def test_a_sweep_with_a_failed_point_exits_1_after_writing_runs_csv(tmp_path: Pa
 def test_a_diverged_point_is_a_result_not_a_failure(tmp_path: Path, cache: str) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     result = run_cli(
-        "sweep", "top-k", *TINY, cache, "moe.top_k=1", "seed=0", "optim.lr=1e6", "optim.warmup_steps=0", "optim.grad_clip=null",
-        "train.divergence_loss=20", env=env,
+        "sweep", "top-k", *TINY, cache, "moe.top_k=1", "seed=0", "optim.lr=1e6", "optim.warmup_steps=0",
+        "optim.grad_clip=null", "train.divergence_loss=20", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert set(pd.read_csv(tmp_path / "results" / "top-k" / "runs.csv")["status"]) == {"diverged"}

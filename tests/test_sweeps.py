@@ -37,15 +37,19 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
     study = load_study(name)
     points = grid(study)
     assert len(points) >= 2 and swept_keys(points)
+    study_values = yaml.safe_load((CONF_DIR.parent / "experiments" / f"{name}.yaml").read_text())
     for point in points:
         run = to_run_config(compose_point(study, point))
         assert run.study.name == name and run.study.paper
         for item in point:
             key, value = item.split("=", 1)
             group = CONF_DIR / key.lstrip("+")
-            if group.is_dir():  # a config group option: its file's values arrive
+            if group.is_dir():  # a config group option: its file's values arrive, except those the study sets
                 text = (group / f"{value}.yaml").read_text()
                 values = yaml.safe_load(text) or {}
+                if "@package _global_" not in text:
+                    own = study_values.get(key.lstrip("+"), {})
+                    values = {k: own.get(k, v) for k, v in values.items()}
                 assert_applied(run, "" if "@package _global_" in text else key.lstrip("+"), values)
             else:
                 assert_applied(run, key, yaml.safe_load(value))
@@ -91,14 +95,14 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path: Path) -> None:
         [MOE_LAB, "sweep", "top-k", *TINY, cache, "seed=0"], env={**os.environ, "WANDB_MODE": "disabled", **env},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    first = runs / "moe.top_k=1" / "summary.json"
+    first = runs / "moe.top_k=1,seed=0" / "summary.json"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first.exists()
-    assert not (runs / "moe.top_k=4" / "summary.json").exists(), "the sweep finished before it was killed"
+    assert not (runs / "moe.top_k=4,seed=0" / "summary.json").exists(), "the sweep finished before it was killed"
     first_written = first.stat().st_mtime_ns
 
     result = run_cli("sweep", "top-k", *TINY, cache, "seed=0", env=env)
@@ -112,17 +116,17 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path: Path) -> None:
 
     # a grid point that cannot compose stops the sweep before anything runs (a point that fails while it runs
     # is recorded as failed: tests/test_run_safety.py)
-    result = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=2,9", env=env)
+    result = run_cli("sweep", "top-k", *TINY, cache, "moe.top_k=2,9", "seed=0", env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "grid point 1" in result.stderr and "moe.top_k=9 exceeds num_experts=4" in result.stderr
-    assert not (runs / "moe.top_k=9").exists()
+    assert not (runs / "moe.top_k=9,seed=0").exists()
 
 
 def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     args = ("sweep", "freeze", "finetune.pretrained=tiny", "train.max_steps=4", "train.eval_every=4",
             "task.synthetic_val=100", "logger.progress=false", f"data.cache_dir={tmp_path / 'cache'}",
-            "finetune.freeze=all,moe")  # fmt: skip
+            "finetune.freeze=all,moe", "seed=0")  # fmt: skip
     result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     pretrained = tmp_path / "results" / "pretrained" / "tiny" / "summary.json"
@@ -146,7 +150,7 @@ def test_make_reproduce_runs_a_study_with_its_default_arguments_and_reports(tmp_
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     assert "--launcher" in default and "train.threads=1" in default
-    args = [*default, *TINY, f"data.cache_dir={tmp_path / 'cache'}"]
+    args = [*default, *TINY, f"data.cache_dir={tmp_path / 'cache'}", "seed=0"]
     env = {**os.environ, "WANDB_MODE": "disabled", "MOE_LAB_RESULTS": str(tmp_path / "results")}
     result = subprocess.run(
         [*make, "reproduce", "STUDIES=top-k", f"SWEEP_ARGS={' '.join(args)}"],
@@ -158,7 +162,7 @@ def test_make_reproduce_runs_a_study_with_its_default_arguments_and_reports(tmp_
     launcher = yaml.safe_load((runs / "multirun.yaml").read_text())["hydra"]["launcher"]["_target_"]
     assert "joblib" in launcher.lower()
     for k in (1, 2, 4):
-        summary = json.loads((runs / f"moe.top_k={k}" / "summary.json").read_text())
+        summary = json.loads((runs / f"moe.top_k={k},seed=0" / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["config"]["train"]["threads"] == 1
     assert "| top-k |" in (tmp_path / "results" / "report.md").read_text()
     assert (tmp_path / "results" / "report.html").exists() and (tmp_path / "results" / "report.csv").exists()
