@@ -89,9 +89,9 @@ class MoELayer(nn.Module):
 
         self.last_losses = self.router.losses(logits_TE, probs_TE, routing, keep_S, token_ids)
         self.last_expert_index = routing.expert_index_TK.detach().view(*x.shape[:-1], -1)
-        keep_TK = torch.zeros_like(routing.expert_index_TK, dtype=torch.bool)
         self.last_keep_TK = None
-        if self.config.routing != "expert_choice":
+        if self.router.tokens_choose:  # each slot is one of its token's choices (not under expert choice)
+            keep_TK = torch.zeros_like(routing.expert_index_TK, dtype=torch.bool)
             keep_TK[routing.token_S, routing.choice_S] = keep_S
             self.last_keep_TK = keep_TK.view(*x.shape[:-1], -1)
         if self.track_metrics and not (self.training and not torch.is_grad_enabled()):

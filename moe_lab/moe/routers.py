@@ -64,6 +64,8 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 class LearnedRouter(Router):
     """A router with a learned linear scorer; its z-loss is ST-MoE's on the scorer's logits."""
 
+    tokens_choose = True  # each slot is one of its token's choices, so a token's kept choices are defined
+
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(
             config.d_model,
@@ -123,6 +125,8 @@ class TokenChoiceRouter(LearnedRouter):
 class ExpertChoiceRouter(LearnedRouter):
     """Each expert takes its top-C tokens (Zhou et al. 2022). Balanced by construction: no aux loss, as in
     flaxformer (the Switch loss would be the constant cf * k here), only the z-loss."""
+
+    tokens_choose = False  # experts pick tokens: a slot is no choice of its token
 
     def route(self, x_TD, token_ids_T, capacity_factor):
         cfg = self.config
@@ -215,6 +219,8 @@ class StableMoERouter(LearnedRouter):
 class HashRouter(nn.Module):
     """Hash layers (Roller et al. 2021): a fixed seeded hash of the token id picks the expert, gate 1; nothing
     is learned, so there is no balance or z-loss."""
+
+    tokens_choose = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()

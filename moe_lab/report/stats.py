@@ -144,15 +144,17 @@ def estimates(runs: pd.DataFrame, by: list[str], metric: str, num_examples: int 
     for key, group in done.groupby(by, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         if "seed" in group.columns:
-            if group["seed"].isna().any():
-                raise ValueError(f"runs {list(group.loc[group['seed'].isna(), 'run'] if 'run' in group else [])} "
-                                 f"of {dict(zip(by, key, strict=True))} have no seed")  # fmt: skip
+            label = dict(zip(by, key, strict=True))
+            unseeded = group["seed"].isna()
+            if unseeded.any():
+                names = list(group.loc[unseeded, "run"]) if "run" in group else []
+                raise ValueError(f"runs {names} of {label} have no seed")
             seeds = group["seed"].astype(int).tolist()
             repeated = sorted({s for s in seeds if seeds.count(s) > 1})
             if repeated:
                 raise ValueError(
-                    f"{dict(zip(by, key, strict=True))} has several completed runs of seed(s) {repeated}: "
-                    f"group by every swept column (grouped by {by})"
+                    f"{label} has several completed runs of seed(s) {repeated}: group by every swept column "
+                    f"(grouped by {by})"
                 )
         else:
             seeds = [(key, i) for i in range(len(group))]
