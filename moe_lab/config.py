@@ -171,8 +171,9 @@ class TaskConfig:
 
     name: str = "synth-small"
     # cb, sst2: the real tasks from local files (../shared/data or your own copies); synthetic: derived
-    # from the embedded corpus; local: any jsonl/csv/tsv with text and label columns; hub: `datasets` name
-    source: str = bounded("synthetic", choices=("synthetic", "cb", "sst2", "local", "hub"))
+    # from the embedded corpus; facts: true/false statements about the pretraining corpus's people (closed-book);
+    # local: any jsonl/csv/tsv with text and label columns; hub: `datasets` name
+    source: str = bounded("synthetic", choices=("synthetic", "facts", "cb", "sst2", "local", "hub"))
     train_path: str | None = None
     val_path: str | None = None
     format: str = bounded("json", choices=("json", "csv"))  # tsv: format=csv delimiter="\t"
@@ -185,7 +186,7 @@ class TaskConfig:
     max_len: int = bounded(128, ge=1)
     # keep the first N training examples (after a seeded shuffle)
     num_train: int | None = bounded(None, ge=1, none="all")
-    # synthetic tasks
+    # synthetic and facts tasks: training and validation examples
     synthetic_train: int = bounded(250, ge=1)
     synthetic_val: int = bounded(1000, ge=1)
     hub_name: str | None = None

@@ -86,3 +86,42 @@ def test_recall_is_exact_match_of_the_greedy_continuation() -> None:
     assert out["fact_recall"] == pytest.approx((len(queries) - 1) / len(queries))
     attribute = facts.ATTRIBUTES[queries[longest].attribute]
     assert out[f"fact_recall/{attribute}"] == 4 / 5
+
+
+def test_fact_verification_validation_asks_about_pairs_no_training_statement_mentions() -> None:
+    crowd = facts.people(300, LANGUAGE_SEED)
+    train, val = facts.verification(300, LANGUAGE_SEED, num_train=3000, num_val=600)
+    assert (len(train), len(val)) == (3000, 600)
+
+    def pair(text: str) -> tuple[int, int]:
+        # the statement is the person's held-out form: find who and which attribute it names
+        hits = [
+            (p, a)
+            for p, person in enumerate(crowd)
+            for a in range(len(facts.ATTRIBUTES))
+            if text.rsplit(" ", 2)[0] == facts.statement(person, a, "\0").split(" \0")[0]
+        ]
+        assert len(hits) == 1, (text, hits)
+        return hits[0]
+
+    val_pairs = {pair(t) for t, _ in val}
+    train_pairs = {pair(t) for t, _ in train}
+    assert len(val_pairs) == 600 and not val_pairs & train_pairs
+    assert len(train_pairs) == 300 * 4 - 600  # 3000 training statements cycle through every other pair
+    for text, label in val + train:
+        p, a = pair(text)
+        value = text.removesuffix(" .").rsplit(" ", 1)[1]
+        assert (value == crowd[p].values[a]) == bool(label), text
+    # balanced: the true fraction is within 4 binomial errors of 1/2
+    assert abs(sum(y for _, y in val) / 600 - 0.5) < 4 * (0.25 / 600) ** 0.5
+
+
+def test_fact_verification_small_task_is_a_prefix_of_the_large_one_with_the_same_validation() -> None:
+    small, val_small = facts.verification(600, LANGUAGE_SEED, num_train=250, num_val=2000)
+    large, val_large = facts.verification(600, LANGUAGE_SEED, num_train=20_000, num_val=2000)
+    assert small == large[:250] and val_small == val_large
+
+
+def test_fact_verification_names_the_people_it_needs() -> None:
+    with pytest.raises(ValueError, match=r"2000 validation examples.*400 .*100 people.*above 500"):
+        facts.verification(100, LANGUAGE_SEED, num_train=10, num_val=2000)

@@ -209,3 +209,25 @@ def test_a_fine_tuning_study_sweeps_seeds_over_one_pretraining_and_passes_it_sca
     assert [p.point for p in pretrainings] == [["mini", "scale=0.5", "train.threads=1", "data.num_docs=300"]]
     seeds = sorted(item for p in points for item in p.point if item.startswith("seed="))
     assert seeds == sorted(["seed=0", "seed=1", "seed=2"] * 5)  # 5 freeze settings x 3 seeds
+
+
+def test_a_facts_task_asks_about_the_pretrained_corpus_people_and_refuses_a_corpus_without_them(
+    pretrained: Path, tmp_path: Path
+) -> None:
+    # without facts in the pretraining corpus: one clear line, no run left behind
+    result = run_cli("finetune", "facts-small", f"checkpoint={pretrained}", f"runs_root={tmp_path / 'none'}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "corpus has none" in result.stderr and "data.num_people" in result.stderr
+
+    pre = tmp_path / "pre"
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    made = pretrain("tiny", f"run_dir={pre}", cache, "train.max_steps=4", "data.num_people=60",
+                    "data.fact_fraction=0.5", "data.num_docs=300", "train.fact_queries=0")  # fmt: skip
+    assert made.returncode == 0, made.stdout + made.stderr
+    result = run_cli("finetune", "facts-large", f"checkpoint={pre}", f"run_dir={tmp_path / 'ft'}",
+                     "task.synthetic_val=100", "task.synthetic_train=400", "train.max_steps=2",
+                     "train.eval_every=2", "logger=csv", "logger.progress=false")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert summary["val_examples"] == 100 and summary["label_names"] == ["false", "true"]
+    assert "400 train / 100 val examples, 2 classes" in " ".join(result.stdout.split())

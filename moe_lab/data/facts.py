@@ -156,3 +156,47 @@ def queries(num_people: int, language_seed: int, limit: int | None = None, seed:
         prompt = form.split(" VALUE")[0].replace("NAME", person.name)
         out.append(Query(p, a, prompt, person.values[a]))
     return out
+
+
+def statement(person: Person, attribute: int, value: str) -> str:
+    """The person's held-out form of `attribute` stating `value` (true or not), e.g. "the hometown of X is Y ."."""
+    form = FORMS[ATTRIBUTES[attribute]][person.held_out[attribute]]
+    return form.replace("NAME", person.name).replace("VALUE", value)
+
+
+def verification(
+    num_people: int, language_seed: int, num_train: int, num_val: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """A closed-book task over the corpus's facts: is the statement true (1) or false (0)?
+
+    Every example states one (person, attribute) in its held-out form, with the true value or a distractor
+    drawn from the same attribute's values, true or false with probability 1/2. The validation examples ask
+    about (person, attribute) pairs that no training example mentions, so fine-tuning can teach the task but
+    not the answers: only what pretraining stored can (ST-MoE's largest fine-tuning gains are closed-book QA).
+    Training examples cycle through the other pairs in a seeded order, so a small task is the first
+    `num_train` examples of a large one and both share the validation set.
+    """
+    pairs = [(p, a) for p in range(num_people) for a in range(len(ATTRIBUTES))]
+    if num_val >= len(pairs):
+        raise ValueError(
+            f"a fact-verification task with {num_val} validation examples needs more than {num_val} "
+            f"(person, attribute) pairs; the corpus has {len(pairs)} ({num_people} people x {len(ATTRIBUTES)} "
+            f"attributes): raise data.num_people above {num_val // len(ATTRIBUTES)}"
+        )
+    random.Random(f"moe-lab-facts:verify:{language_seed}:pairs").shuffle(pairs)
+    crowd, pools = people(num_people, language_seed), _value_pools(language_seed)
+    rng = random.Random(f"moe-lab-facts:verify:{language_seed}:examples")
+
+    def example(p: int, a: int) -> tuple[str, int]:
+        truth = value = crowd[p].values[a]
+        label = rng.randrange(2)
+        while not label and value == truth:
+            value = rng.choice(pools[a])
+        return statement(crowd[p], a, value), label
+
+    val = [example(p, a) for p, a in pairs[:num_val]]
+    rest, train = pairs[num_val:], []
+    while len(train) < num_train:
+        order = rng.sample(rest, len(rest))
+        train += [example(p, a) for p, a in order[: num_train - len(train)]]
+    return train, val

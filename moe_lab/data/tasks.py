@@ -78,8 +78,27 @@ def _load_file(path: str, cfg: TaskConfig) -> datasets.Dataset:
     return load_files(cfg.format, _files(path, "task path"), "task path", **kwargs)
 
 
-def load_task(cfg: TaskConfig, cache_dir: str) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, validation) datasets with the task's columns."""
+def fact_verification(num_people: int, num_train: int, num_val: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """True/false statements about the pretraining corpus's people (moe_lab.data.facts.verification)."""
+    from moe_lab.data.facts import verification
+    from moe_lab.data.synthetic import LANGUAGE_SEED
+
+    train, val = verification(num_people, LANGUAGE_SEED, num_train, num_val)
+    return tuple(
+        datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [("false", "true")[y] for _, y in rows]}) for rows in (train, val)
+    )
+
+
+def load_task(cfg: TaskConfig, cache_dir: str, num_people: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, validation) datasets with the task's columns; `num_people`: the pretraining corpus's people, which
+    a facts task asks about."""
+    if cfg.source == "facts":
+        if not num_people:
+            raise ValueError(
+                f"task {cfg.name!r} asks about the facts of the pretraining corpus, but the pretrained model's "
+                "corpus has none: pretrain on data.source=synthetic with data.num_people > 0 and data.fact_fraction > 0"
+            )
+        return fact_verification(num_people, cfg.synthetic_train, cfg.synthetic_val)
     if cfg.source == "synthetic":
         return synthetic_sentiment(Path(os.path.expanduser(cache_dir)), cfg.synthetic_train, cfg.synthetic_val)
     if cfg.source in ("cb", "sst2", "local"):
@@ -91,7 +110,7 @@ def load_task(cfg: TaskConfig, cache_dir: str) -> tuple[datasets.Dataset, datase
         require_hub(f"dataset {cfg.hub_name!r}", hint)
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_subset)
         return ds["train"], ds["validation"]
-    raise ValueError(f"task.source={cfg.source!r} is not one of ['synthetic', 'cb', 'sst2', 'local', 'hub']")
+    raise ValueError(f"task.source={cfg.source!r} is not one of ['synthetic', 'facts', 'cb', 'sst2', 'local', 'hub']")
 
 
 def _label_names(cfg: TaskConfig, train: datasets.Dataset, val: datasets.Dataset) -> tuple[list[str], bool]:
@@ -118,9 +137,11 @@ def _label_names(cfg: TaskConfig, train: datasets.Dataset, val: datasets.Dataset
     return [str(i) for i in range(max(values) + 1)], False
 
 
-def build_classification_data(cfg: TaskConfig, tokenizer, cache_dir: str, seed: int) -> ClassificationData:
+def build_classification_data(
+    cfg: TaskConfig, tokenizer, cache_dir: str, seed: int, num_people: int = 0
+) -> ClassificationData:
     """Load, label-map, tokenize and truncate a task's train and validation examples."""
-    train, val = load_task(cfg, cache_dir)
+    train, val = load_task(cfg, cache_dir, num_people)
     for split, ds in (("train", train), ("validation", val)):
         missing = [c for c in [*cfg.text_columns, cfg.label_column] if c not in ds.column_names]
         if missing:

@@ -43,7 +43,7 @@ def validation_examples(study: StudyResults) -> int | None:
         if summary.get("val_examples"):
             return int(summary["val_examples"])
         task = summary.get("config", {}).get("task", {})
-        if task.get("source") == "synthetic":
+        if task.get("source") in ("synthetic", "facts"):
             return int(task.get("synthetic_val", 1000))
     return None
 

@@ -173,7 +173,8 @@ def run_finetune(
     tokenizer = lm_tokenizer(pre.data, pre.tokenizer)
     # examples longer than the model's context are cut to it
     task_cfg = replace(run.task, max_len=min(run.task.max_len, model_cfg.max_seq_len))
-    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, start.seed)
+    num_people = pre.data.num_people if pre.data.source == "synthetic" and pre.data.fact_fraction else 0
+    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, start.seed, num_people)
     model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes)
     state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
     missing = model.transformer.load_state_dict(
