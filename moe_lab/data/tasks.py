@@ -84,9 +84,12 @@ def fact_verification(num_people: int, num_train: int, num_val: int) -> tuple[da
     from moe_lab.data.synthetic import LANGUAGE_SEED
 
     train, val = verification(num_people, LANGUAGE_SEED, num_train, num_val)
-    return tuple(
-        datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [("false", "true")[y] for _, y in rows]}) for rows in (train, val)
-    )
+
+    def table(rows: list[tuple[str, int]]) -> datasets.Dataset:
+        labels = [("false", "true")[y] for _, y in rows]
+        return datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": labels})
+
+    return table(train), table(val)
 
 
 def load_task(cfg: TaskConfig, cache_dir: str, num_people: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
