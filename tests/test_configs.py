@@ -59,6 +59,8 @@ def test_dense_small_is_small_without_experts() -> None:
     small, dense = to_run_config(compose("small")), to_run_config(compose("dense-small"))
     assert dense.model.sparse is False and small.model.sparse is True
     assert (dense.model.d_model, dense.train.max_steps) == (small.model.d_model, small.train.max_steps)
+    # the same corpus, with its knowledge component, for both
+    assert dense.data == small.data and small.data.num_people > 0 and small.data.fact_fraction > 0
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from moe_lab.cli import app
@@ -138,3 +140,68 @@ def test_number_extraction() -> None:
     assert appears_in("0.028", report_numbers) and appears_in("3/3", report_numbers)
     assert not appears_in("45%", report_numbers) and not appears_in("0.50", report_numbers)  # more digits than it has
     assert not appears_in("44.2", report_numbers) and not appears_in("2/3", report_numbers)
+
+
+# --- the README's sparse-vs-dense table (the main job, results/pretrain/) -------------------------------------------
+
+PRETRAIN = RESULTS / "pretrain"
+SEEDS = (0, 1, 2)
+
+
+def _paired(sparse: list[float], dense: list[float]) -> tuple[float, float]:
+    """Mean and standard error (std / sqrt(n)) of the per-seed differences sparse - dense."""
+    diffs = [s - d for s, d in zip(sparse, dense, strict=True)]
+    mean = sum(diffs) / len(diffs)
+    std = (sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)) ** 0.5
+    return mean, std / len(diffs) ** 0.5
+
+
+def _verdict(mean: float, se: float, lower_is_better: bool) -> str:
+    if abs(mean) <= 2 * se:
+        return "tie (within 2 standard errors)"
+    return "sparse better" if (mean < 0) == lower_is_better else "dense better"
+
+
+def sparse_vs_dense_table() -> str:
+    """The README's table, from results/pretrain/{small,dense-small}/seed*/summary.json."""
+    runs = {
+        name: [json.loads((PRETRAIN / name / f"seed{s}" / "summary.json").read_text()) for s in SEEDS]
+        for name in ("small", "dense-small")
+    }
+    lines = [
+        "| run | command | val loss (nats/byte), seeds 0 / 1 / 2 | fact recall, seeds 0 / 1 / 2 "
+        "| parameters total / active |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in (("small", "sparse: 8 experts, top-2, MoE in 2 of 4 blocks"), ("dense-small", "dense twin")):
+        loss = " / ".join(f"{r['final_val_loss']:.4f}" for r in runs[name])
+        recall = " / ".join(f"{100 * r['final_fact_recall']:.2f}%" for r in runs[name])
+        p = runs[name][0]["parameters"]
+        lines.append(
+            f"| {label} | `moe-lab pretrain {name} seed=S` | {loss} | {recall} "
+            f"| {p['total'] / 1e6:.2f}M / {p['active'] / 1e6:.2f}M |"
+        )
+    for metric, what, scale, lower in (
+        ("final_val_loss", "val loss", 1, True),
+        ("final_fact_recall", "fact recall", 100, False),
+    ):
+        mean, se = _paired(*[[scale * r[metric] for r in runs[n]] for n in ("small", "dense-small")])
+        unit = " points" if scale == 100 else " nats/byte"
+        lines.append(
+            f"| sparse - dense, {what} (paired by seed, n=3) | | {mean:+.4f} ± {se:.4f}{unit}: "
+            f"**{_verdict(mean, se, lower)}** | | |"
+        )
+    return "\n".join(lines)
+
+
+def test_readme_sparse_vs_dense_table_is_the_committed_runs() -> None:
+    """The table is what results/pretrain's six summaries give; regenerate it with
+    `python -c "from tests.test_report_committed import sparse_vs_dense_table as t; print(t())"`."""
+    assert sparse_vs_dense_table() in README.read_text()
+
+
+def test_sparse_vs_dense_verdict_rule_says_each_outcome() -> None:
+    assert _paired([0.50, 0.51, 0.52], [0.52, 0.53, 0.55]) == pytest.approx((-0.02333, 0.00333), abs=1e-4)
+    assert _verdict(-0.02, 0.005, lower_is_better=True) == "sparse better"
+    assert _verdict(-0.02, 0.005, lower_is_better=False) == "dense better"
+    assert _verdict(-0.01, 0.005, lower_is_better=True).startswith("tie")  # exactly 2 standard errors: no verdict
