@@ -12,6 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_lab.cli import app
+from moe_lab.report import stats
+from moe_lab.report.mainjob import claim, sparse_vs_dense
+from moe_lab.report.render import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -142,66 +145,37 @@ def test_number_extraction() -> None:
     assert not appears_in("44.2", report_numbers) and not appears_in("2/3", report_numbers)
 
 
-# --- the README's sparse-vs-dense table (the main job, results/pretrain/) -------------------------------------------
-
-PRETRAIN = RESULTS / "pretrain"
-SEEDS = (0, 1, 2)
+# --- the main job's sparse vs dense (results/pretrain/): the report's section, and the README's copy ----------------
 
 
-def _paired(sparse: list[float], dense: list[float]) -> tuple[float, float]:
-    """Mean and standard error (std / sqrt(n)) of the per-seed differences sparse - dense."""
-    diffs = [s - d for s, d in zip(sparse, dense, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    std = (sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)) ** 0.5
-    return mean, std / len(diffs) ** 0.5
+def test_readme_sparse_vs_dense_table_is_the_reports() -> None:
+    """The README's table is the one `moe-lab report` makes from results/pretrain/'s summaries; regenerate it with
+    `python -c "from moe_lab.report.mainjob import *; from moe_lab.report.render import markdown_table as m;
+    print(m(sparse_vs_dense('results').table))"`."""
+    main = sparse_vs_dense(RESULTS)
+    assert main is not None and main.table.shape == (4, 5)
+    table = markdown_table(main.table)
+    assert table in README.read_text()
+    assert table in (RESULTS / "report.md").read_text()
 
 
-def _verdict(mean: float, se: float, lower_is_better: bool) -> str:
-    if abs(mean) <= 2 * se:
-        return "tie (within 2 standard errors)"
-    return "sparse better" if (mean < 0) == lower_is_better else "dense better"
+def test_sparse_vs_dense_needs_both_models(tmp_path: Path) -> None:
+    shutil.copytree(RESULTS / "pretrain" / "small", tmp_path / "pretrain" / "small")
+    assert sparse_vs_dense(tmp_path) is None
+    shutil.copytree(RESULTS / "pretrain" / "dense-small" / "seed0", tmp_path / "pretrain" / "dense-small" / "seed0")
+    one = sparse_vs_dense(tmp_path)  # only seed 0 is shared: no standard error, no verdict
+    assert one is not None and "seeds 0 |" in " | ".join(one.table.columns) + " |"
+    assert one.table.iloc[2, 2].endswith("**no standard error (one seed)**")
 
 
-def sparse_vs_dense_table() -> str:
-    """The README's table, from results/pretrain/{small,dense-small}/seed*/summary.json."""
-    runs = {
-        name: [json.loads((PRETRAIN / name / f"seed{s}" / "summary.json").read_text()) for s in SEEDS]
-        for name in ("small", "dense-small")
-    }
-    lines = [
-        "| run | command | val loss (nats/byte), seeds 0 / 1 / 2 | fact recall, seeds 0 / 1 / 2 "
-        "| parameters total / active |",
-        "|---|---|---|---|---|",
-    ]
-    for name, label in (("small", "sparse: 8 experts, top-2, MoE in 2 of 4 blocks"), ("dense-small", "dense twin")):
-        loss = " / ".join(f"{r['final_val_loss']:.4f}" for r in runs[name])
-        recall = " / ".join(f"{100 * r['final_fact_recall']:.2f}%" for r in runs[name])
-        p = runs[name][0]["parameters"]
-        lines.append(
-            f"| {label} | `moe-lab pretrain {name} seed=S` | {loss} | {recall} "
-            f"| {p['total'] / 1e6:.2f}M / {p['active'] / 1e6:.2f}M |"
-        )
-    for metric, what, scale, lower in (
-        ("final_val_loss", "val loss", 1, True),
-        ("final_fact_recall", "fact recall", 100, False),
-    ):
-        mean, se = _paired(*[[scale * r[metric] for r in runs[n]] for n in ("small", "dense-small")])
-        unit = " points" if scale == 100 else " nats/byte"
-        lines.append(
-            f"| sparse - dense, {what} (paired by seed, n=3) | | {mean:+.4f} ± {se:.4f}{unit}: "
-            f"**{_verdict(mean, se, lower)}** | | |"
-        )
-    return "\n".join(lines)
-
-
-def test_readme_sparse_vs_dense_table_is_the_committed_runs() -> None:
-    """The table is what results/pretrain's six summaries give; regenerate it with
-    `python -c "from tests.test_report_committed import sparse_vs_dense_table as t; print(t())"`."""
-    assert sparse_vs_dense_table() in README.read_text()
-
-
-def test_sparse_vs_dense_verdict_rule_says_each_outcome() -> None:
-    assert _paired([0.50, 0.51, 0.52], [0.52, 0.53, 0.55]) == pytest.approx((-0.02333, 0.00333), abs=1e-4)
-    assert _verdict(-0.02, 0.005, lower_is_better=True) == "sparse better"
-    assert _verdict(-0.02, 0.005, lower_is_better=False) == "dense better"
-    assert _verdict(-0.01, 0.005, lower_is_better=True).startswith("tie")  # exactly 2 standard errors: no verdict
+@pytest.mark.parametrize(
+    ("value", "se", "better", "said"),
+    [
+        (-0.02, 0.005, "<", "sparse better"),  # loss down beyond 2 SE
+        (-0.02, 0.005, ">", "dense better"),  # recall down beyond 2 SE
+        (-0.01, 0.005, "<", "tie (within 2 standard errors)"),  # exactly 2 SE is not beyond
+        (-0.01, float("nan"), "<", "no standard error (one seed)"),
+    ],
+)
+def test_sparse_vs_dense_claim_says_each_outcome(value: float, se: float, better: str, said: str) -> None:
+    assert claim(stats.Difference(value, se, paired=True, n=3), better) == said

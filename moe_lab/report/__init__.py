@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
+from moe_lab.report.mainjob import sparse_vs_dense
 from moe_lab.report.plots import draw
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.render import print_summary, render_csv, render_html, render_markdown
@@ -47,10 +48,11 @@ def make_report(
         reports.append(report)
         figures[name] = draw(study, report, out / "plots") if {"md", "html"} & set(formats) else []
     written: list[Path] = []
+    main = sparse_vs_dense(results_root) if studies is None else None
     if "md" in formats:
-        written.append(render_markdown(reports, figures, out, str(results_root)))
+        written.append(render_markdown(reports, figures, out, str(results_root), main))
     if "html" in formats:
-        written.append(render_html(reports, figures, out, str(results_root)))
+        written.append(render_html(reports, figures, out, str(results_root), main))
     if "csv" in formats:
         written += render_csv(reports, out)
     print_summary(console, reports)

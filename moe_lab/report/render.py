@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_lab.io import atomic_write
+from moe_lab.report.mainjob import MainJob
 from moe_lab.report.studies import StudyReport
 
 VERDICT_COLOURS = {"yes": "green", "partly": "yellow", "inconclusive": "yellow", "no": "red", "no data": "dim"}
@@ -48,14 +49,22 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
-def render_markdown(reports: list[StudyReport], figures: dict[str, list[Path]], out: Path, source: str) -> Path:
-    """report.md: the summary table, then one section per study with its table, verdict and figures."""
+MAIN_JOB = "Main job: sparse vs dense"
+
+
+def render_markdown(
+    reports: list[StudyReport], figures: dict[str, list[Path]], out: Path, source: str, main: MainJob | None = None
+) -> Path:
+    """report.md: the summary table, the main job's sparse vs dense (when recorded), then one section per study
+    with its table, verdict and figures."""
     parts = [
         "# moe-lab report\n",
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{source}` by `moe-lab report`.\n",
         "## Summary\n",
         markdown_table(summary_frame(reports)[["study", "paper's finding", "ours", "reproduced"]]),
     ]
+    if main is not None:
+        parts += [f"\n## {MAIN_JOB}\n", f"_Rule:_ {main.rule}.\n", markdown_table(main.table)]
     for r in reports:
         parts += [
             f"\n## {r.name}\n",
@@ -92,7 +101,9 @@ def _img(path: Path, out: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" data-source="{src}" src="data:image/png;base64,{data}">'
 
 
-def render_html(reports: list[StudyReport], figures: dict[str, list[Path]], out: Path, source: str) -> Path:
+def render_html(
+    reports: list[StudyReport], figures: dict[str, list[Path]], out: Path, source: str, main: MainJob | None = None
+) -> Path:
     """report.html: everything in one file, figures inlined."""
     esc = html.escape
     summary = summary_frame(reports)[["study", "paper's finding", "ours", "reproduced"]]
@@ -102,6 +113,12 @@ def render_html(reports: list[StudyReport], figures: dict[str, list[Path]], out:
         "<h2>Summary</h2>",
         summary.to_html(index=False, escape=True, border=0),
     ]
+    if main is not None:
+        body += [
+            f"<h2>{MAIN_JOB}</h2>",
+            f"<p><i>Rule:</i> {esc(main.rule)}.</p>",
+            main.table.to_html(index=False, escape=True, border=0),
+        ]
     for r in reports:
         css = r.verdict.reproduced.replace(" ", "-")
         body += [
