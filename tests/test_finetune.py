@@ -130,7 +130,7 @@ def test_finetune_end_to_end(pretrained: Path, tmp_path: Path) -> None:
 def test_finetune_errors(tmp_path: Path) -> None:
     result = run_cli("finetune", "cola", "checkpoint=x")
     assert result.returncode == 2
-    valid = ['cb', 'facts-large', 'facts-small', 'local', 'sst2', 'synth-large', 'synth-small']
+    valid = ["cb", "facts-large", "facts-small", "local", "sst2", "synth-large", "synth-small"]
     assert f"valid tasks: {valid}" in result.stderr
     result = run_cli("finetune", "synth-small", f"checkpoint={tmp_path / 'none'}", f"runs_root={tmp_path}")
     assert result.returncode == 2 and "expected a pretraining run directory" in result.stderr
