@@ -32,7 +32,7 @@ format: $(STAMP) ## format the code with ruff
 	$(BIN)/ruff check --fix moe_lab tests
 	$(BIN)/ruff format moe_lab tests
 
-run: $(STAMP) ## the main job: pretrain the `small` sparse LM on the embedded corpus (offline, ~9 min)
+run: $(STAMP) ## the main job: pretrain the `small` sparse LM on the embedded corpus (offline, ~7 min on 2 cores)
 	$(BIN)/moe-lab pretrain small
 
 # every study at its default CPU size, in the order the README's results table lists them
