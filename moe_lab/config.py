@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.moe.config import ACTIVATIONS, MoEConfig, bounded, check_fields
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# conf/ ships as the package moe_lab.conf (pyproject's package-dir): the repository's conf/ in an editable
+# install, site-packages/moe_lab/conf in a wheel's. Hydra reads it as pkg://moe_lab.conf; the listings glob it.
+CONF_MODULE = "moe_lab.conf"
+CONF_DIR = Path(str(files(CONF_MODULE)))
 PRESETS_DIR = CONF_DIR / "preset"
 
 
@@ -322,7 +326,7 @@ def compose(preset: str, overrides: list[str] | None = None) -> DictConfig:
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -330,7 +334,7 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
     register_configs()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_explain(err)) from None

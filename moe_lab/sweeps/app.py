@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
-from moe_lab.config import CONF_DIR, register_configs
+from moe_lab.config import CONF_MODULE, register_configs
 from moe_lab.runs import RunConflictError
 from moe_lab.sweeps.runner import pretrained_dir, results_root
 from moe_lab.track import write_json_atomic
@@ -18,7 +18,7 @@ from moe_lab.track import write_json_atomic
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONF_MODULE}", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run one grid point in the job's own directory; a finished run is skipped, a failure recorded, and a
     point another process is training is waited for."""

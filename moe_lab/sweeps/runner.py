@@ -7,17 +7,21 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from moe_lab.config import CONF_DIR
 from moe_lab.io import atomic_write
 from moe_lab.paths import results_root
 
-REPO = CONF_DIR.parent
-EXPERIMENTS = REPO / "experiments"
+# experiments/ ships as the package moe_lab.experiments (pyproject's package-dir). Hydra finds the group
+# `experiments` under a search-path root: the directory above it, which is the repository in an editable
+# install and site-packages/moe_lab in a wheel's. (pkg://moe_lab would miss it in an editable install, where
+# moe_lab.experiments is mapped to a directory outside moe_lab/.)
+EXPERIMENTS = Path(str(files("moe_lab.experiments")))
+SEARCH_PATH = f"hydra.searchpath=[file://{EXPERIMENTS.parent}]"
 
 
 @dataclass
@@ -77,7 +81,7 @@ def compose_point(study: Study, point: list[str]):
     root = "finetune" if study.command == "finetune" else "config"
     given = any(item.startswith("checkpoint=") for item in point)
     extra = ["checkpoint=unused"] if study.command == "finetune" and not given else []
-    return _compose(root, [f"hydra.searchpath=[file://{REPO}]", f"+experiments={study.name}", *extra, *point])
+    return _compose(root, [SEARCH_PATH, f"+experiments={study.name}", *extra, *point])
 
 
 def check_points(study: Study, points: list[list[str]]) -> list:
@@ -291,7 +295,7 @@ def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str)
     cmd = [
         sys.executable, "-m", "moe_lab.sweeps.app", "--multirun",
         f"--config-name={'finetune' if study.command == 'finetune' else 'config'}",
-        f"hydra.searchpath=[file://{REPO}]",
+        SEARCH_PATH,
         f"+experiments={study.name}",
         f"hydra/launcher={launcher}",
         f"hydra.sweep.dir={results_dir(study, root) / 'runs'}",

@@ -1,0 +1,1 @@
+"""Training: the loop, pretraining, fine-tuning, checkpoints and what a run measures."""
