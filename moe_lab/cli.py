@@ -94,7 +94,7 @@ def _compose_and_run(kind: str, name: str, overrides: list[str], show_config: bo
         from moe_lab.train.pretrain import run_pretrain as runner
     else:
         from moe_lab.train.finetune import run_finetune as runner
-    from moe_lab.train.pretrain import RunFailedError
+    from moe_lab.train.lifecycle import RunFailedError
 
     try:
         summary = runner(cfg, overrides, console, rerun=rerun, wait=wait)

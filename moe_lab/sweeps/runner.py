@@ -302,7 +302,7 @@ def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str)
         "hydra.sweep.subdir=${hydra:job.override_dirname}",
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]",
         "hydra.job_logging.root.level=WARNING",
-        # each run writes its own .hydra/ once (moe_lab.train.rundir): Hydra's would overwrite a run's config
+        # each run writes its own .hydra/ once (moe_lab.train.lifecycle): Hydra's would overwrite a run's config
         # with the config of whichever command last visited it
         "hydra.output_subdir=null",
     ]  # fmt: skip

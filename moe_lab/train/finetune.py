@@ -19,9 +19,8 @@ from moe_lab.models.transformer import ModelLosses
 from moe_lab.runs import identity_config, record_hash
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.freeze import apply_freeze
+from moe_lab.train.lifecycle import begin_run, claim, describe_model, train_and_record
 from moe_lab.train.loop import CHECKPOINT
-from moe_lab.train.pretrain import describe_model, train_and_record
-from moe_lab.train.rundir import begin_run, claim
 
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:

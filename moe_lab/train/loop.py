@@ -80,6 +80,187 @@ def moe_metrics(model: nn.Module, mode: str, prefix: str) -> dict[str, float]:
     return out
 
 
+LOSS_PARTS = ("loss", "task_loss", "aux_loss", "z_loss", "output_z_loss", "distill_loss")
+
+
+class Trainer:
+    """The training loop's parts, each readable alone: `step` (one optimizer step over its micro-batches),
+    `evaluate` (the task's evaluation, at each extra eval capacity factor too), `checkpoint`; `run` strings
+    them together with logging and the progress bar."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        train_cfg: TrainConfig,
+        optim_cfg: OptimConfig,
+        run_dir: Path,
+        logger: RunLogger,
+        resume_state: dict[str, Any] | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.console = console or Console()
+        self.model, self.task, self.cfg, self.optim_cfg, self.logger = model, task, train_cfg, optim_cfg, logger
+        self.device = resolve_device(train_cfg.device)
+        model.to(self.device)
+        self.optimizer = build_optimizer(model, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, train_cfg.max_steps)
+        self.clipper = None
+        if optim_cfg.update_clip is not None and optim_cfg.name != "adafactor":
+            self.clipper = UpdateClipper(self.optimizer, optim_cfg.update_clip)
+        bf16 = train_cfg.precision == "bf16"
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.ckpt_path = Path(run_dir) / CHECKPOINT
+        self.result = TrainResult(status="running", step=0)
+        if resume_state is not None:
+            model.load_state_dict(resume_state["model"])
+            self.optimizer.load_state_dict(resume_state["optimizer"])  # moves the state to the parameters' device
+            self.scheduler.load_state_dict(resume_state["scheduler"])
+            set_rng_state(resume_state["rng"])
+            self.result = resume_state["result"]
+            logger.resume(self.result.step)
+            self.console.print(f"resumed from {self.ckpt_path} at step {self.result.step}")
+        self.layers = [layer for _, layer in moe_layers(model)]
+        self.set_progress(self.result.step)
+        self.probe = None
+        if train_cfg.fluctuation_every > 0 and self.layers and hasattr(task, "probe_ids"):
+            num_tokens = train_cfg.fluctuation_tokens
+            labels, names = task.probe_labels(num_tokens) if hasattr(task, "probe_labels") else (None, None)
+            self.probe = RoutingProbe(task.probe_ids(num_tokens), train_cfg.fluctuation_every, run_dir, labels, names)
+            self.probe.resume(self.result.step)
+            if self.result.step == 0:
+                self.probe.snapshot(model, 0)  # the routing before training
+
+    def set_progress(self, steps_done: int) -> None:
+        """Routers with a schedule (StableMoE's stage 2) see how much training is done."""
+        for layer in self.layers:
+            layer.on_train_progress(steps_done / self.cfg.max_steps)
+
+    def step(self, step: int) -> tuple[dict[str, float], float | None]:
+        """Optimizer step `step` over its micro-batches: the losses (averaged over them) and the gradient norm,
+        or None for it when the loss diverged (nothing is updated then)."""
+        model, accum = self.model, self.cfg.grad_accum
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = dict.fromkeys(LOSS_PARTS, 0.0)
+        for micro in range(accum):
+            batch = self.task.train_batch(step * accum + micro, self.device)
+            with self.autocast:
+                losses = self.task.loss(model, batch)
+            (losses.total / accum).backward()
+            self.result.tokens += self.task.tokens(batch)
+            distill = losses.distill if losses.distill is not None else losses.task.new_zeros(())
+            values = (losses.total, losses.task, losses.aux, losses.z, losses.output_z, distill)
+            for key, value in zip(parts, values, strict=True):
+                parts[key] += value.item() / accum
+        loss = parts["loss"]
+        if not math.isfinite(loss) or loss > self.cfg.divergence_loss:
+            return parts, None
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        if self.clipper is not None:
+            self.clipper.before_step()
+        self.optimizer.step()
+        if self.clipper is not None:
+            self.clipper.after_step()
+        self.scheduler.step()
+        return parts, grad_norm
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's evaluation with the MoE layers' eval metrics, and again at each extra eval capacity factor;
+        updates the result's latest and best values."""
+        model, task, device, autocast = self.model, self.task, self.device, self.autocast
+        model.eval()
+        with torch.no_grad(), autocast:
+            self.result.eval = task.evaluate(model, device)
+        eval_metrics = {**self.result.eval, **moe_metrics(model, "eval", "eval_moe")}
+        for cf in self.cfg.eval_capacity_factors:
+            with torch.no_grad(), autocast, eval_capacity(model, cf):
+                extra = task.evaluate(model, device)
+            dropped = [v for k, v in moe_metrics(model, "eval", "").items() if k.endswith("/dropped_frac")]
+            extra["dropped_frac"] = sum(dropped) / len(dropped) if dropped else 0.0
+            extra = {f"{k}@cf{cf:g}": v for k, v in extra.items()}
+            self.result.eval.update(extra)
+            eval_metrics.update(extra)
+        for key, value in self.result.eval.items():
+            if key.startswith("dropped_frac"):
+                continue
+            better = min if "loss" in key or "ppl" in key else max
+            self.result.best[key] = better(self.result.best.get(key, value), value)
+        return eval_metrics
+
+    def checkpoint(self) -> None:
+        """Everything a resume needs, written atomically."""
+        save_checkpoint(
+            self.ckpt_path,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "result": self.result,
+            },
+        )
+
+    def run(self, show_progress: bool = True) -> TrainResult:
+        """Train to max_steps (or divergence), logging, evaluating and checkpointing as the config says."""
+        cfg, result, logger = self.cfg, self.result, self.logger
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not show_progress,
+        )
+        bar = progress.add_task("train", total=cfg.max_steps, completed=result.step, loss="-", tps="-")
+        with progress:
+            for step in range(result.step, cfg.max_steps):
+                t0 = time.perf_counter()
+                parts, grad_norm = self.step(step)
+                loss = parts["loss"]
+                if grad_norm is None:
+                    result.status, result.diverged_at, result.train_loss = "diverged", step, loss
+                    result.reason = f"loss {loss} at step {step} (limit {cfg.divergence_loss})"
+                    logger.log({**parts, "diverged": 1}, step + 1)
+                    self.console.print(f"[red]diverged[/red]: {result.reason}")
+                    break
+                result.train_seconds += time.perf_counter() - t0
+                result.step = step + 1
+                result.train_loss = loss
+                self.set_progress(result.step)
+
+                done = result.step == cfg.max_steps
+                probe = self.probe
+                if (
+                    probe is not None
+                    and probe.due(result.step, done)
+                    and (changed := probe.snapshot(self.model, result.step))
+                ):
+                    logger.log(changed, result.step)
+                if result.step % cfg.log_every == 0 or done:
+                    metrics = {**parts, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+                    metrics["tokens_per_s"] = result.tokens_per_s
+                    metrics.update(moe_metrics(self.model, "train", "moe"))
+                    logger.log(metrics, result.step)
+                    progress.update(bar, loss=f"{loss:.3f}", tps=f"{result.tokens_per_s:,.0f}")
+                if result.step % cfg.eval_every == 0 or done:
+                    eval_metrics = self.evaluate()
+                    logger.log(eval_metrics, result.step)
+                    summary = "  ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
+                    progress.console.print(f"step {result.step}: train loss {loss:.4f}  {summary}")
+                if result.step % cfg.ckpt_every == 0 or done:
+                    self.checkpoint()
+                progress.update(bar, completed=result.step)
+        if result.status == "running":
+            result.status = "completed"
+        if self.probe is not None:
+            result.fluctuation = self.probe.finish(cfg.max_steps)
+        return result
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -93,142 +274,8 @@ def train(
 ) -> TrainResult:
     """Train `model` on `task`, continuing from `resume_state` (a loaded checkpoint) if given; checkpoints to
     run_dir; a NaN/inf or exploding loss ends it as diverged."""
-    console = console or Console()
-    device = resolve_device(train_cfg.device)
-    model.to(device)
-    optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, train_cfg.max_steps)
-    clipper = None
-    if optim_cfg.update_clip is not None and optim_cfg.name != "adafactor":
-        clipper = UpdateClipper(optimizer, optim_cfg.update_clip)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if train_cfg.precision == "bf16" else nullcontext()
-
-    ckpt_path = Path(run_dir) / CHECKPOINT
-    result = TrainResult(status="running", step=0)
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])  # moves the state to the parameters' device
-        scheduler.load_state_dict(resume_state["scheduler"])
-        set_rng_state(resume_state["rng"])
-        result = resume_state["result"]
-        logger.resume(result.step)
-        console.print(f"resumed from {ckpt_path} at step {result.step}")
-
-    layers = [layer for _, layer in moe_layers(model)]
-
-    def set_progress(steps_done: int) -> None:
-        # routers with a schedule (StableMoE's stage 2) see how much training is done
-        for layer in layers:
-            layer.on_train_progress(steps_done / train_cfg.max_steps)
-
-    set_progress(result.step)
-    probe = None
-    if train_cfg.fluctuation_every > 0 and layers and hasattr(task, "probe_ids"):
-        num_tokens = train_cfg.fluctuation_tokens
-        labels, names = task.probe_labels(num_tokens) if hasattr(task, "probe_labels") else (None, None)
-        probe = RoutingProbe(task.probe_ids(num_tokens), train_cfg.fluctuation_every, run_dir, labels, names)
-        probe.resume(result.step)
-        if result.step == 0:
-            probe.snapshot(model, 0)  # the routing before training
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "result": result,
-            },
-        )
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show_progress,
-    )
-    bar = progress.add_task("train", total=train_cfg.max_steps, completed=result.step, loss="-", tps="-")
-    accum = train_cfg.grad_accum
-    with progress:
-        for step in range(result.step, train_cfg.max_steps):
-            t0 = time.perf_counter()
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            parts = dict.fromkeys(("loss", "task_loss", "aux_loss", "z_loss", "output_z_loss", "distill_loss"), 0.0)
-            for micro in range(accum):
-                batch = task.train_batch(step * accum + micro, device)
-                with autocast:
-                    losses = task.loss(model, batch)
-                (losses.total / accum).backward()
-                result.tokens += task.tokens(batch)
-                distill = losses.distill if losses.distill is not None else losses.task.new_zeros(())
-                values = (losses.total, losses.task, losses.aux, losses.z, losses.output_z, distill)
-                for key, value in zip(parts, values, strict=True):
-                    parts[key] += value.item() / accum
-            loss = parts["loss"]
-            if not math.isfinite(loss) or loss > train_cfg.divergence_loss:
-                result.status, result.diverged_at, result.train_loss = "diverged", step, loss
-                result.reason = f"loss {loss} at step {step} (limit {train_cfg.divergence_loss})"
-                logger.log({**parts, "diverged": 1}, step + 1)
-                console.print(f"[red]diverged[/red]: {result.reason}")
-                break
-            params = [p for p in model.parameters() if p.grad is not None]
-            max_norm = optim_cfg.grad_clip if optim_cfg.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            if clipper is not None:
-                clipper.before_step()
-            optimizer.step()
-            if clipper is not None:
-                clipper.after_step()
-            scheduler.step()
-            result.train_seconds += time.perf_counter() - t0
-            result.step = step + 1
-            result.train_loss = loss
-            set_progress(result.step)
-
-            done = result.step == train_cfg.max_steps
-            if probe is not None and probe.due(result.step, done) and (changed := probe.snapshot(model, result.step)):
-                logger.log(changed, result.step)
-            if result.step % train_cfg.log_every == 0 or done:
-                metrics = {**parts, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
-                metrics["tokens_per_s"] = result.tokens_per_s
-                metrics.update(moe_metrics(model, "train", "moe"))
-                logger.log(metrics, result.step)
-                progress.update(bar, loss=f"{loss:.3f}", tps=f"{result.tokens_per_s:,.0f}")
-            if result.step % train_cfg.eval_every == 0 or done:
-                model.eval()
-                with torch.no_grad(), autocast:
-                    result.eval = task.evaluate(model, device)
-                eval_metrics = {**result.eval, **moe_metrics(model, "eval", "eval_moe")}
-                for cf in train_cfg.eval_capacity_factors:
-                    with torch.no_grad(), autocast, eval_capacity(model, cf):
-                        extra = task.evaluate(model, device)
-                    dropped = [v for k, v in moe_metrics(model, "eval", "").items() if k.endswith("/dropped_frac")]
-                    extra["dropped_frac"] = sum(dropped) / len(dropped) if dropped else 0.0
-                    extra = {f"{k}@cf{cf:g}": v for k, v in extra.items()}
-                    result.eval.update(extra)
-                    eval_metrics.update(extra)
-                for key, value in result.eval.items():
-                    if key.startswith("dropped_frac"):
-                        continue
-                    better = min if "loss" in key or "ppl" in key else max
-                    result.best[key] = better(result.best.get(key, value), value)
-                logger.log(eval_metrics, result.step)
-                summary = "  ".join(f"{k} {v:.4f}" for k, v in result.eval.items())
-                progress.console.print(f"step {result.step}: train loss {loss:.4f}  {summary}")
-            if result.step % train_cfg.ckpt_every == 0 or done:
-                checkpoint()
-            progress.update(bar, completed=result.step)
-    if result.status == "running":
-        result.status = "completed"
-    if probe is not None:
-        result.fluctuation = probe.finish(train_cfg.max_steps)
-    return result
+    trainer = Trainer(model, task, train_cfg, optim_cfg, run_dir, logger, resume_state, console)
+    return trainer.run(show_progress)
 
 
 @contextmanager

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-import traceback
 from collections.abc import Callable
-from datetime import datetime, timezone
 from functools import partial
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
-from rich.table import Table
 
 from moe_lab.config import RunConfig, to_run_config
 from moe_lab.data.lm import LMData, build_lm_data, lm_tokenizer
@@ -21,10 +17,8 @@ from moe_lab.data.tokenizers import token_text
 from moe_lab.models import LanguageModel, count_parameters, flops_per_token
 from moe_lab.models.transformer import ModelLosses
 from moe_lab.runs import identity_config
-from moe_lab.track import RunLogger, WandbSink
-from moe_lab.train.loop import resolve_device, train
+from moe_lab.train.lifecycle import begin_run, claim, describe_model, train_and_record
 from moe_lab.train.recall import FactRecall
-from moe_lab.train.rundir import RunStart, begin_run, claim
 
 
 class LMTask:
@@ -124,17 +118,6 @@ def fact_recall(run: RunConfig, tokenizer) -> FactRecall | None:
     return FactRecall(chosen, tokenizer, run.model.max_seq_len)
 
 
-def describe_model(console: Console, name: str, params: dict[str, int], flops: int | None = None) -> None:
-    """A table of total and active parameters (and FLOPs per token when known)."""
-    table = Table(title=f"model {name}", show_header=False)
-    table.add_row("parameters (total)", f"{params['total']:,}")
-    table.add_row("parameters (active per token)", f"{params['active']:,}")
-    table.add_row("of which experts (total)", f"{params['experts']:,}")
-    if flops is not None:
-        table.add_row("forward FLOPs per token", f"{flops:,}")
-    console.print(table)
-
-
 def run_pretrain(
     cfg: DictConfig,
     overrides: list[str] | None = None,
@@ -177,97 +160,3 @@ def run_pretrain(
     )
     extra = {"flops_per_token": flops, "unigram_val_loss": data.unigram_val_loss}
     return train_and_record(run, cfg, start, model, task, params, extra, started, console)
-
-
-def train_and_record(
-    run: RunConfig,
-    cfg: DictConfig,
-    start: RunStart,
-    model: torch.nn.Module,
-    task: Any,
-    params: dict[str, int],
-    extra: dict[str, Any],
-    started: float,
-    console: Console,
-) -> dict:
-    """Train with logging to CSV (and W&B), and write summary.json however the run ends; returns the summary.
-    Releases the run directory's lock at the end."""
-    run_dir = start.run_dir
-    try:
-        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-        wandb_sink = None
-        if run.logger.wandb:
-            wandb_id = (start.record or {}).get("wandb_id")
-            wandb_name = f"{run.name}/{run_dir.name}"
-            wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id)
-        logger = RunLogger(run_dir, wandb_sink)
-        summary: dict[str, Any] = {
-            "name": run.name,
-            "run_dir": str(run_dir),
-            "identity": (start.record or {}).get("identity"),
-            "status": "running",
-            "parameters": params,
-            **extra,
-            "device": str(resolve_device(run.train.device)),
-            "torch_version": torch.__version__,
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "config": resolved,
-        }
-        failed = False
-        try:
-            result = train(
-                model, task, run.train, run.optim, run_dir, logger, resume_state=start.resume_state, console=console,
-                show_progress=run.logger.progress,
-            )  # fmt: skip
-            summary.update(
-                status=result.status,
-                step=result.step,
-                final_train_loss=result.train_loss,
-                **{f"final_{k}": v for k, v in result.eval.items()},
-                **{f"best_{k}": v for k, v in result.best.items()},
-                diverged_at_step=result.diverged_at,
-                reason=result.reason,
-                train_seconds=result.train_seconds,
-                tokens=result.tokens,
-                tokens_per_s=result.tokens_per_s,
-                **result.fluctuation,
-            )
-        except BaseException as err:
-            failed = True
-            summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-            if isinstance(err, Exception):
-                raise RunFailedError(
-                    f"{run_dir} failed while training ({type(err).__name__}: {err}); "
-                    f"the traceback is in {run_dir / 'summary.json'}; resume=true continues from the last checkpoint"
-                ) from err
-            raise  # Ctrl-C or SystemExit: recorded as failed, resumable
-        finally:
-            summary["wall_seconds"] = time.time() - started
-            logger.summary(summary)
-            logger.finish(failed=failed)
-        report_run(console, summary)
-        return summary
-    finally:
-        start.release()
-
-
-class RunFailedError(RuntimeError):
-    """A run that started training and then raised: recorded as failed in its summary.json."""
-
-
-def report_run(console: Console, summary: dict) -> None:
-    """The end-of-run lines: status, losses against the unigram baseline, speed."""
-    status = summary["status"]
-    colour = {"completed": "green", "diverged": "red"}.get(status, "yellow")
-    console.print(f"[{colour}]{status}[/{colour}] after {summary.get('step')} steps in {summary['wall_seconds']:.0f} s")
-    if summary.get("unigram_val_loss") is not None and summary.get("final_val_loss") is not None:
-        console.print(
-            f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}) vs unigram "
-            f"{summary['unigram_val_loss']:.4f}; {summary['tokens_per_s']:,.0f} train tokens/s"
-        )
-    elif summary.get("final_val_loss") is not None:
-        finals = "  ".join(
-            f"{k.removeprefix('final_')} {v:.4f}" for k, v in summary.items() if k.startswith("final_val")
-        )
-        console.print(f"{finals}; {summary['tokens_per_s']:,.0f} train tokens/s")
-    console.print(f"results: {summary['run_dir']}/summary.json, metrics.csv")

@@ -1,16 +1,22 @@
-"""Starting a run in its directory: which directory, whether the run there is this one, the lock, the records."""
+"""One run's lifecycle, shared by pretraining and fine-tuning: its directory and whether the run there is this
+one, seeding and the thread count, the lock, resuming from the checkpoint, logging, and the record
+(run.json, the Hydra snapshot, summary.json however the run ends). `begin_run` -> build data and model ->
+`claim` -> `train_and_record`."""
 
 from __future__ import annotations
 
 import random
+import time
+import traceback
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.table import Table
 
 from moe_lab.config import RunConfig
 from moe_lab.runs import (
@@ -25,9 +31,9 @@ from moe_lab.runs import (
     read_record,
     remove_orphans,
 )
-from moe_lab.track import read_summary, write_json_atomic
+from moe_lab.track import RunLogger, WandbSink, read_summary, write_json_atomic
 from moe_lab.train.checkpoint import load_checkpoint
-from moe_lab.train.loop import CHECKPOINT, rank_seed
+from moe_lab.train.loop import CHECKPOINT, rank_seed, resolve_device, train
 
 FINISHED = ("completed", "diverged")
 
@@ -165,3 +171,108 @@ def claim(
         lock.release()
         raise
     return replace(start, record=record, lock=lock, resume_state=state)
+
+
+def describe_model(console: Console, name: str, params: dict[str, int], flops: int | None = None) -> None:
+    """A table of total and active parameters (and FLOPs per token when known)."""
+    table = Table(title=f"model {name}", show_header=False)
+    table.add_row("parameters (total)", f"{params['total']:,}")
+    table.add_row("parameters (active per token)", f"{params['active']:,}")
+    table.add_row("of which experts (total)", f"{params['experts']:,}")
+    if flops is not None:
+        table.add_row("forward FLOPs per token", f"{flops:,}")
+    console.print(table)
+
+
+def train_and_record(
+    run: RunConfig,
+    cfg: DictConfig,
+    start: RunStart,
+    model: torch.nn.Module,
+    task: Any,
+    params: dict[str, int],
+    extra: dict[str, Any],
+    started: float,
+    console: Console,
+) -> dict:
+    """Train with logging to CSV (and W&B), and write summary.json however the run ends; returns the summary.
+    Releases the run directory's lock at the end."""
+    run_dir = start.run_dir
+    try:
+        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        wandb_sink = None
+        if run.logger.wandb:
+            wandb_id = (start.record or {}).get("wandb_id")
+            wandb_name = f"{run.name}/{run_dir.name}"
+            wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id)
+        logger = RunLogger(run_dir, wandb_sink)
+        summary: dict[str, Any] = {
+            "name": run.name,
+            "run_dir": str(run_dir),
+            "identity": (start.record or {}).get("identity"),
+            "status": "running",
+            "parameters": params,
+            **extra,
+            "device": str(resolve_device(run.train.device)),
+            "torch_version": torch.__version__,
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "config": resolved,
+        }
+        failed = False
+        try:
+            result = train(
+                model, task, run.train, run.optim, run_dir, logger, resume_state=start.resume_state, console=console,
+                show_progress=run.logger.progress,
+            )  # fmt: skip
+            summary.update(
+                status=result.status,
+                step=result.step,
+                final_train_loss=result.train_loss,
+                **{f"final_{k}": v for k, v in result.eval.items()},
+                **{f"best_{k}": v for k, v in result.best.items()},
+                diverged_at_step=result.diverged_at,
+                reason=result.reason,
+                train_seconds=result.train_seconds,
+                tokens=result.tokens,
+                tokens_per_s=result.tokens_per_s,
+                **result.fluctuation,
+            )
+        except BaseException as err:
+            failed = True
+            summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+            if isinstance(err, Exception):
+                raise RunFailedError(
+                    f"{run_dir} failed while training ({type(err).__name__}: {err}); "
+                    f"the traceback is in {run_dir / 'summary.json'}; resume=true continues from the last checkpoint"
+                ) from err
+            raise  # Ctrl-C or SystemExit: recorded as failed, resumable
+        finally:
+            summary["wall_seconds"] = time.time() - started
+            logger.summary(summary)
+            logger.finish(failed=failed)
+        report_run(console, summary)
+        return summary
+    finally:
+        start.release()
+
+
+class RunFailedError(RuntimeError):
+    """A run that started training and then raised: recorded as failed in its summary.json."""
+
+
+def report_run(console: Console, summary: dict) -> None:
+    """The end-of-run lines: status, losses against the unigram baseline, speed."""
+    status = summary["status"]
+    colour = {"completed": "green", "diverged": "red"}.get(status, "yellow")
+    console.print(f"[{colour}]{status}[/{colour}] after {summary.get('step')} steps in {summary['wall_seconds']:.0f} s")
+    if summary.get("unigram_val_loss") is not None and summary.get("final_val_loss") is not None:
+        console.print(
+            f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}) vs unigram "
+            f"{summary['unigram_val_loss']:.4f}; {summary['tokens_per_s']:,.0f} train tokens/s"
+        )
+    elif summary.get("final_val_loss") is not None:
+        finals = "  ".join(
+            f"{k.removeprefix('final_')} {v:.4f}" for k, v in summary.items() if k.startswith("final_val")
+        )
+        console.print(f"{finals}; {summary['tokens_per_s']:,.0f} train tokens/s")
+    console.print(f"results: {summary['run_dir']}/summary.json, metrics.csv")
