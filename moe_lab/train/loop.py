@@ -261,21 +261,10 @@ class Trainer:
         return result
 
 
-def train(
-    model: nn.Module,
-    task: Task,
-    train_cfg: TrainConfig,
-    optim_cfg: OptimConfig,
-    run_dir: Path,
-    logger: RunLogger,
-    resume_state: dict[str, Any] | None = None,
-    console: Console | None = None,
-    show_progress: bool = True,
-) -> TrainResult:
-    """Train `model` on `task`, continuing from `resume_state` (a loaded checkpoint) if given; checkpoints to
-    run_dir; a NaN/inf or exploding loss ends it as diverged."""
-    trainer = Trainer(model, task, train_cfg, optim_cfg, run_dir, logger, resume_state, console)
-    return trainer.run(show_progress)
+def train(*args: Any, show_progress: bool = True, **kwargs: Any) -> TrainResult:
+    """Train a model on a task (the arguments are `Trainer`'s), continuing from `resume_state` (a loaded
+    checkpoint) if given; checkpoints to run_dir; a NaN/inf or exploding loss ends it as diverged."""
+    return Trainer(*args, **kwargs).run(show_progress)
 
 
 @contextmanager
