@@ -67,6 +67,9 @@ def _compose(kind: str, name: str, overrides: list[str]):
 
 RERUN = typer.Option("--rerun", help="move the run already in run_dir aside (never deleted) and start again")
 WAIT = typer.Option("--wait", help="wait for another process training this run_dir instead of stopping")
+NPROC = typer.Option(
+    "--nproc", min=1, help="data-parallel processes on this machine: relaunches itself under torchrun (gloo on CPU)"
+)
 
 
 @app.command(context_settings=OVERRIDES)
@@ -76,19 +79,39 @@ def pretrain(
     show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
     rerun: Annotated[bool, RERUN] = False,
     wait: Annotated[bool, WAIT] = False,
+    nproc: Annotated[int, NPROC] = 1,
 ) -> None:
     """Pretrain a language model: `moe-lab pretrain small [key=value ...]` (Hydra override syntax)."""
-    _compose_and_run("pretrain", name, list(ctx.args), show_config, rerun, wait)
+    _compose_and_run("pretrain", name, list(ctx.args), show_config, rerun, wait, nproc)
 
 
-def _compose_and_run(kind: str, name: str, overrides: list[str], show_config: bool, rerun: bool, wait: bool) -> None:
+def _torchrun(kind: str, name: str, overrides: list[str], rerun: bool, wait: bool, nproc: int) -> None:
+    """`moe-lab KIND NAME ... --nproc N` is `torchrun --standalone --nproc-per-node N -m moe_lab KIND NAME ...`."""
+    import subprocess
+    import sys
+
+    flags = [*(["--rerun"] if rerun else []), *(["--wait"] if wait else [])]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    code = subprocess.run([*launch, "-m", "moe_lab", kind, name, *flags, *overrides]).returncode
+    if code:
+        raise typer.Exit(code=code)
+
+
+def _compose_and_run(
+    kind: str, name: str, overrides: list[str], show_config: bool, rerun: bool, wait: bool, nproc: int = 1
+) -> None:
     """Compose, then print the config or run. Exit 0: completed or diverged; 1: the run failed while training;
     2: bad input (one line naming the key, file or directory); 130: interrupted."""
     from omegaconf import OmegaConf
 
-    cfg = _compose(kind, name, overrides)
+    cfg = _compose(kind, name, overrides)  # a bad config fails here, before any process starts
     if show_config:
         console.print(OmegaConf.to_yaml(cfg, resolve=True))
+        return
+    if nproc > 1:
+        if cfg.train.batch_size % nproc:
+            fail(f"--nproc {nproc}: train.batch_size={cfg.train.batch_size} must be a multiple of it")
+        _torchrun(kind, name, overrides, rerun, wait, nproc)
         return
     if kind == "pretrain":
         from moe_lab.train.pretrain import run_pretrain as runner
@@ -104,8 +127,18 @@ def _compose_and_run(kind: str, name: str, overrides: list[str], show_config: bo
         fail(str(err))
     except KeyboardInterrupt:
         fail("interrupted; the same command with resume=true continues from the last checkpoint", INTERRUPTED)
+    finally:
+        _leave_process_group()
     if summary["status"] not in ("completed", "diverged"):
         raise typer.Exit(code=1)
+
+
+def _leave_process_group() -> None:
+    """End a torchrun rank's process group (a no-op on one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @app.command(context_settings=OVERRIDES)
@@ -115,9 +148,10 @@ def finetune(
     show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
     rerun: Annotated[bool, RERUN] = False,
     wait: Annotated[bool, WAIT] = False,
+    nproc: Annotated[int, NPROC] = 1,
 ) -> None:
     """Fine-tune a pretrained model: `moe-lab finetune cb checkpoint=RUN_DIR [finetune.freeze=non_moe ...]`."""
-    _compose_and_run("finetune", task, list(ctx.args), show_config, rerun, wait)
+    _compose_and_run("finetune", task, list(ctx.args), show_config, rerun, wait, nproc)
 
 
 @app.command(context_settings=OVERRIDES)

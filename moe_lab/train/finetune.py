@@ -173,7 +173,7 @@ def run_finetune(
     # examples longer than the model's context are cut to it
     task_cfg = replace(run.task, max_len=min(run.task.max_len, model_cfg.max_seq_len))
     num_people = pre.data.num_people if pre.data.source == "synthetic" and pre.data.fact_fraction else 0
-    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, start.seed, num_people)
+    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, run.seed, num_people)
     model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes)
     state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
     missing = model.transformer.load_state_dict(
@@ -193,9 +193,7 @@ def run_finetune(
         f"(freeze={run.finetune.freeze}{', router frozen' if run.finetune.freeze_router else ''}); "
         f"run dir {start.run_dir}"
     )
-    task = ClassificationTask(
-        data, run.train.batch_size, start.seed, tokenizer.pad_id, run.finetune.train_eval_examples
-    )
+    task = ClassificationTask(data, run.train.batch_size, run.seed, tokenizer.pad_id, run.finetune.train_eval_examples)
     extra = {
         "task": run.task.name,
         "metric": run.task.metric,

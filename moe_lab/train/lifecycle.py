@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_lab.config import RunConfig
+from moe_lab.parallel import World, from_main, init_from_env, world
 from moe_lab.runs import (
     RECORD,
     RunConflictError,
@@ -114,10 +116,44 @@ def same_run(run_dir: Path, identity: dict[str, Any], resume: bool) -> dict | No
     return record
 
 
+def _on_main(w: World, work: Callable[[], Any], share: Callable[[Any], Any] = lambda value: value) -> Any:
+    """`work()` on rank 0; the other ranks get `share` of its value, or raise its exception."""
+    if w.size == 1:
+        return work()
+    value, outcome = None, ("ok", None)
+    if w.main:
+        try:
+            value = work()
+            outcome = ("ok", share(value))
+        except Exception as err:
+            outcome = ("error", err)
+    kind, shared = from_main(outcome, w)
+    if kind == "error":
+        raise shared
+    return value if w.main else shared
+
+
 def begin_run(run: RunConfig, identity: dict[str, Any], console: Console, rerun: bool = False) -> RunStart:
     """Before any data is built: the run directory, and whether it holds this run already ended (`previous`),
-    this run to resume, or another run (RunConflictError). Seeds the RNGs and sets the thread count."""
+    this run to resume, or another run (RunConflictError). Seeds the RNGs and sets the thread count.
+
+    Under torchrun (moe_lab.parallel) it joins the process group first; rank 0 decides the directory and the
+    others follow it."""
     check_device(run.train.device)
+    w = init_from_env(run.train.device)
+    if not w.main:
+        console.quiet = True  # rank 0 speaks for the run
+    start = _on_main(w, lambda: _begin_on_main(run, identity, console, rerun))
+    if start.previous is None:
+        seed = rank_seed(run.seed)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if run.train.threads > 0:
+            torch.set_num_threads(run.train.threads)
+    return start
+
+
+def _begin_on_main(run: RunConfig, identity: dict[str, Any], console: Console, rerun: bool) -> RunStart:
     run_dir = resolve_run_dir(run)
     check_writable(run_dir)
     if rerun and run_dir.is_dir() and any(run_dir.iterdir()):
@@ -127,12 +163,7 @@ def begin_run(run: RunConfig, identity: dict[str, Any], console: Console, rerun:
     if run.resume and previous and previous.get("status") in FINISHED:
         console.print(f"{run_dir} already {previous['status']}; nothing to resume")
         return RunStart(run_dir, run.resume, previous=previous)
-    seed = rank_seed(run.seed)
-    torch.manual_seed(seed)
-    random.seed(seed)
-    if run.train.threads > 0:
-        torch.set_num_threads(run.train.threads)
-    return RunStart(run_dir, run.resume, seed)
+    return RunStart(run_dir, run.resume, run.seed)
 
 
 def claim(
@@ -145,7 +176,28 @@ def claim(
 ) -> RunStart:
     """Lock the run directory (waiting for another process if `wait`), then under the lock check the run again,
     remove what a kill left, write run.json and the Hydra snapshot once, and load the checkpoint to resume from.
-    Call it once the data and the model are built, so bad input leaves no directory behind."""
+    Call it once the data and the model are built, so bad input leaves no directory behind. Rank 0 does all of
+    this; the other ranks then load the same checkpoint."""
+    w = world()
+    # the lock stays rank 0's, and the checkpoint is read from disk by each rank, not sent
+    claimed = _on_main(
+        w,
+        lambda: _claim_on_main(start, identity, cfg, overrides, console, wait),
+        lambda value: replace(value, lock=None, resume_state=None),
+    )
+    if not w.main and claimed.previous is None and start.resume and (start.run_dir / CHECKPOINT).exists():
+        claimed = replace(claimed, resume_state=load_checkpoint(start.run_dir / CHECKPOINT))
+    return claimed
+
+
+def _claim_on_main(
+    start: RunStart,
+    identity: dict[str, Any],
+    cfg: DictConfig,
+    overrides: list[str],
+    console: Console,
+    wait: bool,
+) -> RunStart:
     run_dir = start.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir)
@@ -184,6 +236,18 @@ def describe_model(console: Console, name: str, params: dict[str, int], flops: i
     console.print(table)
 
 
+class SilentLogger:
+    """The logger of ranks other than 0 under data parallelism: rank 0 writes the run's records."""
+
+    def resume(self, step: int) -> None: ...
+
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+    def summary(self, values: dict[str, Any]) -> None: ...
+
+    def finish(self, failed: bool = False) -> None: ...
+
+
 def train_and_record(
     run: RunConfig,
     cfg: DictConfig,
@@ -201,16 +265,17 @@ def train_and_record(
     try:
         resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         wandb_sink = None
-        if run.logger.wandb:
+        if run.logger.wandb and world().main:
             wandb_id = (start.record or {}).get("wandb_id")
             wandb_name = f"{run.name}/{run_dir.name}"
             wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id)
-        logger = RunLogger(run_dir, wandb_sink)
+        logger = RunLogger(run_dir, wandb_sink) if world().main else SilentLogger()
         summary: dict[str, Any] = {
             "name": run.name,
             "run_dir": str(run_dir),
             "identity": (start.record or {}).get("identity"),
             "status": "running",
+            "world_size": world().size,
             "parameters": params,
             **extra,
             "device": str(resolve_device(run.train.device)),

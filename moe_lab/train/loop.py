@@ -18,6 +18,7 @@ from torch import nn
 
 from moe_lab.config import OptimConfig, TrainConfig
 from moe_lab.models.transformer import ModelLosses, moe_layers
+from moe_lab.parallel import gather, mean_over_ranks, shard, world
 from moe_lab.track import RunLogger
 from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from moe_lab.train.fluctuation import RoutingProbe
@@ -83,6 +84,18 @@ def moe_metrics(model: nn.Module, mode: str, prefix: str) -> dict[str, float]:
 LOSS_PARTS = ("loss", "task_loss", "aux_loss", "z_loss", "output_z_loss", "distill_loss")
 
 
+class TaskLoss(nn.Module):
+    """A task's training loss as a module's forward, so that DistributedDataParallel runs it and synchronises
+    its backward (the models' losses are methods, not forward)."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelLosses:
+        return self.task.loss(self.model, batch)
+
+
 class Trainer:
     """The training loop's parts, each readable alone: `step` (one optimizer step over its micro-batches),
     `evaluate` (the task's evaluation, at each extra eval capacity factor too), `checkpoint`; `run` strings
@@ -112,18 +125,28 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.ckpt_path = Path(run_dir) / CHECKPOINT
         self.result = TrainResult(status="running", step=0)
+        self.world = world()
         if resume_state is not None:
             model.load_state_dict(resume_state["model"])
             self.optimizer.load_state_dict(resume_state["optimizer"])  # moves the state to the parameters' device
             self.scheduler.load_state_dict(resume_state["scheduler"])
-            set_rng_state(resume_state["rng"])
+            by_rank = resume_state.get("rng_by_rank") or [resume_state["rng"]]
+            set_rng_state(by_rank[self.world.rank] if len(by_rank) == self.world.size else resume_state["rng"])
             self.result = resume_state["result"]
             logger.resume(self.result.step)
             self.console.print(f"resumed from {self.ckpt_path} at step {self.result.step}")
         self.layers = [layer for _, layer in moe_layers(model)]
         self.set_progress(self.result.step)
-        self.probe = None
-        if train_cfg.fluctuation_every > 0 and self.layers and hasattr(task, "probe_ids"):
+        self.ddp = None
+        if self.world.size > 1:  # built after the resume: it broadcasts rank 0's parameters to every rank
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            # experts that no token of a rank's slice reaches get no gradient there
+            self.ddp = DistributedDataParallel(TaskLoss(model, task), device_ids=ids, find_unused_parameters=True)
+        self.probe = None  # rank 0 probes and writes the routing snapshots
+        probing = train_cfg.fluctuation_every > 0 and self.layers and hasattr(task, "probe_ids")
+        if probing and self.world.main:
             num_tokens = train_cfg.fluctuation_tokens
             labels, names = task.probe_labels(num_tokens) if hasattr(task, "probe_labels") else (None, None)
             self.probe = RoutingProbe(task.probe_ids(num_tokens), train_cfg.fluctuation_every, run_dir, labels, names)
@@ -143,16 +166,25 @@ class Trainer:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         parts = dict.fromkeys(LOSS_PARTS, 0.0)
+        tokens = 0
         for micro in range(accum):
-            batch = self.task.train_batch(step * accum + micro, self.device)
-            with self.autocast:
-                losses = self.task.loss(model, batch)
-            (losses.total / accum).backward()
-            self.result.tokens += self.task.tokens(batch)
+            batch = shard(self.task.train_batch(step * accum + micro, self.device), self.world)
+            # under DDP the gradients are averaged over ranks once, after the last micro-batch
+            last = self.ddp is None or micro == accum - 1
+            with nullcontext() if last else self.ddp.no_sync():
+                with self.autocast:
+                    losses = self.ddp(batch) if self.ddp is not None else self.task.loss(model, batch)
+                (losses.total / accum).backward()
+            tokens += self.task.tokens(batch)
             distill = losses.distill if losses.distill is not None else losses.task.new_zeros(())
             values = (losses.total, losses.task, losses.aux, losses.z, losses.output_z, distill)
             for key, value in zip(parts, values, strict=True):
                 parts[key] += value.item() / accum
+        if self.world.size > 1:  # the global batch's losses and tokens: every rank then judges divergence alike
+            reduced = mean_over_ranks({**parts, "tokens": tokens}, self.world)
+            tokens = round(reduced.pop("tokens") * self.world.size)
+            parts = {k: reduced[k] for k in LOSS_PARTS}
+        self.result.tokens += tokens
         loss = parts["loss"]
         if not math.isfinite(loss) or loss > self.cfg.divergence_loss:
             return parts, None
@@ -191,14 +223,18 @@ class Trainer:
         return eval_metrics
 
     def checkpoint(self) -> None:
-        """Everything a resume needs, written atomically."""
+        """Everything a resume needs, written atomically by rank 0 (with every rank's RNG state)."""
+        by_rank = gather(rng_state(), self.world)
+        if not self.world.main:
+            return
         save_checkpoint(
             self.ckpt_path,
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": by_rank[0],
+                "rng_by_rank": by_rank,
                 "result": self.result,
             },
         )
@@ -243,7 +279,7 @@ class Trainer:
                 if result.step % cfg.log_every == 0 or done:
                     metrics = {**parts, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
                     metrics["tokens_per_s"] = result.tokens_per_s
-                    metrics.update(moe_metrics(self.model, "train", "moe"))
+                    metrics.update(mean_over_ranks(moe_metrics(self.model, "train", "moe"), self.world))
                     logger.log(metrics, result.step)
                     progress.update(bar, loss=f"{loss:.3f}", tps=f"{result.tokens_per_s:,.0f}")
                 if result.step % cfg.eval_every == 0 or done:

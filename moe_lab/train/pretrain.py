@@ -144,9 +144,7 @@ def run_pretrain(
     model = LanguageModel(run.model, run.moe, data.vocab_size)
     tokenizer = lm_tokenizer(run.data, run.tokenizer)
     recall = fact_recall(run, tokenizer)
-    task = LMTask(
-        data, run.train.batch_size, start.seed, run.train.eval_batches, partial(token_text, tokenizer), recall
-    )
+    task = LMTask(data, run.train.batch_size, run.seed, run.train.eval_batches, partial(token_text, tokenizer), recall)
     start = claim(start, identity, cfg, overrides or [], console, wait)
     if start.previous is not None:  # another process finished it while we waited
         return start.previous
