@@ -25,22 +25,28 @@ from moe_lab.moe.router import Routing, count
 Backend = Callable[[torch.Tensor, Routing, Experts], tuple[torch.Tensor, torch.Tensor]]
 
 
-def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort + gather + grouped matmul + scatter-add. Returns (y_TD, keep_S)."""
+def kept_in_expert_order(routing: Routing) -> torch.Tensor:
+    """The indices of the kept slots, sorted by (expert, group), claim order inside each: a slot is kept when
+    fewer than its group's capacity of earlier slots of that group went to its expert."""
     num_experts, num_groups = routing.num_experts, routing.num_groups
     # segments by (expert, group): a stable sort keeps claim order inside each segment and leaves
     # the slots of each expert contiguous, which is what the grouped matmul needs
     key_S = routing.expert_S * num_groups + routing.group_S
     sorted_idx = torch.argsort(key_S, stable=True)
     if routing.capacity_G is None:
-        kept_idx = sorted_idx
-    else:
-        counts = count(key_S, num_experts * num_groups)
-        starts = counts.cumsum(0) - counts
-        key_sorted = key_S[sorted_idx]
-        rank = torch.arange(key_S.numel(), device=key_S.device) - starts[key_sorted]
-        kept_idx = sorted_idx[rank < routing.capacity_tensor()[key_sorted % num_groups]]
-    keep_S = torch.zeros_like(key_S, dtype=torch.bool).index_fill_(0, kept_idx, True)
+        return sorted_idx
+    counts = count(key_S, num_experts * num_groups)
+    starts = counts.cumsum(0) - counts
+    key_sorted = key_S[sorted_idx]
+    rank = torch.arange(key_S.numel(), device=key_S.device) - starts[key_sorted]
+    return sorted_idx[rank < routing.capacity_tensor()[key_sorted % num_groups]]
+
+
+def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort + gather + grouped matmul + scatter-add. Returns (y_TD, keep_S)."""
+    num_experts = routing.num_experts
+    kept_idx = kept_in_expert_order(routing)
+    keep_S = torch.zeros_like(routing.expert_S, dtype=torch.bool).index_fill_(0, kept_idx, True)
 
     token_N = routing.token_S[kept_idx]
     # the one host sync of this path: block sizes for the grouped matmul (a GPU kernel takes offsets instead)

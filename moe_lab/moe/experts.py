@@ -21,6 +21,7 @@ class Experts(nn.Module):
             raise ValueError(f"activation={activation!r} is not one of {sorted({**GATED, **PLAIN})}")
         self.num_experts = num_experts
         self.d_ff = d_ff
+        self.activation = activation
         self.gated = activation in GATED
         self.act = GATED.get(activation) or PLAIN[activation]
         hidden = 2 * d_ff if self.gated else d_ff

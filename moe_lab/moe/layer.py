@@ -7,6 +7,7 @@ from torch import nn
 
 from moe_lab.moe.config import MoEConfig
 from moe_lab.moe.dispatch import BACKENDS
+from moe_lab.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from moe_lab.moe.experts import Experts
 from moe_lab.moe.metrics import RouterMetrics
 from moe_lab.moe.router import Routing
@@ -38,6 +39,8 @@ class MoELayer(nn.Module):
             config.num_experts, config.d_model, config.d_ff, config.activation, config.expert_dropout
         )
         self.backend = config.backend
+        # expert parallelism (moe_lab.moe.expert_parallel.shard_experts): this rank's experts, the others' ranks
+        self.expert_group: ExpertGroup | None = None
         self._metrics = {
             "train": RouterMetrics(config.num_experts),
             "eval": RouterMetrics(config.num_experts),
@@ -85,7 +88,10 @@ class MoELayer(nn.Module):
             self.last_keep_TK = self.last_expert_index = None
             return torch.zeros_like(x)
         logits_TE, probs_TE, routing = self.route(x_TD, token_ids)
-        y_TD, keep_S = BACKENDS[self.backend](x_TD, routing, self.experts)
+        if self.expert_group is not None and self.expert_group.size > 1:
+            y_TD, keep_S = dispatch_expert_parallel(x_TD, routing, self.experts, self.expert_group)
+        else:
+            y_TD, keep_S = BACKENDS[self.backend](x_TD, routing, self.experts)
 
         self.last_losses = self.router.losses(logits_TE, probs_TE, routing, keep_S, token_ids)
         self.last_expert_index = routing.expert_index_TK.detach().view(*x.shape[:-1], -1)
