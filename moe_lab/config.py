@@ -163,6 +163,9 @@ class LoggerConfig:
     wandb_mode: str | None = bounded(None, choices=("offline", "online", "disabled"), none="$WANDB_MODE, else offline")
     project: str = "moe-lab"
     progress: bool = True
+    # W&B's own console output (its end-of-run summary) and the datasets library's progress bars; off keeps
+    # the console to the run's own lines (errors and the final result lines always show)
+    verbose: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""

@@ -119,3 +119,15 @@ def test_a_killed_rank_resumes_as_an_uninterrupted_run(tmp_path: Path) -> None:
 def test_python_dash_m_is_the_command() -> None:
     result = subprocess.run([sys.executable, "-m", "moe_lab", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "pretrain" in result.stdout
+
+
+def test_console_stays_quiet_unless_asked(tmp_path: Path) -> None:
+    """W&B's banner and end-of-run summary are silenced (its offline run is still written); logger.verbose
+    brings them back. The run's own result lines always show."""
+    args = ["pretrain", "tiny", "train.max_steps=4", "train.eval_every=2", "logger.progress=false"]
+    quiet = run_cli(*args, f"run_dir={tmp_path / 'q'}", env={"WANDB_MODE": "offline"})
+    assert quiet.returncode == 0, quiet.stderr
+    assert "wandb:" not in quiet.stdout + quiet.stderr and "completed after 4 steps" in quiet.stdout
+    assert list((tmp_path / "q" / "wandb").glob("offline-run-*"))
+    loud = run_cli(*args, f"run_dir={tmp_path / 'v'}", "logger.verbose=true", env={"WANDB_MODE": "offline"})
+    assert loud.returncode == 0 and "wandb:" in loud.stdout + loud.stderr

@@ -72,7 +72,14 @@ class WandbSink:
     """Weights & Biases, offline unless the config or $WANDB_MODE says otherwise."""
 
     def __init__(
-        self, run_dir: Path, project: str, name: str, config: dict, mode: str | None, run_id: str | None = None
+        self,
+        run_dir: Path,
+        project: str,
+        name: str,
+        config: dict,
+        mode: str | None,
+        run_id: str | None = None,
+        silent: bool = True,
     ) -> None:
         import wandb
 
@@ -90,6 +97,7 @@ class WandbSink:
             # the run directory keeps its W&B id, so a resumed run continues its W&B run instead of opening another
             id=run_id,
             resume="allow" if run_id else None,
+            settings=wandb.Settings(silent=silent),  # no banner or end-of-run summary on the console
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -143,6 +143,10 @@ def begin_run(run: RunConfig, identity: dict[str, Any], console: Console, rerun:
     w = init_from_env(run.train.device)
     if not w.main:
         console.quiet = True  # rank 0 speaks for the run
+    if not run.logger.verbose:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
     start = _on_main(w, lambda: _begin_on_main(run, identity, console, rerun))
     if start.previous is None:
         seed = rank_seed(run.seed)
@@ -268,7 +272,10 @@ def train_and_record(
         if run.logger.wandb and world().main:
             wandb_id = (start.record or {}).get("wandb_id")
             wandb_name = f"{run.name}/{run_dir.name}"
-            wandb_sink = WandbSink(run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id)
+            wandb_sink = WandbSink(
+                run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id,
+                silent=not run.logger.verbose,
+            )  # fmt: skip
         logger = RunLogger(run_dir, wandb_sink) if world().main else SilentLogger()
         summary: dict[str, Any] = {
             "name": run.name,
