@@ -97,8 +97,3 @@ def from_main(obj: Any, w: World) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier(w: World) -> None:
-    if w.size > 1:
-        dist.barrier()

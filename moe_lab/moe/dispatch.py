@@ -42,19 +42,32 @@ def kept_in_expert_order(routing: Routing) -> torch.Tensor:
     return sorted_idx[rank < routing.capacity_tensor()[key_sorted % num_groups]]
 
 
-def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort + gather + grouped matmul + scatter-add. Returns (y_TD, keep_S)."""
-    num_experts = routing.num_experts
+# the experts' outputs for the kept slots' tokens x_ND, given each slot's expert (sorted by expert)
+ExpertsOnSlots = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def combine_sorted(
+    x_TD: torch.Tensor, routing: Routing, run_experts: ExpertsOnSlots
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sorted path around its experts: keep and sort the slots, gather their tokens, `run_experts` on them
+    (here, or on other ranks: moe_lab.moe.expert_parallel), then gate and scatter-add. Returns (y_TD, keep_S)."""
     kept_idx = kept_in_expert_order(routing)
     keep_S = torch.zeros_like(routing.expert_S, dtype=torch.bool).index_fill_(0, kept_idx, True)
-
     token_N = routing.token_S[kept_idx]
-    # the one host sync of this path: block sizes for the grouped matmul (a GPU kernel takes offsets instead)
-    counts_E = count(routing.expert_S[kept_idx], num_experts).tolist()
-    h_ND = experts.forward_grouped(x_TD.index_select(0, token_N), counts_E)
+    h_ND = run_experts(x_TD.index_select(0, token_N), routing.expert_S[kept_idx])
     # gate and scatter in the input's dtype, so that autocast's bf16 matmuls give the same output dtype
     h_ND = h_ND.to(x_TD.dtype) * routing.gate_S[kept_idx].to(x_TD.dtype)[:, None]
     return torch.zeros_like(x_TD).index_add(0, token_N, h_ND), keep_S
+
+
+def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort + gather + grouped matmul + scatter-add. Returns (y_TD, keep_S)."""
+
+    def grouped(x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        # the one host sync of this path: block sizes for the grouped matmul (a GPU kernel takes offsets instead)
+        return experts.forward_grouped(x_ND, count(expert_N, routing.num_experts).tolist())
+
+    return combine_sorted(x_TD, routing, grouped)
 
 
 def dispatch_loop(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from moe_lab.moe.dispatch import kept_in_expert_order
+from moe_lab.moe.dispatch import combine_sorted
 from moe_lab.moe.experts import Experts
 from moe_lab.moe.router import Routing, count
 
@@ -72,28 +72,23 @@ def dispatch_expert_parallel(
     """The `sorted` backend with the experts spread over `group`'s ranks. Returns (y_TD, keep_S)."""
     num_experts, P = routing.num_experts, group.size
     per = num_experts // P
-    kept_idx = kept_in_expert_order(routing)
-    keep_S = torch.zeros_like(routing.expert_S, dtype=torch.bool).index_fill_(0, kept_idx, True)
-    token_N = routing.token_S[kept_idx]
-
-    # 1. rows per (destination rank, its local expert), and what every source sends to mine
-    counts_E = count(routing.expert_S[kept_idx], num_experts)
-    recv_PE = torch.empty_like(counts_E)
-    dist.all_to_all_single(recv_PE, counts_E, group=group.group)
-    recv_PE = recv_PE.view(P, per)  # [source, my local expert]
-    send_splits = counts_E.view(P, per).sum(1).tolist()
-    recv_splits = recv_PE.sum(1).tolist()
-
-    # 2. there: regroup by local expert, run, restore arrival order; and back
-    x_ND = x_TD.index_select(0, token_N)
     pg = group.group or dist.group.WORLD
-    x_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, pg)
-    expert_M = torch.arange(per, device=x_TD.device).repeat(P).repeat_interleave(recv_PE.flatten())
-    order = torch.argsort(expert_M, stable=True)
-    h_MD = experts.forward_grouped(x_MD.index_select(0, order), recv_PE.sum(0).tolist())
-    h_MD = h_MD.index_select(0, torch.argsort(order))  # arrival order again
-    h_ND = all_to_all_single_autograd(h_MD, send_splits, recv_splits, pg)
+
+    def exchanged(x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        # 1. rows per (destination rank, its local expert), and what every source sends to mine
+        counts_E = count(expert_N, num_experts)
+        recv_PE = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_PE, counts_E, group=group.group)
+        recv_PE = recv_PE.view(P, per)  # [source, my local expert]
+        send_splits = counts_E.view(P, per).sum(1).tolist()
+        recv_splits = recv_PE.sum(1).tolist()
+        # 2. there: regroup by local expert, run, restore arrival order; and back
+        x_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, pg)
+        expert_M = torch.arange(per, device=x_ND.device).repeat(P).repeat_interleave(recv_PE.flatten())
+        order = torch.argsort(expert_M, stable=True)
+        h_MD = experts.forward_grouped(x_MD.index_select(0, order), recv_PE.sum(0).tolist())
+        h_MD = h_MD.index_select(0, torch.argsort(order))  # arrival order again
+        return all_to_all_single_autograd(h_MD, send_splits, recv_splits, pg)
 
     # 3. gate and scatter-add, as `sorted` does
-    h_ND = h_ND.to(x_TD.dtype) * routing.gate_S[kept_idx].to(x_TD.dtype)[:, None]
-    return torch.zeros_like(x_TD).index_add(0, token_N, h_ND), keep_S
+    return combine_sorted(x_TD, routing, exchanged)

@@ -42,11 +42,10 @@ FINISHED = ("completed", "diverged")
 
 @dataclass
 class RunStart:
-    """A run about to train (or found finished): its directory, seed, record, lock and checkpoint."""
+    """A run about to train (or found finished): its directory, record, lock and checkpoint."""
 
     run_dir: Path
     resume: bool
-    seed: int = 0
     previous: dict | None = None  # the summary of a run that already ended: nothing to do
     record: dict | None = None  # run.json
     lock: RunLock | None = None
@@ -167,7 +166,7 @@ def _begin_on_main(run: RunConfig, identity: dict[str, Any], console: Console, r
     if run.resume and previous and previous.get("status") in FINISHED:
         console.print(f"{run_dir} already {previous['status']}; nothing to resume")
         return RunStart(run_dir, run.resume, previous=previous)
-    return RunStart(run_dir, run.resume, run.seed)
+    return RunStart(run_dir, run.resume)
 
 
 def claim(
