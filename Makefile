@@ -56,9 +56,10 @@ reproduce: $(STAMP) ## run every study at its default size and seeds, then moe-l
 report: $(STAMP) ## render results/ as report.md, report.html, report.csv and plots
 	$(BIN)/moe-lab report --format md,html,csv
 
-bench: $(STAMP) ## benchmark dispatch backends and routers, JSON to results/bench/
+bench: $(STAMP) ## benchmark dispatch backends, routers and parallel layouts, JSON to results/bench/
 	$(BIN)/moe-lab bench dispatch --json results/bench/dispatch.json
 	$(BIN)/moe-lab bench routing --json results/bench/routing.json
+	$(BIN)/moe-lab bench parallel --json results/bench/parallel.json
 
 clean: ## remove the environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

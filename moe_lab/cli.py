@@ -68,7 +68,10 @@ def _compose(kind: str, name: str, overrides: list[str]):
 RERUN = typer.Option("--rerun", help="move the run already in run_dir aside (never deleted) and start again")
 WAIT = typer.Option("--wait", help="wait for another process training this run_dir instead of stopping")
 NPROC = typer.Option(
-    "--nproc", min=1, help="data-parallel processes on this machine: relaunches itself under torchrun (gloo on CPU)"
+    "--nproc",
+    min=1,
+    help="processes on this machine (data parallel; with parallel.expert=N, experts spread over them): "
+    "relaunches itself under torchrun (gloo on CPU)",
 )
 
 
@@ -108,6 +111,14 @@ def _compose_and_run(
     if show_config:
         console.print(OmegaConf.to_yaml(cfg, resolve=True))
         return
+    from moe_lab.train.expert_state import check_expert_parallel
+
+    try:  # under torchrun the ranks are WORLD_SIZE; --nproc launches that many
+        check_expert_parallel(
+            cfg.parallel.expert, nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1")), cfg.optim
+        )
+    except ValueError as err:
+        fail(str(err))
     if nproc > 1:
         if cfg.train.batch_size % nproc:
             fail(f"--nproc {nproc}: train.batch_size={cfg.train.batch_size} must be a multiple of it")
@@ -348,6 +359,59 @@ def bench_routing_cmd(
             routers=tuple(r.strip() for r in routers.split(",") if r.strip()),
             repeats=repeats,
             device=device,
+            on_record=show,
+        ),
+        table,
+        json_path,
+    )
+
+
+@bench_app.command("parallel")
+def bench_parallel_cmd(
+    layouts: Annotated[str, typer.Option(help="one, dp2, ep2 (comma-separated)")] = "one,dp2,ep2",
+    experts: Annotated[int, typer.Option()] = 8,
+    top_k: Annotated[int, typer.Option()] = 2,
+    tokens: Annotated[int, typer.Option(help="the global batch's tokens, split over the ranks")] = 8192,
+    d_model: Annotated[int, typer.Option()] = 256,
+    d_ff: Annotated[int, typer.Option()] = 1024,
+    capacity_factor: Annotated[float, typer.Option(help="train capacity factor; 0 = dropless")] = 0.0,
+    repeats: Annotated[int, typer.Option(help="timed steps (the median is reported)")] = 5,
+    warmup: Annotated[int, typer.Option()] = 2,
+    threads: Annotated[int, typer.Option(help="torch threads per process")] = 1,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the records here")] = None,
+) -> None:
+    """Time a training step of one MoE layer in one process, data parallel over 2 and expert parallel over 2
+    (gloo on CPU), with the exchange's bytes and all_to_all_single's bytes/s."""
+    from moe_lab.bench.parallel import bench_parallel
+
+    table = _bench_table(
+        f"one MoE layer, fwd+bwd+grad sync, T={tokens}, E={experts}, k={top_k}, d={d_model}, d_ff={d_ff}",
+        ("layout", "ranks", "step ms", "tokens/s", "exchange MB/step", "all-to-all MB/s", "all-reduce MB/step"),
+        0,
+    )
+
+    def mb(value: float | None) -> str:
+        return "-" if value is None else f"{value / 1e6:.2f}"
+
+    def show(r) -> None:
+        table.add_row(
+            r.layout, str(r.ranks), f"{r.step_ms_median:.1f}", f"{r.tokens_per_s:,.0f}",
+            mb(r.exchange_bytes_per_step), mb(r.all_to_all_bytes_per_s), mb(r.allreduce_bytes_per_step),
+        )  # fmt: skip
+        console.print(f"  {r.layout:<4} {r.step_ms_median:>8.1f} ms/step {r.tokens_per_s:>10,.0f} tok/s")
+
+    _run_bench(
+        lambda: bench_parallel(
+            layouts=tuple(x.strip() for x in layouts.split(",") if x.strip()),
+            experts=experts,
+            top_k=top_k,
+            tokens=tokens,
+            d_model=d_model,
+            d_ff=d_ff,
+            capacity_factor=capacity_factor or None,
+            repeats=repeats,
+            warmup=warmup,
+            threads=threads,
             on_record=show,
         ),
         table,

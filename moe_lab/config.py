@@ -248,6 +248,18 @@ class StudyConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a torchrun run spreads over its ranks (moe_lab.parallel); every layout gives the same numbers."""
+
+    # ranks that share one set of experts, each holding num_experts / expert of them (moe_lab.moe.expert_parallel);
+    # 1 = every rank holds every expert (data parallel). Today: 1 or the number of ranks.
+    expert: int = bounded(1, ge=1)
+
+    def validate(self) -> None:
+        check_fields(self, "parallel")
+
+
+@dataclass
 class RunConfig:
     """One run: what `moe-lab pretrain NAME [overrides]` composes."""
 
@@ -269,12 +281,14 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         """Validate every group."""
         check_fields(self, "")
         self.moe.validate("moe")
-        for group in (self.model, self.data, self.tokenizer, self.optim, self.train, self.logger, self.task):
+        groups = (self.model, self.data, self.tokenizer, self.optim, self.train, self.logger, self.task, self.parallel)
+        for group in groups:
             group.validate()
         self.finetune.validate()
 
@@ -349,7 +363,7 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
 
 # the groups validated one by one before the whole config, so an error names the key a user sets
 # (model.d_model) rather than the MoE field interpolated from it (moe.d_model)
-_GROUPS = ("model", "data", "tokenizer", "optim", "train", "logger", "task", "finetune")
+_GROUPS = ("model", "data", "tokenizer", "optim", "train", "logger", "task", "finetune", "parallel")
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -29,13 +29,13 @@ RUN_FILES = (
     RECORD, "config.yaml", "overrides.yaml",
 )  # fmt: skip
 
-# Keys that do not change a run's numbers, so a resume or a sweep may differ in them. Thread count and device
-# change the order of float sums (the last bits of a loss), not the experiment; checkpoint cadence does not
-# change anything (resume is bit-exact); the rest name a run, say where things go and how they are logged, or
-# describe a study.
+# Keys that do not change a run's numbers, so a resume or a sweep may differ in them. Thread count, device and
+# the parallel layout change the order of float sums (the last bits of a loss), not the experiment; checkpoint
+# cadence does not change anything (resume is bit-exact); the rest name a run, say where things go and how
+# they are logged, or describe a study.
 IGNORED_KEYS = (
     "name", "run_dir", "runs_root", "resume", "logger", "study", "data.cache_dir", "train.threads", "train.device",
-    "train.ckpt_every",
+    "train.ckpt_every", "parallel",
 )  # fmt: skip
 
 

@@ -57,3 +57,34 @@ def test_bench_capacity_factor_zero_is_dropless(tmp_path: Path) -> None:
     assert [r["backend"] for r in records] == ["dense", "sorted", "einsum"]
     assert all(r["capacity_factor"] is None for r in records)
     assert [r["dropped_frac"] for r in records[1:]] == [0.0, 0.0]
+
+
+def test_bench_parallel_counts_what_the_ranks_send(tmp_path: Path) -> None:
+    """One process, DP=2 and EP=2 (gloo): the exchange's bytes are those of the slots each rank routes to the
+    other's experts, counted here from the same layer and tokens routed on one process."""
+    import torch
+
+    from moe_lab.bench.parallel import _layer
+
+    out = tmp_path / "parallel.json"
+    spec = {"experts": 4, "top_k": 2, "tokens": 256, "d_model": 16, "d_ff": 32}
+    result = run(
+        "bench", "parallel", "--experts", "4", "--top-k", "2", "--tokens", "256", "--d-model", "16", "--d-ff", "32",
+        "--repeats", "2", "--warmup", "1", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    one, dp, ep = json.loads(out.read_text())
+    assert [r["layout"] for r in (one, dp, ep)] == ["one", "dp2", "ep2"] and [one["ranks"], dp["ranks"]] == [1, 2]
+    assert all(r["step_ms_median"] > 0 and r["tokens_per_s"] > 0 for r in (one, dp, ep))
+
+    layer = _layer(spec["experts"], spec["top_k"], spec["d_model"], spec["d_ff"], None)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    remote = 0
+    for rank in (0, 1):  # rank r routes its half and holds experts [2r, 2r + 2)
+        layer(x[rank * 128 : (rank + 1) * 128])
+        remote += int((layer.last_expert_index // 2 != rank).sum())  # dropless: every slot is kept
+    assert ep["exchange_bytes_per_step"] == 2 * remote * 16 * 4
+    assert ep["all_to_all_bytes_per_s"] > 0 and ep["allreduce_bytes_per_step"] is None
+    assert dp["allreduce_bytes_per_step"] == 4 * sum(p.numel() for p in layer.parameters())
+    assert one["exchange_bytes_per_step"] is None and one["allreduce_bytes_per_step"] is None
+    assert "all-to-all MB/s" in result.stdout

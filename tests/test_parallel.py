@@ -49,17 +49,46 @@ def test_shard_takes_this_ranks_rows() -> None:
         shard(batch, World(rank=0, size=3))
 
 
-def test_two_process_data_parallel_reproduces_one_process(tmp_path: Path) -> None:
-    _pretrain(tmp_path / "one", "train.max_steps=50")
-    out = _pretrain(tmp_path / "two", "train.max_steps=50", "--nproc", "2")
-    worst = _worst(_curve(tmp_path / "one"), _curve(tmp_path / "two"))
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process run that the layouts are compared with: 50 steps of tiny."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    _pretrain(run_dir, "train.max_steps=50")
+    return run_dir
+
+
+DP2, EP2 = ["--nproc", "2"], ["--nproc", "2", "parallel.expert=2"]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """The same 50 steps data parallel and expert parallel (2 of tiny's 4 experts per rank): run dir, stdout."""
+    runs = {}
+    for name, layout in (("dp2", DP2), ("ep2", EP2)):
+        run_dir = tmp_path_factory.mktemp(name) / "run"
+        runs[name] = run_dir, _pretrain(run_dir, "train.max_steps=50", *layout).stdout
+    return runs
+
+
+@pytest.mark.parametrize("layout", ["dp2", "ep2"])
+def test_two_processes_reproduce_one_process(
+    one_process: Path, two_process_runs: dict[str, tuple[Path, str]], layout: str
+) -> None:
+    """Data parallel, and experts spread over the 2 ranks: the one-process curve."""
+    two, stdout = two_process_runs[layout]
+    worst = _worst(_curve(one_process), _curve(two))
     assert worst < 1e-4, worst
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["step"] == 50
-    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    one = json.loads((one_process / "summary.json").read_text())
     assert summary["tokens"] == one["tokens"] == 50 * 8 * 32  # the global batch, counted over both ranks
-    assert out.stdout.count("completed after 50 steps") == 1  # rank 0 alone reports
-    assert len(pd.read_csv(tmp_path / "two" / "metrics.csv")) == len(pd.read_csv(tmp_path / "one" / "metrics.csv"))
+    assert stdout.count("completed after 50 steps") == 1  # rank 0 alone reports
+    assert len(pd.read_csv(two / "metrics.csv")) == len(pd.read_csv(one_process / "metrics.csv"))
+    # the checkpoint holds every expert, whatever the layout (moe_lab.train.expert_state)
+    state = torch.load(two / "checkpoint.pt", weights_only=False)
+    assert state["model"]["transformer.blocks.1.ffn.experts.w_in_EDH"].shape == (4, 32, 128)  # geglu: 2 x d_ff
+    adam = [entry["exp_avg"].shape for entry in state["optimizer"]["state"].values()]
+    assert (4, 32, 128) in adam and (4, 64, 32) in adam and (2, 32, 128) not in adam
 
 
 def test_nproc_needs_a_batch_that_splits(tmp_path: Path) -> None:
@@ -82,12 +111,17 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
-def test_a_killed_rank_resumes_as_an_uninterrupted_run(tmp_path: Path) -> None:
-    steps = ["train.max_steps=400", "train.ckpt_every=10", "train.log_every=5", "train.eval_every=50"]
-    run_dir = tmp_path / "dp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "moe_lab", "pretrain", *COMMON, f"run_dir={run_dir}", *steps]
+def _killed_after_first_checkpoint(run_dir: Path, steps: list[str], layout: list[str]) -> int:
+    """Start a run (one process, or 2 under torchrun), SIGKILL it (rank 1 under torchrun) once its first
+    checkpoint is written, and return the checkpoint's step."""
+    nproc = 2 if "--nproc" in layout else 1
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    args = [a for a in layout if a not in ("--nproc", "2")]
+    cmd += ["-m", "moe_lab", "pretrain", *COMMON, f"run_dir={run_dir}", *steps, *args]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -95,7 +129,7 @@ def test_a_killed_rank_resumes_as_an_uninterrupted_run(tmp_path: Path) -> None:
         while not (run_dir / "checkpoint.pt").exists():
             assert launcher.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.02)
-        victim = _rank_pid(launcher.pid, 1)
+        victim = _rank_pid(launcher.pid, 1) if nproc > 1 else launcher.pid
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         assert launcher.wait(timeout=120) != 0
@@ -104,16 +138,68 @@ def test_a_killed_rank_resumes_as_an_uninterrupted_run(tmp_path: Path) -> None:
             launcher.kill()
     summary = run_dir / "summary.json"
     assert not summary.exists() or json.loads(summary.read_text())["status"] != "completed"
-    killed_at = torch.load(run_dir / "checkpoint.pt", weights_only=False)["result"].step
-    assert 0 < killed_at < 400
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["result"].step
 
-    relaunch = run_cli("pretrain", *COMMON, f"run_dir={run_dir}", *steps, "resume=true", "--nproc", "2")
+
+RESUME_STEPS = ["train.max_steps=150", "train.ckpt_every=10", "train.log_every=5", "train.eval_every=50"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    _pretrain(run_dir, *RESUME_STEPS)
+    return run_dir
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers through /proc")
+@pytest.mark.parametrize(
+    ("killed", "resumed"),
+    [(DP2, EP2), (EP2, []), ([], DP2)],
+    ids=["dp2-to-ep2", "ep2-to-one", "one-to-dp2"],
+)
+def test_a_killed_run_resumes_in_any_layout(
+    uninterrupted: Path, tmp_path: Path, killed: list[str], resumed: list[str]
+) -> None:
+    """Checkpoints hold the one-process layout, so a run killed in one layout continues in another as the
+    uninterrupted one-process run does (Adam's state of each expert follows it to its new rank)."""
+    run_dir = tmp_path / "run"
+    killed_at = _killed_after_first_checkpoint(run_dir, RESUME_STEPS, killed)
+    assert 0 < killed_at < 150
+    relaunch = run_cli("pretrain", *COMMON, f"run_dir={run_dir}", *RESUME_STEPS, "resume=true", *resumed)
     assert relaunch.returncode == 0, relaunch.stdout + relaunch.stderr
     assert f"resumed from {run_dir / 'checkpoint.pt'} at step" in relaunch.stdout
-    _pretrain(tmp_path / "straight", *steps)
-    worst = _worst(_curve(tmp_path / "straight"), _curve(run_dir))
+    worst = _worst(_curve(uninterrupted), _curve(run_dir))
     assert worst < 1e-4, worst
-    assert json.loads(summary.read_text())["status"] == "completed"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_expert_parallel_needs_one_rank_per_expert_slice(tmp_path: Path) -> None:
+    for args, message in [
+        (["parallel.expert=2"], "parallel.expert=2 with 1 process(es)"),
+        (["parallel.expert=2", "--nproc", "2", "optim=adafactor"], "a per-tensor update RMS"),
+    ]:
+        result = run_cli("pretrain", *COMMON, f"run_dir={tmp_path / 'r'}", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert not (tmp_path / "r").exists()
+
+
+def test_finetuning_reads_an_expert_parallel_checkpoint(
+    one_process: Path, two_process_runs: dict[str, tuple[Path, str]], tmp_path: Path
+) -> None:
+    """A checkpoint written under parallel.expert=2 fine-tunes as the one-process one does."""
+    summaries = []
+    for i, pre in enumerate((one_process, two_process_runs["ep2"][0])):
+        ft = tmp_path / f"ft-{i}"
+        result = run_cli(
+            "finetune", "synth-small", f"checkpoint={pre}", f"run_dir={ft}", "train.max_steps=20",
+            "train.eval_every=10", "train.threads=1", "logger=csv", "logger.progress=false",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        summaries.append(json.loads((ft / "summary.json").read_text()))
+    one, ep = summaries
+    assert one["status"] == ep["status"] == "completed"
+    assert abs(one["final_val_loss"] - ep["final_val_loss"]) < 1e-4
+    assert one["final_val_accuracy"] == ep["final_val_accuracy"]
 
 
 def test_python_dash_m_is_the_command() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from decimal import Decimal
@@ -178,3 +179,23 @@ def test_sparse_vs_dense_needs_both_models(tmp_path: Path) -> None:
 )
 def test_sparse_vs_dense_claim_says_each_outcome(value: float, se: float, better: str, said: str) -> None:
     assert claim(stats.Difference(value, se, paired=True, n=3), better) == said
+
+
+def test_readme_parallel_benchmark_is_the_committed_json() -> None:
+    """The README's "Benchmark: parallel" table is results/bench/parallel.json, row by row."""
+    records = json.loads((RESULTS / "bench" / "parallel.json").read_text())
+    section = README.read_text().split("## Benchmark: parallel", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    body = [[cell.strip() for cell in row] for row in rows[1:]]  # after the header
+
+    def mb(value: float | None) -> str:
+        return "-" if value is None else f"{value / 1e6:.2f}"
+
+    expected = [
+        [
+            r["layout"], str(r["ranks"]), f"{r['step_ms_median']:.1f}", f"{r['tokens_per_s']:,.0f}",
+            mb(r["exchange_bytes_per_step"]), mb(r["all_to_all_bytes_per_s"]), mb(r["allreduce_bytes_per_step"]),
+        ]
+        for r in records
+    ]  # fmt: skip
+    assert body == expected

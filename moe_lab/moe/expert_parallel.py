@@ -12,8 +12,10 @@ straddles ranks, so a rank's kept slots are what one process routing the same gr
    same grouped matmul as the `sorted` backend, put back in arrival order and sent back;
 3. each rank gates its slots and scatter-adds them into its tokens, as `sorted` does.
 
-Both exchanges are differentiable (functional collectives' all_to_all_single_autograd runs the reverse
-exchange in backward), so an expert's gradient sums the contributions of every rank's tokens.
+Both exchanges are differentiable (`exchange` runs the reverse exchange in backward), so an expert's
+gradient sums the contributions of every rank's tokens (a small autograd Function over the public, blocking
+c10d all_to_all_single, rather than the private functional-collectives one). Every rank must run both
+exchanges' backward, also a rank none of whose experts got a row: see `exchanged`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe_lab.moe.dispatch import combine_sorted
 from moe_lab.moe.experts import Experts
@@ -66,13 +67,37 @@ def shard_experts(layer: MoELayer, group: ExpertGroup) -> MoELayer:
     return layer
 
 
+class _Exchange(torch.autograd.Function):
+    """all_to_all_single of rows with uneven splits; backward sends the gradients back the other way."""
+
+    @staticmethod
+    def forward(ctx, x_ND, recv_splits, send_splits, group):
+        ctx.splits, ctx.group = (recv_splits, send_splits), group
+        out = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
+        dist.all_to_all_single(out, x_ND.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_MD):
+        recv_splits, send_splits = ctx.splits
+        back = grad_MD.new_empty((sum(send_splits), *grad_MD.shape[1:]))
+        dist.all_to_all_single(back, grad_MD.contiguous(), send_splits, recv_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def exchange(
+    x_ND: torch.Tensor, recv_splits: list[int], send_splits: list[int], group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """Send send_splits[r] rows of x_ND to rank r and receive recv_splits[r] rows from it, differentiably."""
+    return _Exchange.apply(x_ND, recv_splits, send_splits, group)
+
+
 def dispatch_expert_parallel(
     x_TD: torch.Tensor, routing: Routing, experts: Experts, group: ExpertGroup
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The `sorted` backend with the experts spread over `group`'s ranks. Returns (y_TD, keep_S)."""
     num_experts, P = routing.num_experts, group.size
     per = num_experts // P
-    pg = group.group or dist.group.WORLD
 
     def exchanged(x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
         # 1. rows per (destination rank, its local expert), and what every source sends to mine
@@ -83,12 +108,16 @@ def dispatch_expert_parallel(
         send_splits = counts_E.view(P, per).sum(1).tolist()
         recv_splits = recv_PE.sum(1).tolist()
         # 2. there: regroup by local expert, run, restore arrival order; and back
-        x_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, pg)
+        x_MD = exchange(x_ND, recv_splits, send_splits, group.group)
         expert_M = torch.arange(per, device=x_ND.device).repeat(P).repeat_interleave(recv_PE.flatten())
         order = torch.argsort(expert_M, stable=True)
         h_MD = experts.forward_grouped(x_MD.index_select(0, order), recv_PE.sum(0).tolist())
         h_MD = h_MD.index_select(0, torch.argsort(order))  # arrival order again
-        return all_to_all_single_autograd(h_MD, send_splits, recv_splits, pg)
+        if torch.is_grad_enabled() and x_MD.requires_grad and not h_MD.requires_grad:
+            # no rows for any local expert: the grouped matmul's empty result has no graph, so this rank's
+            # backward would skip both exchanges that the other ranks wait on in theirs; keep them in it
+            h_MD = h_MD + x_MD.sum() * 0
+        return exchange(h_MD, send_splits, recv_splits, group.group)
 
     # 3. gate and scatter-add, as `sorted` does
     return combine_sorted(x_TD, routing, exchanged)

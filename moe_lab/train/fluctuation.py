@@ -111,8 +111,10 @@ class RoutingProbe:
         run_dir: Path,
         labels_BS: torch.Tensor | None = None,
         label_names: list[str] | None = None,
+        write: bool = True,
     ) -> None:
         self.ids_BS = ids_BS
+        self.write = write  # False: route and measure, write nothing (expert-parallel ranks other than 0)
         self.labels_BS = labels_BS  # a label id per probe token (-1: unlabelled), named by label_names
         self.label_names = label_names
         self.every = every
@@ -162,6 +164,8 @@ class RoutingProbe:
         return changed
 
     def _save(self) -> None:
+        if not self.write:
+            return
         with atomic_write(self.path, suffix=".npz") as tmp:
             np.savez_compressed(
                 tmp, steps=np.array(self.steps), experts=np.stack(self.snapshots), layers=np.array(self.layers)
@@ -172,6 +176,8 @@ class RoutingProbe:
         if not self.snapshots:
             return {}
         table = fluctuation_table(np.array(self.steps), np.stack(self.snapshots), self.layers)
+        if not self.write:
+            return fluctuation_summary(table, max_steps)
         with atomic_write(self.table_path, suffix=".csv") as tmp:
             table.to_csv(tmp, index=False)
         if self.labels_BS is not None and self.label_names is not None:

@@ -293,7 +293,7 @@ def train_and_record(
         try:
             result = train(
                 model, task, run.train, run.optim, run_dir, logger, resume_state=start.resume_state, console=console,
-                show_progress=run.logger.progress,
+                show_progress=run.logger.progress, expert_parallel=run.parallel.expert,
             )  # fmt: skip
             summary.update(
                 status=result.status,

@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from moe_lab.config import OptimConfig, TrainConfig
 from moe_lab.models.transformer import ModelLosses, moe_layers
+from moe_lab.moe.expert_parallel import ExpertGroup
 from moe_lab.parallel import gather, mean_over_ranks, shard, world
 from moe_lab.track import RunLogger
 from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from moe_lab.train.expert_state import ExpertSharding, check_expert_parallel
 from moe_lab.train.fluctuation import RoutingProbe
 from moe_lab.train.optim import UpdateClipper, build_optimizer, build_scheduler
 
@@ -111,11 +114,16 @@ class Trainer:
         logger: RunLogger,
         resume_state: dict[str, Any] | None = None,
         console: Console | None = None,
+        expert_parallel: int = 1,
     ) -> None:
         self.console = console or Console()
         self.model, self.task, self.cfg, self.optim_cfg, self.logger = model, task, train_cfg, optim_cfg, logger
         self.device = resolve_device(train_cfg.device)
+        self.world = world()
         model.to(self.device)
+        if resume_state is not None:  # full-layout weights, before any sharding
+            model.load_state_dict(resume_state["model"])
+        self.experts = self._shard_experts(expert_parallel)
         self.optimizer = build_optimizer(model, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, train_cfg.max_steps)
         self.clipper = None
@@ -125,10 +133,11 @@ class Trainer:
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.ckpt_path = Path(run_dir) / CHECKPOINT
         self.result = TrainResult(status="running", step=0)
-        self.world = world()
         if resume_state is not None:
-            model.load_state_dict(resume_state["model"])
-            self.optimizer.load_state_dict(resume_state["optimizer"])  # moves the state to the parameters' device
+            optimizer_state = resume_state["optimizer"]
+            if self.experts is not None:
+                optimizer_state = self.experts.local_optimizer_state(optimizer_state, self.optimizer)
+            self.optimizer.load_state_dict(optimizer_state)  # moves the state to the parameters' device
             self.scheduler.load_state_dict(resume_state["scheduler"])
             by_rank = resume_state.get("rng_by_rank") or [resume_state["rng"]]
             set_rng_state(by_rank[self.world.rank] if len(by_rank) == self.world.size else resume_state["rng"])
@@ -141,18 +150,40 @@ class Trainer:
         if self.world.size > 1:  # built after the resume: it broadcasts rank 0's parameters to every rank
             from torch.nn.parallel import DistributedDataParallel
 
+            wrapped = TaskLoss(model, task)
+            if self.experts is not None:  # each rank's experts are its own (moe_lab.train.expert_state)
+                ignored = [f"model.{name}" for name in self.experts.num_experts]
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapped, ignored)
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
             # experts that no token of a rank's slice reaches get no gradient there
-            self.ddp = DistributedDataParallel(TaskLoss(model, task), device_ids=ids, find_unused_parameters=True)
-        self.probe = None  # rank 0 probes and writes the routing snapshots
+            self.ddp = DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=True)
+        # rank 0 probes the routing and writes the snapshots; under expert parallelism a forward is a
+        # collective, so every rank probes and rank 0 alone writes
+        self.probe = None
         probing = train_cfg.fluctuation_every > 0 and self.layers and hasattr(task, "probe_ids")
-        if probing and self.world.main:
+        if probing and (self.world.main or self.experts is not None):
             num_tokens = train_cfg.fluctuation_tokens
             labels, names = task.probe_labels(num_tokens) if hasattr(task, "probe_labels") else (None, None)
-            self.probe = RoutingProbe(task.probe_ids(num_tokens), train_cfg.fluctuation_every, run_dir, labels, names)
+            self.probe = RoutingProbe(
+                task.probe_ids(num_tokens), train_cfg.fluctuation_every, run_dir, labels, names, write=self.world.main
+            )  # fmt: skip
             self.probe.resume(self.result.step)
             if self.result.step == 0:
                 self.probe.snapshot(model, 0)  # the routing before training
+
+    def _shard_experts(self, expert_parallel: int) -> ExpertSharding | None:
+        """parallel.expert=P: keep this rank's experts (None when every rank holds them all)."""
+        if expert_parallel == 1:
+            return None
+        check_expert_parallel(expert_parallel, self.world.size, self.optim_cfg)
+        # a process group of its own: DDP's gradient all-reduces, issued while backward runs, would otherwise
+        # queue on the default group between the exchanges' backward all-to-alls, in an order that may differ
+        # between ranks (a deadlock on gloo)
+        ranks = list(range(self.world.size))
+        group = ExpertGroup(self.world.rank, self.world.size, dist.new_group(ranks))
+        sharding = ExpertSharding(self.model, group)
+        sharding.shard()
+        return sharding
 
     def set_progress(self, steps_done: int) -> None:
         """Routers with a schedule (StableMoE's stage 2) see how much training is done."""
@@ -190,7 +221,11 @@ class Trainer:
             return parts, None
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        if self.experts is not None:
+            self.experts.scale_expert_grads()
+            grad_norm = self.experts.clip_grad_norm(params, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         if self.clipper is not None:
             self.clipper.before_step()
         self.optimizer.step()
@@ -223,15 +258,20 @@ class Trainer:
         return eval_metrics
 
     def checkpoint(self) -> None:
-        """Everything a resume needs, written atomically by rank 0 (with every rank's RNG state)."""
+        """Everything a resume needs, written atomically by rank 0 (with every rank's RNG state), in the
+        one-process layout (every expert), so that any number of ranks may resume it."""
         by_rank = gather(rng_state(), self.world)
+        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.experts is not None:  # the full layout, whatever the number of ranks (expert_state)
+            model_state = self.experts.full_model_state()
+            optimizer_state = self.experts.full_optimizer_state(self.optimizer)
         if not self.world.main:
             return
         save_checkpoint(
             self.ckpt_path,
             {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": by_rank[0],
                 "rng_by_rank": by_rank,
