@@ -169,7 +169,13 @@ def finetune(
 def sweep(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="a study in experiments/ (e.g. top-k, capacity-factor, freeze)")],
-    launcher: Annotated[str, typer.Option(help="Hydra launcher: basic (one after another) or joblib")] = "basic",
+    launcher: Annotated[
+        str,
+        typer.Option(
+            help="Hydra launcher: basic (one after another), joblib (processes here), submitit_local (submitit "
+            "jobs here) or submitit_slurm (a SLURM job array; set hydra.launcher.partition=... etc.)"
+        ),
+    ] = "basic",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="check every grid point's config, print the grid, exit")
     ] = False,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import traceback
 from pathlib import Path
 
 import hydra
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
@@ -25,6 +27,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    main_task = _join_submitit_tasks()
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
         cfg.resume = True  # continue a killed run; a completed or diverged one is returned as it is
@@ -32,7 +35,7 @@ def main(cfg: DictConfig) -> None:
             cfg.checkpoint = str(pretrained_dir(results_root(), cfg.finetune.pretrained))
     console = Console()
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    if not overrides_file.exists():  # what runs.csv reads the point's values from, even if it fails to start
+    if main_task and not overrides_file.exists():  # what runs.csv reads the point's values from, even if it fails
         overrides_file.parent.mkdir(parents=True, exist_ok=True)
         overrides_file.write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
     try:
@@ -45,12 +48,30 @@ def main(cfg: DictConfig) -> None:
         console.print(f"[red]skipped[/red] {run_dir}: {err}")
     except Exception as err:  # one broken grid point must not end the sweep: record it and go on
         summary_path = run_dir / "summary.json"
-        if not summary_path.exists():
+        if main_task and not summary_path.exists():
             write_json_atomic(
                 summary_path,
                 {"status": "failed", "reason": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()},
             )
         console.print(f"[red]failed[/red] {run_dir}: {err}")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _join_submitit_tasks() -> bool:
+    """Under a submitit job of several tasks (hydra.launcher.tasks_per_node > 1), make the tasks one
+    torch.distributed run: export the rank, world size and rendezvous address that torchrun would set
+    (moe_lab.parallel then joins the group). Returns whether this process is the run's main task."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return True
+    import submitit
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks > 1:
+        # one GPU per task is the cluster's business (gpus_per_task), not a CUDA_VISIBLE_DEVICES rewrite here
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return job.global_rank == 0
 
 
 if __name__ == "__main__":

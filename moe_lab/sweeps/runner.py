@@ -70,7 +70,10 @@ def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweep = [f"{k}={v}" for k, v in study.params.items()]
-    parsed = OverridesParser.create().parse_overrides([*sweep, *(overrides or [])])
+    # hydra.* overrides (hydra.launcher.partition=...) set up the launcher, not a run: Hydra gets them from
+    # hydra_command, the points do not carry them
+    runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
+    parsed = OverridesParser.create().parse_overrides([*sweep, *runs])
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
@@ -221,6 +224,16 @@ def _refuse_or_move(checks: list[PointCheck], what: str, rerun: bool, console) -
             console.print(f"moved {c.run_dir} aside to {move_aside(c.run_dir)}")
 
 
+# --launcher NAME -> the hydra/launcher config: Hydra's own, or ours in conf/hydra/launcher (they set the submitit
+# plugin's defaults for a run: time limit and requeues, CPUs, GPUs, memory, array parallelism)
+LAUNCHERS = {
+    "basic": "basic",
+    "joblib": "joblib",
+    "submitit_local": "moe_lab_local",
+    "submitit_slurm": "moe_lab_slurm",
+}
+
+
 def run_study(
     name: str,
     overrides: list[str],
@@ -241,8 +254,8 @@ def run_study(
     console = console or Console()
     study = load_study(name)
     root = Path(root or results_root())
-    if launcher not in ("basic", "joblib"):
-        raise ValueError(f"launcher {launcher!r} is not one of ['basic', 'joblib']")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r} is not one of {list(LAUNCHERS)}")
     check_writable(root)
     pretrainings, checks = plan_study(study, overrides, root)
     _refuse_or_move(pretrainings, "shared pretrainings", rerun, console)
@@ -251,6 +264,10 @@ def run_study(
     for pre in pretrainings:
         ensure_pretrained(root, pre.point[0], pre.point[1:])
     env = {**os.environ, "MOE_LAB_RESULTS": str(root)}
+    if launcher.startswith("submitit"):  # a job's console goes to its log, not here
+        console.print(
+            f"submitit: each grid point is a job; its output is in {results_dir(study, root) / 'runs' / '.submitit'}"
+        )
     code = subprocess.run(hydra_command(study, root, overrides, launcher), env=env).returncode
     frame = collect(study, root)
     if code != 0:
@@ -297,7 +314,7 @@ def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str)
         f"--config-name={'finetune' if study.command == 'finetune' else 'config'}",
         SEARCH_PATH,
         f"+experiments={study.name}",
-        f"hydra/launcher={launcher}",
+        f"hydra/launcher={LAUNCHERS[launcher]}",
         f"hydra.sweep.dir={results_dir(study, root) / 'runs'}",
         "hydra.sweep.subdir=${hydra:job.override_dirname}",
         f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]",
