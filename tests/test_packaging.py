@@ -24,7 +24,9 @@ def test_pyproject_lists_every_package() -> None:
     """The explicit package list (needed for the conf/ and experiments/ mapping) misses nothing on disk."""
     on_disk = {"moe_lab.conf", "moe_lab.experiments"}
     on_disk |= {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "moe_lab").rglob("__init__.py")}
-    on_disk |= {f"moe_lab.conf.{p.name}" for p in (ROOT / "conf").iterdir() if any(p.glob("*.yaml"))}
+    for yaml_file in (ROOT / "conf").rglob("*.yaml"):  # every group, nested ones (hydra/launcher) and their parents
+        parts = yaml_file.parent.relative_to(ROOT / "conf").parts
+        on_disk |= {".".join(("moe_lab.conf", *parts[:i])) for i in range(1, len(parts) + 1)}
     assert sorted(_setuptools()["packages"]) == sorted(on_disk)
     assert _setuptools()["package-dir"] == {
         "moe_lab": "moe_lab",
