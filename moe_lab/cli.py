@@ -291,7 +291,7 @@ def bench_dispatch_cmd(
     capacity_factor: Annotated[float, typer.Option(help="train capacity factor; 0 = dropless")] = 1.25,
     activation: Annotated[str, typer.Option(help="relu, gelu, geglu or swiglu (Mixtral's)")] = "swiglu",
     backends: Annotated[str, typer.Option(help="comma-separated rows to time")] = ",".join(
-        ("dense", "sorted", "loop", "einsum", "hf-mixtral", "hf-mixtral-grouped_mm")
+        ("dense", "sorted", "grouped_mm", "loop", "einsum", "hf-mixtral", "hf-mixtral-grouped_mm")
     ),
     repeats: Annotated[int, typer.Option(help="timed repeats per row (the median is reported)")] = 5,
     warmup: Annotated[int, typer.Option()] = 2,

@@ -66,3 +66,30 @@ def make_layer(dtype: torch.dtype = torch.float32, **overrides) -> MoELayer:
     """A small layer with test-friendly defaults."""
     values = {"d_model": 8, "d_ff": 16, "num_experts": 4, "top_k": 2, **overrides}
     return MoELayer(MoEConfig(**values)).to(dtype)
+
+
+class HostReads:
+    """Counts the reads of tensor values into Python (tolist, item, bool, int, float): on CUDA each is a sync.
+    `ours` counts those that moe-lab's own code makes (torch's optimizers read their CPU step counters)."""
+
+    NAMES = ("tolist", "item", "__bool__", "__int__", "__index__", "__float__")
+
+    def __enter__(self) -> HostReads:
+        self.count, self.ours, self.saved = 0, 0, {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def counting(original):
+            def read(tensor, *args, **kwargs):
+                self.count += 1
+                caller = sys._getframe(1).f_code.co_filename
+                self.ours += f"{os.sep}moe_lab{os.sep}" in caller
+                return original(tensor, *args, **kwargs)
+
+            return read
+
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, counting(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)

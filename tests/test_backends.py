@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import make_layer, run_backend
+from tests.conftest import HostReads, make_layer, run_backend
 
 
 def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, msg: str) -> None:
@@ -105,3 +105,94 @@ def test_only_einsum_builds_a_tokens_experts_capacity_tensor(backend: str, build
     with _LargestTensor() as mode:
         layer(x).sum().backward()
     assert (mode.largest >= tokens * experts * capacity) == builds_tec, mode.largest
+
+
+# --- grouped_mm: torch._grouped_mm over the sorted blocks ------------------------------------------------------------
+
+
+@st.composite
+def grouped_mm_cases(draw):
+    """layer_cases with widths torch._grouped_mm takes (rows of a multiple of 16 bytes in fp32 and bf16)."""
+    case = draw(layer_cases())
+    case["config"]["d_model"] = draw(st.sampled_from([8, 16]))
+    case["config"]["d_ff"] = draw(st.sampled_from([8, 16, 24]))
+    return case
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=grouped_mm_cases())
+def test_grouped_mm_agrees_with_sorted_and_the_reference(case: dict) -> None:
+    """Same kept slots, outputs and gradients as `sorted` (fp32: equal to the last bit on CPU) and as einsum, for
+    token and expert choice, k 1/2, both drop policies, dropless and routing groups."""
+    torch.manual_seed(case["seed"])
+    dtype = case["dtype"]
+    layer = make_layer(dtype, **case["config"])
+    torch.nn.init.normal_(layer.router.weight, std=1.0)
+    x = torch.randn(*case["shape"], case["config"]["d_model"]).to(dtype)
+    grad_out = torch.randn(*case["shape"], case["config"]["d_model"])
+    got = run_backend(layer, "grouped_mm", x, grad_out)
+    for ref_name in ("sorted", "einsum"):
+        ref = run_backend(layer, ref_name, x, grad_out)
+        if ref["keep"] is not None:
+            assert torch.equal(got["keep"], ref["keep"]), ref_name
+        for key in ("y", "x_grad", "router_grad", "w_in_grad", "w_out_grad"):
+            assert_agree(got[key], ref[key], dtype, f"grouped_mm vs {ref_name}: {key}")
+
+
+def test_grouped_mm_handles_empty_experts_and_one_expert_with_every_token() -> None:
+    x = torch.randn(1, 32, 8).abs()  # positive, so a large weight row toward expert 0 wins for every token
+    grad_out = torch.randn(1, 32, 8)
+    for bias in (0.0, 50.0):  # spread, then every token's first choice is expert 0
+        layer = make_layer(num_experts=16, top_k=1, train_capacity_factor=None)
+        with torch.no_grad():
+            layer.router.weight.zero_()
+            layer.router.weight[0] += bias
+            layer.router.weight.add_(torch.randn_like(layer.router.weight) * 0.1)
+        loads = torch.bincount(layer.route(x.view(-1, 8))[2].expert_index_TK.flatten(), minlength=16)
+        assert (loads == 0).any() and (loads.max() == 32) == (bias > 0)  # empty experts; one with every token
+        got, ref = run_backend(layer, "grouped_mm", x, grad_out), run_backend(layer, "sorted", x, grad_out)
+        for key in ("y", "x_grad", "w_in_grad", "w_out_grad"):
+            torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_mm_refuses_what_torch_cannot_take() -> None:
+    layer = make_layer(torch.float64, d_model=8, d_ff=16)
+    layer.backend = "grouped_mm"
+    with pytest.raises(ValueError, match=r"takes float32, bfloat16 or float16, not torch\.float64; use backend=sorted"):
+        layer(torch.randn(1, 4, 8, dtype=torch.float64))
+    layer = make_layer(d_model=6, d_ff=16)
+    layer.backend = "grouped_mm"
+    with pytest.raises(ValueError, match="multiple of 16 bytes: d_model=6 at 4 bytes"):
+        layer(torch.randn(1, 4, 6))
+
+
+@pytest.mark.parametrize(("backend", "reads"), [("sorted", 1), ("grouped_mm", 0)])
+def test_grouped_mm_reads_nothing_on_the_host(backend: str, reads: int) -> None:
+    """A dropless forward and backward of the layer: `sorted` reads its block sizes once; grouped_mm keeps its
+    offsets on the device. (With a capacity, the keep rule's boolean selection still syncs on CUDA.)"""
+    layer = make_layer(top_k=2, train_capacity_factor=None)
+    layer.backend = backend
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    with HostReads() as host:
+        layer(x).sum().backward()
+    assert host.count == reads
+
+
+def test_auto_is_sorted_on_cpu() -> None:
+    layer = make_layer(backend="auto")
+    assert layer.resolve_backend(torch.randn(4, 8)) == "sorted"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_grouped_mm_on_cuda_agrees_with_sorted() -> None:
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for top_k, cf in ((1, 1.25), (2, None)):
+            layer = make_layer(dtype, d_model=64, d_ff=128, num_experts=8, top_k=top_k, train_capacity_factor=cf)
+            layer = layer.cuda()
+            x = torch.randn(4, 64, 64, device="cuda").to(dtype)
+            grad_out = torch.randn(4, 64, 64, device="cuda")
+            assert layer.__class__(layer.config).cuda().resolve_backend(x.view(-1, 64)) in ("grouped_mm", "sorted")
+            got, ref = run_backend(layer, "grouped_mm", x, grad_out), run_backend(layer, "sorted", x, grad_out)
+            for key in ("y", "x_grad", "router_grad", "w_in_grad", "w_out_grad"):
+                assert_agree(got[key], ref[key], dtype, f"cuda {dtype}: {key}")

@@ -25,7 +25,7 @@ def test_bench_dispatch_writes_json(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr + result.stdout
     records = json.loads(out.read_text())
-    backends = ["dense", "sorted", "loop", "einsum", "hf-mixtral", "hf-mixtral-grouped_mm"]
+    backends = ["dense", "sorted", "grouped_mm", "loop", "einsum", "hf-mixtral", "hf-mixtral-grouped_mm"]
     assert len(records) == 2 * 2 * len(backends)
     assert {r["backend"] for r in records} == set(backends)
     for r in records:

@@ -23,9 +23,10 @@ from moe_lab.data.lm import build_lm_data
 from moe_lab.models import ClassifierModel, LanguageModel, count_parameters, flops_per_token, moe_layers
 from moe_lab.moe import MoEConfig
 from moe_lab.track import RunLogger
-from moe_lab.train.loop import train
+from moe_lab.train.loop import Trainer, train
 from moe_lab.train.optim import UpdateClipper, lr_lambda
 from moe_lab.train.pretrain import LMTask
+from tests.conftest import HostReads
 
 TINY = ModelConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32, moe_every=2)
 MOE = MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2)
@@ -169,3 +170,22 @@ def test_scale_multiplies_the_training_length() -> None:
     assert scaled.scale == 1.0 and run.scaled().scaled() == scaled
     with pytest.raises(ConfigError, match="scale must be > 0"):
         compose("tiny", ["scale=0"])
+
+
+def test_a_step_reads_its_losses_once_however_many_micro_batches(data, tmp_path: Path) -> None:
+    """The loss parts accumulate on the device and are read once per optimizer step (each read is a host sync
+    on CUDA): a step of 4 micro-batches reads no more than a step of 1. With grouped_mm the MoE layers read
+    nothing."""
+    reads = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = LanguageModel(TINY, replace(MOE, backend="grouped_mm", train_capacity_factor=None), data.vocab_size)
+        train_cfg = TrainConfig(max_steps=2, batch_size=8 // accum, grad_accum=accum, seq_len=32, eval_every=1000,
+                                eval_batches=1, log_every=1, ckpt_every=1000, fluctuation_every=0)  # fmt: skip
+        optim_cfg = OptimConfig(warmup_steps=0, schedule="constant")
+        task = LMTask(data, 8 // accum, seed=0, eval_batches=1)
+        trainer = Trainer(model, task, train_cfg, optim_cfg, tmp_path / str(accum), RunLogger(tmp_path / str(accum)))
+        with HostReads() as host:
+            trainer.step(0)
+        reads.append(host.ours)
+    assert reads == [2, 2]  # the step's losses, and its gradient norm

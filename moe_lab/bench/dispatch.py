@@ -16,7 +16,7 @@ from torch import nn
 from moe_lab.moe import MoEConfig, MoELayer
 from moe_lab.moe.experts import Experts
 
-OUR_BACKENDS = ("sorted", "loop", "einsum")
+OUR_BACKENDS = ("sorted", "grouped_mm", "loop", "einsum")
 PEERS = ("hf-mixtral", "hf-mixtral-grouped_mm")
 ALL_BACKENDS = ("dense", *OUR_BACKENDS, *PEERS)
 

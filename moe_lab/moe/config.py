@@ -12,7 +12,7 @@ TOP1_ROUTINGS = ("hash", "base", "stablemoe")
 DROP_POLICIES = ("position", "priority")
 CAPACITY_CONVENTIONS = ("gshard", "flaxformer")
 ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
-BACKENDS = ("sorted", "einsum", "loop")
+BACKENDS = ("sorted", "grouped_mm", "einsum", "loop")
 AUX_LOSS_TYPES = ("topk", "top1")
 STAGE1_EVAL_ROUTERS = ("distilled", "learned")
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -145,7 +145,8 @@ class MoEConfig:
     activation: str = bounded("geglu", choices=ACTIVATIONS)
     # Dropout on the experts' hidden activations, separate from the model's dropout (ST-MoE Sec. 4.3).
     expert_dropout: float = bounded(0.0, ge=0, lt=1)
-    backend: str = bounded("sorted", choices=BACKENDS)
+    # auto: grouped_mm on CUDA (when torch._grouped_mm takes the shapes), sorted elsewhere
+    backend: str = bounded("sorted", choices=(*BACKENDS, "auto"))
     # Vocabulary size: hash routing and StableMoE's distilled router look at token ids. The model sets it.
     vocab_size: int | None = bounded(None, ge=1, none="set by the model")
     hash_seed: int = bounded(0, ge=0)

@@ -9,7 +9,9 @@ differ only in how they move tokens:
 - `loop`: a Python loop over experts that masks the slots of each one, as Hugging Face's models do.
 - `sorted`: the fast path (MegaBlocks / ScatterMoE): sort slots by expert, gather the tokens once,
   a grouped matmul over contiguous expert blocks, a weighted scatter-add back. It never builds a
-  [tokens, experts, capacity] tensor.
+  [tokens, experts, capacity] tensor. Its grouped matmul is a Python loop over experts and reads the
+  block sizes on the host.
+- `grouped_mm`: `sorted` with torch._grouped_mm (one kernel per matmul, offsets on the device).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moe_lab.moe.experts import Experts
+from moe_lab.moe.experts import Experts, grouped_mm_supports
 from moe_lab.moe.router import Routing, count
 
 Backend = Callable[[torch.Tensor, Routing, Experts], tuple[torch.Tensor, torch.Tensor]]
@@ -66,6 +68,20 @@ def dispatch_sorted(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> t
     def grouped(x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
         # the one host sync of this path: block sizes for the grouped matmul (a GPU kernel takes offsets instead)
         return experts.forward_grouped(x_ND, count(expert_N, routing.num_experts).tolist())
+
+    return combine_sorted(x_TD, routing, grouped)
+
+
+def dispatch_grouped_mm(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sorted` with torch._grouped_mm over the expert blocks: the block offsets stay on the device, so on CUDA
+    a forward never waits for the host. Returns (y_TD, keep_S)."""
+    problem = grouped_mm_supports(x_TD.dtype, x_TD.shape[-1], experts.d_ff)
+    if problem is not None:
+        raise ValueError(f"backend=grouped_mm: {problem}; use backend=sorted")
+
+    def grouped(x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+        offsets_E = count(expert_N, routing.num_experts).cumsum(0).to(torch.int32)
+        return experts.forward_grouped_mm(x_ND, offsets_E)
 
     return combine_sorted(x_TD, routing, grouped)
 
@@ -125,4 +141,9 @@ def dispatch_einsum(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> t
     return torch.cat(outputs), torch.cat(keeps)
 
 
-BACKENDS: dict[str, Backend] = {"sorted": dispatch_sorted, "loop": dispatch_loop, "einsum": dispatch_einsum}
+BACKENDS: dict[str, Backend] = {
+    "sorted": dispatch_sorted,
+    "grouped_mm": dispatch_grouped_mm,
+    "loop": dispatch_loop,
+    "einsum": dispatch_einsum,
+}

@@ -52,6 +52,13 @@ class Experts(nn.Module):
         """One expert, given its weights (slices from `unbind`, never `w[e]`: see forward_grouped)."""
         return self.hidden(x_ND @ w_in_DH) @ w_out_FD
 
+    def forward_grouped_mm(self, x_ND: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+        """Grouped matmul on the device: rows sorted by expert, expert e's rows end at offsets_E[e] (int32
+        cumulative counts). Two torch._grouped_mm calls, no host sync; fp32, bf16 or fp16, with every row
+        a multiple of 16 bytes (`grouped_mm_supports`)."""
+        h = torch._grouped_mm(x_ND, self.w_in_EDH.to(x_ND.dtype), offs=offsets_E)
+        return torch._grouped_mm(self.hidden(h), self.w_out_EFD.to(x_ND.dtype), offs=offsets_E)
+
     def forward_grouped(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Grouped matmul: rows sorted by expert, counts[e] contiguous rows for expert e.
 
@@ -67,3 +74,15 @@ class Experts(nn.Module):
         # the whole FFN per block, then one concatenation of the [N, D] outputs: running the
         # activation over one [N, H] tensor instead was 1.5x slower on CPU (memory-bound, cache-cold)
         return torch.cat([self.forward_one(x_chunks[e], w_in[e], w_out[e]) for e in active])
+
+
+def grouped_mm_supports(dtype: torch.dtype, d_model: int, d_ff: int) -> str | None:
+    """Why torch._grouped_mm cannot run these experts, or None: it takes fp32/bf16/fp16 matrices whose rows
+    (d_model, the input width H and d_ff) are multiples of 16 bytes (torch's own check)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"torch._grouped_mm takes float32, bfloat16 or float16, not {dtype}"
+    size = torch.empty((), dtype=dtype).element_size()
+    bad = [f"{name}={n}" for name, n in (("d_model", d_model), ("d_ff", d_ff)) if n * size % 16]
+    if bad:
+        return f"torch._grouped_mm needs rows of a multiple of 16 bytes: {', '.join(bad)} at {size} bytes per {dtype}"
+    return None

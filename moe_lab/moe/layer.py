@@ -8,7 +8,7 @@ from torch import nn
 from moe_lab.moe.config import MoEConfig
 from moe_lab.moe.dispatch import BACKENDS
 from moe_lab.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
-from moe_lab.moe.experts import Experts
+from moe_lab.moe.experts import Experts, grouped_mm_supports
 from moe_lab.moe.metrics import RouterMetrics
 from moe_lab.moe.router import Routing
 from moe_lab.moe.routers import ROUTERS, MoELosses
@@ -91,7 +91,7 @@ class MoELayer(nn.Module):
         if self.expert_group is not None and self.expert_group.size > 1:
             y_TD, keep_S = dispatch_expert_parallel(x_TD, routing, self.experts, self.expert_group)
         else:
-            y_TD, keep_S = BACKENDS[self.backend](x_TD, routing, self.experts)
+            y_TD, keep_S = BACKENDS[self.resolve_backend(x_TD)](x_TD, routing, self.experts)
 
         self.last_losses = self.router.losses(logits_TE, probs_TE, routing, keep_S, token_ids)
         self.last_expert_index = routing.expert_index_TK.detach().view(*x.shape[:-1], -1)
@@ -107,6 +107,14 @@ class MoELayer(nn.Module):
                 losses.distill_loss,
             )  # fmt: skip
         return y_TD.view_as(x)
+
+    def resolve_backend(self, x_TD: torch.Tensor) -> str:
+        """The dispatch backend for this input: `auto` is grouped_mm on CUDA when torch._grouped_mm takes the
+        dtype and widths (no host sync per forward), else sorted (the fastest CPU path)."""
+        if self.backend != "auto":
+            return self.backend
+        fits = grouped_mm_supports(x_TD.dtype, x_TD.shape[-1], self.experts.d_ff) is None
+        return "grouped_mm" if x_TD.is_cuda and fits else "sorted"
 
     def metrics(self, mode: str | None = None, reset: bool = True) -> dict[str, float | list[float]]:
         """Routing statistics averaged since the last reset, for "train", "eval" or the current mode."""

@@ -196,7 +196,7 @@ class Trainer:
         model, accum = self.model, self.cfg.grad_accum
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        parts = dict.fromkeys(LOSS_PARTS, 0.0)
+        summed = None  # the loss parts summed over micro-batches, on the device
         tokens = 0
         for micro in range(accum):
             batch = shard(self.task.train_batch(step * accum + micro, self.device), self.world)
@@ -209,8 +209,11 @@ class Trainer:
             tokens += self.task.tokens(batch)
             distill = losses.distill if losses.distill is not None else losses.task.new_zeros(())
             values = (losses.total, losses.task, losses.aux, losses.z, losses.output_z, distill)
-            for key, value in zip(parts, values, strict=True):
-                parts[key] += value.item() / accum
+            values = torch.stack([v.detach().to(torch.float64) for v in values])
+            summed = values if summed is None else summed + values
+        # one read per step (a host sync on CUDA, where reading each part of each micro-batch was six): the
+        # divergence verdict below must come before the update
+        parts = dict(zip(LOSS_PARTS, (summed / accum).tolist(), strict=True))
         if self.world.size > 1:  # the global batch's losses and tokens: every rank then judges divergence alike
             reduced = mean_over_ranks({**parts, "tokens": tokens}, self.world)
             tokens = round(reduced.pop("tokens") * self.world.size)
