@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP) ## create .venv and install moe-lab with its dev tools (torch pinned to the CPU build)
 
 test: $(STAMP) ## run the test suite
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP) ## check style with ruff
 	$(BIN)/ruff check moe_lab tests
