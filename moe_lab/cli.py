@@ -139,17 +139,11 @@ def _compose_and_run(
     except KeyboardInterrupt:
         fail("interrupted; the same command with resume=true continues from the last checkpoint", INTERRUPTED)
     finally:
-        _leave_process_group()
+        from moe_lab.parallel import leave
+
+        leave()
     if summary["status"] not in ("completed", "diverged"):
         raise typer.Exit(code=1)
-
-
-def _leave_process_group() -> None:
-    """End a torchrun rank's process group (a no-op on one process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @app.command(context_settings=OVERRIDES)

@@ -90,6 +90,12 @@ def gather(obj: Any, w: World) -> list[Any]:
     return out
 
 
+def leave() -> None:
+    """End this process's process group, if it joined one (a no-op on one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def from_main(obj: Any, w: World) -> Any:
     """Rank 0's `obj` on every rank (any picklable value)."""
     if w.size == 1:

@@ -49,9 +49,8 @@ def layer_cases(draw):
     }
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=layer_cases())
-def test_backends_agree(case: dict) -> None:
+def assert_backends_agree(case: dict, backends: tuple[str, ...], reference: str) -> None:
+    """Each backend keeps the reference's slots and gives its outputs, gradients and aux loss on the case."""
     torch.manual_seed(case["seed"])
     dtype = case["dtype"]
     layer = make_layer(dtype, **case["config"])
@@ -59,14 +58,20 @@ def test_backends_agree(case: dict) -> None:
     torch.nn.init.normal_(layer.router.weight, std=1.0)
     x = torch.randn(*case["shape"], case["config"]["d_model"]).to(dtype)
     grad_out = torch.randn(*case["shape"], case["config"]["d_model"])
-    ref = run_backend(layer, "einsum", x, grad_out)
-    for backend in ("loop", "sorted"):
+    ref = run_backend(layer, reference, x, grad_out)
+    for backend in backends:
         got = run_backend(layer, backend, x, grad_out)
         if ref["keep"] is not None:
             assert torch.equal(got["keep"], ref["keep"]), backend
         for key in ("y", "x_grad", "router_grad", "w_in_grad", "w_out_grad"):
-            assert_agree(got[key], ref[key], dtype, f"{backend}: {key}")
+            assert_agree(got[key], ref[key], dtype, f"{backend} vs {reference}: {key}")
         torch.testing.assert_close(got["losses"].aux_loss, ref["losses"].aux_loss)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=layer_cases())
+def test_backends_agree(case: dict) -> None:
+    assert_backends_agree(case, ("loop", "sorted"), reference="einsum")
 
 
 @pytest.mark.parametrize("backend", ["sorted", "loop", "einsum"])
@@ -122,21 +127,10 @@ def grouped_mm_cases(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=grouped_mm_cases())
 def test_grouped_mm_agrees_with_sorted_and_the_reference(case: dict) -> None:
-    """Same kept slots, outputs and gradients as `sorted` (fp32: equal to the last bit on CPU) and as einsum, for
-    token and expert choice, k 1/2, both drop policies, dropless and routing groups."""
-    torch.manual_seed(case["seed"])
-    dtype = case["dtype"]
-    layer = make_layer(dtype, **case["config"])
-    torch.nn.init.normal_(layer.router.weight, std=1.0)
-    x = torch.randn(*case["shape"], case["config"]["d_model"]).to(dtype)
-    grad_out = torch.randn(*case["shape"], case["config"]["d_model"])
-    got = run_backend(layer, "grouped_mm", x, grad_out)
-    for ref_name in ("sorted", "einsum"):
-        ref = run_backend(layer, ref_name, x, grad_out)
-        if ref["keep"] is not None:
-            assert torch.equal(got["keep"], ref["keep"]), ref_name
-        for key in ("y", "x_grad", "router_grad", "w_in_grad", "w_out_grad"):
-            assert_agree(got[key], ref[key], dtype, f"grouped_mm vs {ref_name}: {key}")
+    """Same kept slots, outputs and gradients as `sorted` and as einsum, for token and expert choice, k 1/2, both
+    drop policies, dropless and routing groups."""
+    assert_backends_agree(case, ("grouped_mm",), reference="sorted")
+    assert_backends_agree(case, ("grouped_mm",), reference="einsum")
 
 
 def test_grouped_mm_handles_empty_experts_and_one_expert_with_every_token() -> None:

@@ -71,10 +71,10 @@ def _layer(num_experts: int, top_k: int, d_model: int, d_ff: int, capacity_facto
     return MoELayer(config)
 
 
-def _flat_all_reduce(grads: list[torch.Tensor], group: dist.ProcessGroup | None, size: int) -> int:
+def _flat_all_reduce(grads: list[torch.Tensor], size: int) -> int:
     """Average `grads` over the ranks in one flat all-reduce; returns its bytes."""
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
+    dist.all_reduce(flat)
     flat /= size
     offset = 0
     for g in grads:
@@ -94,8 +94,9 @@ def _worker(rank: int, size: int, port: int, layout: str, spec: dict, out: str) 
     per = spec["tokens"] // size
     x = x_all[rank * per : (rank + 1) * per].clone().requires_grad_(True)
     if layout == "ep2":
-        shard_experts(layer, ExpertGroup(rank, size, dist.new_group(list(range(size)))))
-        mine = ExpertGroup(rank, size).local_experts(spec["experts"])
+        group = ExpertGroup(rank, size, dist.new_group(list(range(size))))
+        shard_experts(layer, group)
+        mine = group.local_experts(spec["experts"])
     replicated = [p for n, p in layer.named_parameters() if layout != "ep2" or not n.startswith("experts.")]
     allreduce_bytes = 0
 
@@ -111,7 +112,7 @@ def _worker(rank: int, size: int, port: int, layout: str, spec: dict, out: str) 
         loss.backward()
         if size > 1:
             grads = [p.grad for p in replicated if p.grad is not None]
-            allreduce_bytes = _flat_all_reduce(grads, None, size)
+            allreduce_bytes = _flat_all_reduce(grads, size)
         return (time.perf_counter() - t0) * 1000
 
     for _ in range(spec["warmup"]):

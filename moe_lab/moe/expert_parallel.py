@@ -15,7 +15,8 @@ straddles ranks, so a rank's kept slots are what one process routing the same gr
 Both exchanges are differentiable (`exchange` runs the reverse exchange in backward), so an expert's
 gradient sums the contributions of every rank's tokens (a small autograd Function over the public, blocking
 c10d all_to_all_single, rather than the private functional-collectives one). Every rank must run both
-exchanges' backward, also a rank none of whose experts got a row: see `exchanged`.
+exchanges' backward, also a rank none of whose experts got a row (Experts.forward_grouped keeps an empty
+result in its input's graph for this).
 """
 
 from __future__ import annotations
@@ -113,10 +114,6 @@ def dispatch_expert_parallel(
         order = torch.argsort(expert_M, stable=True)
         h_MD = experts.forward_grouped(x_MD.index_select(0, order), recv_PE.sum(0).tolist())
         h_MD = h_MD.index_select(0, torch.argsort(order))  # arrival order again
-        if torch.is_grad_enabled() and x_MD.requires_grad and not h_MD.requires_grad:
-            # no rows for any local expert: the grouped matmul's empty result has no graph, so this rank's
-            # backward would skip both exchanges that the other ranks wait on in theirs; keep them in it
-            h_MD = h_MD + x_MD.sum() * 0
         return exchange(h_MD, send_splits, recv_splits, group.group)
 
     # 3. gate and scatter-add, as `sorted` does

@@ -67,7 +67,9 @@ class Experts(nn.Module):
         """
         active = [e for e, n in enumerate(counts) if n > 0]
         if not active:
-            return x_ND.new_zeros(0, self.w_out_EFD.shape[-1])
+            # no rows: still a function of x_ND, so a backward through it always runs (expert parallelism
+            # needs this: a rank whose experts got no row must still run its exchanges' backward)
+            return x_ND.new_zeros(0, self.w_out_EFD.shape[-1]) + x_ND.sum() * 0
         w_in = self.w_in_EDH.unbind(0)
         w_out = self.w_out_EFD.unbind(0)
         x_chunks = x_ND.split(counts)

@@ -7,12 +7,12 @@ import traceback
 from pathlib import Path
 
 import hydra
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 
 from moe_lab.config import CONF_MODULE, register_configs
+from moe_lab.parallel import leave
 from moe_lab.runs import RunConflictError
 from moe_lab.sweeps.runner import pretrained_dir, results_root
 from moe_lab.track import write_json_atomic
@@ -55,8 +55,7 @@ def main(cfg: DictConfig) -> None:
             )
         console.print(f"[red]failed[/red] {run_dir}: {err}")
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        leave()
 
 
 def _join_submitit_tasks() -> bool:

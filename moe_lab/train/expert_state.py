@@ -54,10 +54,9 @@ class ExpertSharding:
         self.group = group
         self.num_experts: dict[str, int] = {}  # expert parameter name -> experts in the full tensor
         for name, layer in layers:
+            group.local_experts(layer.experts.num_experts)  # raises when they do not split evenly
             for pname, _ in layer.experts.named_parameters():
                 self.num_experts[f"{name}.experts.{pname}"] = layer.experts.num_experts
-        for _, layer in layers:
-            group.local_experts(layer.experts.num_experts)  # raises when they do not split evenly
         self.model = model
 
     def shard(self) -> None:

@@ -222,10 +222,11 @@ class Trainer:
         loss = parts["loss"]
         if not math.isfinite(loss) or loss > self.cfg.divergence_loss:
             return parts, None
+        if self.experts is not None:
+            self.experts.scale_expert_grads()
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
         if self.experts is not None:
-            self.experts.scale_expert_grads()
             grad_norm = self.experts.clip_grad_norm(params, max_norm)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
@@ -264,10 +265,11 @@ class Trainer:
         """Everything a resume needs, written atomically by rank 0 (with every rank's RNG state), in the
         one-process layout (every expert), so that any number of ranks may resume it."""
         by_rank = gather(rng_state(), self.world)
-        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if self.experts is not None:  # the full layout, whatever the number of ranks (expert_state)
             model_state = self.experts.full_model_state()
             optimizer_state = self.experts.full_optimizer_state(self.optimizer)
+        elif self.world.main:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if not self.world.main:
             return
         save_checkpoint(
