@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch: it installs from this machine's local disk. A bare `torch` pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Triton for the `triton` backend and its interpreter tests (3.7.1, 3.8.0 and 3.9.0 pass them on torch 2.13;
+# 3.8 is what torch 2.14's CUDA builds pin). A CUDA torch brings its own matching Triton: skip this there.
+TRITON_SPEC ?= triton==3.8.0
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
@@ -16,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet "$(TRITON_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev,gpu]"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install moe-lab with its dev tools (torch pinned to the CPU build)

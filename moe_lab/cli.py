@@ -284,20 +284,21 @@ def bench_dispatch_cmd(
     d_ff: Annotated[int, typer.Option()] = 1024,
     capacity_factor: Annotated[float, typer.Option(help="train capacity factor; 0 = dropless")] = 1.25,
     activation: Annotated[str, typer.Option(help="relu, gelu, geglu or swiglu (Mixtral's)")] = "swiglu",
-    backends: Annotated[str, typer.Option(help="comma-separated rows to time")] = ",".join(
-        ("dense", "sorted", "grouped_mm", "loop", "einsum", "hf-mixtral", "hf-mixtral-grouped_mm")
-    ),
+    backends: Annotated[
+        str, typer.Option(help="comma-separated rows to time; default: the device's rows (see the README)")
+    ] = "",
     repeats: Annotated[int, typer.Option(help="timed repeats per row (the median is reported)")] = 5,
     warmup: Annotated[int, typer.Option()] = 2,
     threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default")] = 0,
-    device: Annotated[str, typer.Option()] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     json_path: Annotated[Path | None, typer.Option("--json", help="write the records here")] = None,
 ) -> None:
     """Time forward+backward of the MoE layer per dispatch backend against a dense FFN of equal FLOPs."""
     from moe_lab.bench.dispatch import bench_dispatch
 
     table = _bench_table(
-        f"MoE dispatch, fwd+bwd, T={tokens}, d={d_model}, d_ff={d_ff}, {activation}",
+        f"MoE dispatch, fwd+bwd, T={tokens}, d={d_model}, d_ff={d_ff}, {activation}, {dtype} on {device}",
         ("backend", "E", "k", "tokens/s", "x dense", "dropped"),
         threads,
     )
@@ -317,10 +318,11 @@ def bench_dispatch_cmd(
             d_ff=d_ff,
             capacity_factor=capacity_factor or None,
             activation=activation,
-            backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+            backends=tuple(b.strip() for b in backends.split(",") if b.strip()) or None,
             repeats=repeats,
             warmup=warmup,
             device=device,
+            dtype=dtype,
             on_record=show,
         ),
         table,

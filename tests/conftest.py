@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Without a CUDA device the Triton kernels run in Triton's interpreter, on CPU tensors. Set before anything
+# imports moe_lab.moe.triton_kernels: Triton reads it when the kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moe_lab.moe import MoEConfig, MoELayer
 
@@ -93,3 +99,31 @@ class HostReads:
     def __exit__(self, *exc) -> None:
         for name, original in self.saved.items():
             setattr(torch.Tensor, name, original)
+
+
+class DeviceSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device on CUDA: reads of a value (`.item()` and the
+    like) and ops whose output size depends on the data (nonzero, boolean masks, unique, bincount, ...).
+    On CPU nothing waits, but the same ops run, so this tells on CPU what would sync on CUDA. `tolist` is no
+    aten op: HostReads counts it."""
+
+    aten = torch.ops.aten
+    SYNCING = frozenset({
+        aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+        aten.masked_scatter.default, aten.bincount.default, aten.repeat_interleave.Tensor,
+        aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten.equal.default,
+    })  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        boolean_index = func in (self.aten.index.Tensor, self.aten.index_put.default, self.aten.index_put_.default)
+        boolean_index = boolean_index and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        )
+        if func in self.SYNCING or boolean_index:
+            self.ops.append(str(func))
+        return func(*args, **kwargs)

@@ -45,6 +45,20 @@ def test_bench_rejects_an_unknown_backend() -> None:
     assert "unknown backend(s) ['warp']" in result.stdout + result.stderr
 
 
+def test_bench_times_bfloat16_and_refuses_rows_it_cannot_time(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    small = ("--experts", "4", "--top-k", "1", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--repeats", "1")
+    result = run("bench", "dispatch", *small, "--warmup", "0", "--dtype", "bfloat16", "--backends", "sorted",
+                 "--json", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert [r["dtype"] for r in json.loads(out.read_text())] == ["bfloat16", "bfloat16"]
+    result = run("bench", "dispatch", *small, "--backends", "triton")
+    assert result.returncode == 2
+    assert "backend triton cannot run on cpu in float32: the Triton kernels are timed on CUDA only" in result.stderr
+    result = run("bench", "dispatch", *small, "--backends", "grouped_mm", "--d-model", "6")
+    assert result.returncode == 2 and "multiple of 16 bytes: d_model=6" in result.stderr
+
+
 def test_bench_capacity_factor_zero_is_dropless(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = run(

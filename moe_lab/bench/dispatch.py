@@ -14,11 +14,29 @@ import torch
 from torch import nn
 
 from moe_lab.moe import MoEConfig, MoELayer
-from moe_lab.moe.experts import Experts
+from moe_lab.moe.dispatch import triton_supports
+from moe_lab.moe.experts import Experts, grouped_mm_supports
 
-OUR_BACKENDS = ("sorted", "grouped_mm", "loop", "einsum")
+OUR_BACKENDS = ("sorted", "grouped_mm", "triton", "loop", "einsum")
 PEERS = ("hf-mixtral", "hf-mixtral-grouped_mm")
 ALL_BACKENDS = ("dense", *OUR_BACKENDS, *PEERS)
+# the rows `moe-lab bench dispatch` times by default on each kind of device
+DEFAULT_BACKENDS = {
+    "cpu": ("dense", "sorted", "grouped_mm", "loop", "einsum", "hf-mixtral", "hf-mixtral-grouped_mm"),
+    "cuda": ("dense", "sorted", "grouped_mm", "triton", "hf-mixtral-grouped_mm"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cannot_run(backend: str, config: MoEConfig, device: str, dtype: torch.dtype) -> str | None:
+    """Why a row cannot be timed on this device and dtype, or None."""
+    if backend in ("grouped_mm", "hf-mixtral-grouped_mm"):
+        return grouped_mm_supports(dtype, config.d_model, config.d_ff)
+    if backend == "triton":
+        if not device.startswith("cuda"):
+            return "the Triton kernels are timed on CUDA only (on CPU they run in Triton's interpreter, for tests)"
+        return triton_supports(torch.empty(0, config.d_model, device=device, dtype=dtype))
+    return None
 
 
 @dataclass
@@ -41,6 +59,7 @@ class BenchRecord:
     threads: int
     torch_version: str
     device: str
+    dtype: str = "float32"
 
 
 class DenseFFN(nn.Module):
@@ -81,15 +100,15 @@ def _dropped(module: nn.Module) -> float | None:
     return module.metrics("train")["dropped_frac"] if isinstance(module, MoELayer) else None
 
 
-def _build(backend: str, config: MoEConfig, device: str, seed: int) -> nn.Module:
+def _build(backend: str, config: MoEConfig, device: str, dtype: torch.dtype, seed: int) -> nn.Module:
     """The module a bench row times; every MoELayer row starts from the same seeded weights."""
     if backend == "dense":
-        return DenseFFN(config.d_model, config.d_ff, config.activation, config.top_k).to(device)
+        return DenseFFN(config.d_model, config.d_ff, config.activation, config.top_k).to(device, dtype)
     if backend in OUR_BACKENDS:
         torch.manual_seed(seed)
-        return MoELayer(replace(config, backend=backend)).to(device)
+        return MoELayer(replace(config, backend=backend)).to(device, dtype)
     impl = "grouped_mm" if backend.endswith("grouped_mm") else "eager"
-    return _hf_mixtral(config.d_model, config.d_ff, config.num_experts, config.top_k, impl).to(device)
+    return _hf_mixtral(config.d_model, config.d_ff, config.num_experts, config.top_k, impl).to(device, dtype)
 
 
 def _time_interleaved(
@@ -129,23 +148,34 @@ def bench_dispatch(
     d_ff: int = 1024,
     capacity_factor: float | None = 1.25,
     activation: str = "swiglu",
-    backends: tuple[str, ...] = ALL_BACKENDS,
+    backends: tuple[str, ...] | None = None,
     repeats: int = 5,
     warmup: int = 2,
     seed: int = 0,
     device: str = "cpu",
+    dtype: str = "float32",
     on_record: Callable[[BenchRecord], None] | None = None,
 ) -> list[BenchRecord]:
-    """Time forward+backward for every (E, k, backend); the dense row of each (E, k) sets the limit."""
+    """Time forward+backward for every (E, k, backend); the dense row of each (E, k) sets the limit. The default
+    rows are DEFAULT_BACKENDS of the device's kind."""
+    if backends is None:
+        backends = DEFAULT_BACKENDS["cuda" if device.startswith("cuda") else "cpu"]
     unknown = sorted(set(backends) - set(ALL_BACKENDS))
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; valid: {list(ALL_BACKENDS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {list(DTYPES)}")
     if "dense" not in backends:
         backends = ("dense", *backends)  # every ratio refers to it
+    probe = MoEConfig(d_model=d_model, d_ff=d_ff)
+    for backend in backends:
+        problem = cannot_run(backend, probe, device, DTYPES[dtype])
+        if problem is not None:
+            raise ValueError(f"backend {backend} cannot run on {device} in {dtype}: {problem}")
     records: list[BenchRecord] = []
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, tokens, d_model, generator=gen).to(device)
-    grad = torch.randn(1, tokens, d_model, generator=gen).to(device)
+    x = torch.randn(1, tokens, d_model, generator=gen).to(device, DTYPES[dtype])
+    grad = torch.randn(1, tokens, d_model, generator=gen).to(device, DTYPES[dtype])
     for num_experts in experts:
         for top_k in top_ks:
             config = MoEConfig(
@@ -156,7 +186,7 @@ def bench_dispatch(
                 train_capacity_factor=capacity_factor,
                 activation=activation,
             )
-            modules = {b: _build(b, config, device, seed) for b in backends}
+            modules = {b: _build(b, config, device, DTYPES[dtype], seed) for b in backends}
             times = _time_interleaved(modules, x, grad, repeats, warmup)
             dense_tps = tokens / statistics.median(times["dense"])
             for backend, module in modules.items():
@@ -179,6 +209,7 @@ def bench_dispatch(
                     threads=torch.get_num_threads(),
                     torch_version=torch.__version__,
                     device=device,
+                    dtype=dtype,
                 )
                 records.append(record)
                 if on_record is not None:

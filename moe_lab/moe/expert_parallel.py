@@ -100,13 +100,13 @@ def dispatch_expert_parallel(
     num_experts, P = routing.num_experts, group.size
     per = num_experts // P
 
-    def exchanged(x_ND: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+    def exchanged(x_ND: torch.Tensor, expert_N: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # 1. rows per (destination rank, its local expert), and what every source sends to mine
         counts_E = count(expert_N, num_experts)
         recv_PE = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_PE, counts_E, group=group.group)
         recv_PE = recv_PE.view(P, per)  # [source, my local expert]
-        send_splits = counts_E.view(P, per).sum(1).tolist()
+        send_splits = [sum(counts[r * per : (r + 1) * per]) for r in range(P)]
         recv_splits = recv_PE.sum(1).tolist()
         # 2. there: regroup by local expert, run, restore arrival order; and back
         x_MD = exchange(x_ND, recv_splits, send_splits, group.group)

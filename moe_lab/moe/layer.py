@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moe_lab.moe.config import MoEConfig
-from moe_lab.moe.dispatch import BACKENDS
+from moe_lab.moe.dispatch import BACKENDS, triton_supports
 from moe_lab.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from moe_lab.moe.experts import Experts, grouped_mm_supports
 from moe_lab.moe.metrics import RouterMetrics
@@ -109,12 +109,16 @@ class MoELayer(nn.Module):
         return y_TD.view_as(x)
 
     def resolve_backend(self, x_TD: torch.Tensor) -> str:
-        """The dispatch backend for this input: `auto` is grouped_mm on CUDA when torch._grouped_mm takes the
-        dtype and widths (no host sync per forward), else sorted (the fastest CPU path)."""
+        """The dispatch backend for this input. `auto`, on CUDA: grouped_mm when torch._grouped_mm takes the
+        dtype and widths, else triton when it is installed and takes the dtype (neither reads the host per
+        forward); on CPU, and on CUDA when neither fits, sorted (the fastest CPU path)."""
         if self.backend != "auto":
             return self.backend
-        fits = grouped_mm_supports(x_TD.dtype, x_TD.shape[-1], self.experts.d_ff) is None
-        return "grouped_mm" if x_TD.is_cuda and fits else "sorted"
+        if not x_TD.is_cuda:
+            return "sorted"
+        if grouped_mm_supports(x_TD.dtype, x_TD.shape[-1], self.experts.d_ff) is None:
+            return "grouped_mm"
+        return "triton" if triton_supports(x_TD) is None else "sorted"
 
     def metrics(self, mode: str | None = None, reset: bool = True) -> dict[str, float | list[float]]:
         """Routing statistics averaged since the last reset, for "train", "eval" or the current mode."""

@@ -38,8 +38,8 @@ def load_balancing_loss(
             counted &= routing.choice_S == 0
         if keep_S is not None:
             counted &= keep_S
-        cell = routing.group_S[counted] * num_experts + routing.expert_S[counted]
-        counts_GE = count(cell, num_groups * num_experts).view(num_groups, num_experts)
+        cell = routing.group_S * num_experts + routing.expert_S
+        counts_GE = count(cell, num_groups * num_experts, where=counted).view(num_groups, num_experts)
         tokens_G = count(routing.group_T, num_groups).clamp(min=1)
         f_GE = counts_GE.float() / tokens_G[:, None]
         weight_G = tokens_G.float() / routing.num_tokens

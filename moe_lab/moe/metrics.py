@@ -51,10 +51,10 @@ class RouterMetrics:
         self.num_tokens += num_tokens
         routed_E = count(expert_S, self.num_experts).float()
         self._add("routed_E", routed_E)
-        self._add("kept_E", count(expert_S[keep_S], self.num_experts).float())
+        self._add("kept_E", count(expert_S, self.num_experts, where=keep_S).float())
         # per forward, then averaged: summing counts first would let opposite imbalances cancel
         self._add("imbalance", routed_E.max() / routed_E.mean().clamp(min=1e-9))
-        kept_per_token = count(token_S[keep_S], num_tokens)
+        kept_per_token = count(token_S, num_tokens, where=keep_S)
         self._add("tokens_fully_dropped", (kept_per_token == 0).sum().float())
         if logits_TE is not None:
             log_probs = torch.log_softmax(logits_TE.float(), dim=-1)

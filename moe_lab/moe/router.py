@@ -63,9 +63,11 @@ class Routing:
         return cap_G
 
 
-def count(index: torch.Tensor, size: int) -> torch.Tensor:
-    """bincount with a fixed length: a scatter-add, which unlike CUDA bincount never syncs the host."""
-    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, torch.ones_like(index))
+def count(index: torch.Tensor, size: int, where: torch.Tensor | None = None) -> torch.Tensor:
+    """bincount with a fixed length, of the entries where `where` (bool) holds if given: a scatter-add, which
+    unlike CUDA bincount or a boolean selection never syncs the host."""
+    ones = torch.ones_like(index) if where is None else where.long()
+    return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, ones)
 
 
 class Router(nn.Module):
