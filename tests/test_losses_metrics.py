@@ -139,7 +139,10 @@ def test_expert_dropout_only_in_training() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"backend": "fast"}, r"backend='fast' is not one of \['sorted', 'grouped_mm', 'triton', 'einsum', 'loop', 'auto'\]"),
+        (
+            {"backend": "fast"},
+            r"backend='fast' is not one of \['sorted', 'grouped_mm', 'triton', 'einsum', 'loop', 'auto'\]",
+        ),
         ({"drop_policy": "random"}, "drop_policy='random' is not one of"),
         ({"activation": "tanh"}, "activation='tanh' is not one of"),
         ({"top_k": 3, "num_experts": 2}, "top_k=3 exceeds num_experts=2"),
