@@ -13,15 +13,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.conftest import DeviceSyncs, HostReads, make_layer, run_backend
 
 
-def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, msg: str) -> None:
+def assert_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, msg: str, noise: float = 0.0) -> None:
     """float32: elementwise. bfloat16: by relative norm within a few bf16 epsilons (2**-7 = 0.8%): sums over
     tokens in another order (per group in einsum, per expert elsewhere) differ by an ulp of the sum, 0.06
-    at magnitude 16, and the router's gradient is a product of such sums. A wrong routing is off by O(1)."""
+    at magnitude 16, and the router's gradient is a product of such sums. A wrong routing is off by O(1).
+    `noise` is the reference backend's own bf16 error against float64: where a result cancels (the router's
+    gradient is a difference of the experts' outputs), bf16 resolves it no better, so twice that is allowed."""
     if dtype == torch.float32:
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=msg)
         return
     err = (got.float() - ref.float()).norm().item()
-    assert err <= 3e-2 * ref.float().norm().item() + 1e-3, f"{msg}: relative error {err / ref.float().norm():.4f}"
+    bound = 3e-2 * ref.float().norm().item() + 2 * noise + 1e-3
+    assert err <= bound, f"{msg}: error {err:.2e} > {bound:.2e} (relative {err / ref.float().norm():.4f})"
 
 
 @st.composite
@@ -64,10 +67,9 @@ def assert_backends_agree(
     torch.nn.init.normal_(layer.router.weight, std=1.0)
     x = torch.randn(*case["shape"], case["config"]["d_model"]).to(dtype)
     grad_out = torch.randn(*case["shape"], case["config"]["d_model"])
-    if float64_reference:
-        ref = run_backend(copy.deepcopy(layer).double(), reference, x.double(), grad_out)
-    else:
-        ref = run_backend(layer, reference, x, grad_out)
+    ref64 = run_backend(copy.deepcopy(layer).double(), reference, x.double(), grad_out)
+    ref_same = run_backend(layer, reference, x, grad_out)  # the reference in the case's dtype
+    ref = ref64 if float64_reference else ref_same
     layer, x, grad_out = layer.to(device), x.to(device), grad_out.to(device)
     for backend in backends:
         got = {
@@ -77,7 +79,8 @@ def assert_backends_agree(
         if ref["keep"] is not None:
             assert torch.equal(got["keep"], ref["keep"]), backend
         for key in ("y", "x_grad", "router_grad", "w_in_grad", "w_out_grad"):
-            assert_agree(got[key], ref[key].to(got[key].dtype), dtype, f"{backend} vs {reference}: {key}")
+            noise = (ref_same[key].double() - ref64[key]).norm().item() if dtype == torch.bfloat16 else 0.0
+            assert_agree(got[key], ref[key].to(got[key].dtype), dtype, f"{backend} vs {reference}: {key}", noise)
         torch.testing.assert_close(got["losses"].aux_loss.cpu(), ref["losses"].aux_loss.to(torch.float32))
 
 
