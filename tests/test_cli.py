@@ -45,18 +45,18 @@ def test_bench_rejects_an_unknown_backend() -> None:
     assert "unknown backend(s) ['warp']" in result.stdout + result.stderr
 
 
-def test_bench_times_bfloat16_and_refuses_rows_it_cannot_time(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    small = ("--experts", "4", "--top-k", "1", "--tokens", "64", "--d-model", "16", "--d-ff", "32", "--repeats", "1")
-    result = run("bench", "dispatch", *small, "--warmup", "0", "--dtype", "bfloat16", "--backends", "sorted",
-                 "--json", str(out))  # fmt: skip
-    assert result.returncode == 0, result.stderr + result.stdout
-    assert [r["dtype"] for r in json.loads(out.read_text())] == ["bfloat16", "bfloat16"]
-    result = run("bench", "dispatch", *small, "--backends", "triton")
-    assert result.returncode == 2
-    assert "backend triton cannot run on cpu in float32: the Triton kernels are timed on CUDA only" in result.stderr
-    result = run("bench", "dispatch", *small, "--backends", "grouped_mm", "--d-model", "6")
-    assert result.returncode == 2 and "multiple of 16 bytes: d_model=6" in result.stderr
+def test_bench_times_bfloat16_and_refuses_rows_it_cannot_time() -> None:
+    from moe_lab.bench.dispatch import bench_dispatch
+
+    small = {"experts": (4,), "top_ks": (1,), "tokens": 64, "d_model": 16, "d_ff": 32, "repeats": 1, "warmup": 0}
+    records = bench_dispatch(**small, backends=("sorted",), dtype="bfloat16")
+    assert [(r.backend, r.dtype) for r in records] == [("dense", "bfloat16"), ("sorted", "bfloat16")]
+    with pytest.raises(ValueError, match="backend triton cannot run on cpu in float32: the Triton kernels are timed"):
+        bench_dispatch(**small, backends=("triton",))
+    with pytest.raises(ValueError, match="multiple of 16 bytes: d_model=6"):
+        bench_dispatch(**{**small, "d_model": 6}, backends=("grouped_mm",))
+    with pytest.raises(ValueError, match=r"dtype='float64' is not one of \['float32', 'bfloat16', 'float16'\]"):
+        bench_dispatch(**small, backends=("sorted",), dtype="float64")
 
 
 def test_bench_capacity_factor_zero_is_dropless(tmp_path: Path) -> None:

@@ -199,3 +199,21 @@ def test_readme_parallel_benchmark_is_the_committed_json() -> None:
         for r in records
     ]  # fmt: skip
     assert body == expected
+
+
+def test_readme_dispatch_benchmark_is_the_committed_json() -> None:
+    """The README's "Benchmark: dispatch" table is results/bench/dispatch.json, cell by cell."""
+    records = json.loads((RESULTS / "bench" / "dispatch.json").read_text())
+    section = README.read_text().split("## Benchmark: dispatch", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    header, body = [c.strip() for c in rows[0]], [[c.strip() for c in row] for row in rows[1:]]
+    backends = header[2:]
+    assert backends[0] == "dense" and set(backends) == {r["backend"] for r in records}
+    shapes = list(dict.fromkeys((r["num_experts"], r["top_k"]) for r in records))
+    cell = {(r["num_experts"], r["top_k"], r["backend"]): r for r in records}
+    expected = [
+        [str(e), str(k)]
+        + [f"{cell[e, k, b]['tokens_per_s'] / 1000:.1f}k ({cell[e, k, b]['ratio_to_dense']:.2f}x)" for b in backends]
+        for e, k in shapes
+    ]
+    assert body == expected

@@ -72,7 +72,7 @@ def test_row_tiles_cover_each_row_once_inside_its_expert(case, block_m: int) -> 
     assert (covered[sum(counts) :] == 0).all()  # the dropped rows are never computed
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=block_counts(), gather=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_gathered_grouped_linear_matches_a_float64_loop(case, gather: bool, dtype: torch.dtype) -> None:
     """Forward and both gradients of one grouped matmul, against an explicit per-expert loop in float64."""
@@ -112,7 +112,7 @@ def triton_cases(draw):
     return case
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=triton_cases())
 def test_triton_agrees_with_sorted_and_the_float64_reference(case: dict) -> None:
     """Same kept slots, outputs and gradients of input, router and experts as `sorted`, and as the einsum

@@ -66,8 +66,8 @@ class ClassificationTask:
     def loss(self, model: ClassifierModel, batch: dict[str, torch.Tensor]) -> ModelLosses:
         return model.losses(batch["ids"], batch["labels"], batch["mask"])
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["mask"].sum().item())
+    def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["mask"].sum()  # on the device: the training loop reads it with the step's losses
 
     def _score(self, model, ids: list[list[int]], labels: torch.Tensor, device) -> tuple[float, torch.Tensor]:
         losses, preds = [], []

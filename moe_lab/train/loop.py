@@ -37,7 +37,9 @@ class Task(Protocol):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ModelLosses: ...
 
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int: ...
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int | torch.Tensor:
+        """The batch's tokens: an int, or a 0-d tensor on the device where counting them would read it."""
+        ...
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
 
@@ -197,7 +199,7 @@ class Trainer:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         summed = None  # the loss parts summed over micro-batches, on the device
-        tokens = 0
+        tokens: int | torch.Tensor = 0  # a device tensor for tasks that count on the device (fine-tuning's mask)
         for micro in range(accum):
             batch = shard(self.task.train_batch(step * accum + micro, self.device), self.world)
             # under DDP the gradients are averaged over ranks once, after the last micro-batch
@@ -206,14 +208,20 @@ class Trainer:
                 with self.autocast:
                     losses = self.ddp(batch) if self.ddp is not None else self.task.loss(model, batch)
                 (losses.total / accum).backward()
-            tokens += self.task.tokens(batch)
+            tokens = tokens + self.task.tokens(batch)
             distill = losses.distill if losses.distill is not None else losses.task.new_zeros(())
             values = (losses.total, losses.task, losses.aux, losses.z, losses.output_z, distill)
             values = torch.stack([v.detach().to(torch.float64) for v in values])
             summed = values if summed is None else summed + values
         # one read per step (a host sync on CUDA, where reading each part of each micro-batch was six): the
         # divergence verdict below must come before the update
-        parts = dict(zip(LOSS_PARTS, (summed / accum).tolist(), strict=True))
+        read = summed / accum
+        if isinstance(tokens, torch.Tensor):  # read with the losses, not once per micro-batch
+            read = torch.cat([read, tokens.to(torch.float64).view(1)])
+        values = read.tolist()
+        if isinstance(tokens, torch.Tensor):
+            tokens = round(values.pop())
+        parts = dict(zip(LOSS_PARTS, values, strict=True))
         if self.world.size > 1:  # the global batch's losses and tokens: every rank then judges divergence alike
             reduced = mean_over_ranks({**parts, "tokens": tokens}, self.world)
             tokens = round(reduced.pop("tokens") * self.world.size)
