@@ -171,9 +171,10 @@ def _blocks(n: int, k: int) -> tuple[int, int]:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 follows torch's own matmul setting (TF32 only where torch allows it), so the backends agree
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 else "ieee"
+    """tl.dot's input precision: float32 follows torch's own matmul setting (TF32 only where torch allows it),
+    so the backends agree; for 16-bit inputs it is Triton's default and means nothing."""
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return "ieee" if ieee else "tf32"
 
 
 def _rows(
