@@ -139,6 +139,22 @@ def test_triton_handles_empty_experts_and_one_expert_with_every_token() -> None:
             torch.testing.assert_close(got[key].cpu(), ref[key], atol=1e-5, rtol=1e-4)
 
 
+def test_triton_under_autocast_runs_in_autocasts_dtype_like_sorted() -> None:
+    """bf16 autocast over an fp32 layer: the kernels get bf16 operands, as sorted's torch matmuls do."""
+    torch.manual_seed(0)
+    layer = make_layer(num_experts=4, top_k=2, train_capacity_factor=1.0, d_model=16, d_ff=32)
+    x, grad_out = torch.randn(1, 48, 16), torch.randn(1, 48, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = run_backend(layer, "sorted", x, grad_out)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = run_backend(layer.to(DEVICE), "triton", x.to(DEVICE), grad_out.to(DEVICE))
+    fp32 = run_backend(layer, "sorted", x, grad_out)
+    for key in ("y", "x_grad", "w_in_grad", "w_out_grad"):
+        assert_agree(got[key].cpu().float(), ref[key].float(), torch.bfloat16, key)
+    # and not the fp32 result: the bf16 rounding shows at this size
+    assert (got["y"].cpu().float() - fp32["y"]).abs().max() > 1e-4
+
+
 def test_triton_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     layer = make_layer(torch.float64).to(DEVICE)
     layer.backend = "triton"

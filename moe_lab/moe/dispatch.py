@@ -136,7 +136,8 @@ def triton_supports(x_TD: torch.Tensor) -> str | None:
 
 def dispatch_triton(x_TD: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
     """`sorted` with Triton kernels (moe_lab.moe.triton_kernels): the gather fused into the first grouped
-    matmul, tiles laid out on the device, dropped slots never computed. Returns (y_TD, keep_S)."""
+    matmul, tiles laid out on the device, dropped slots never multiplied (the activation and expert dropout
+    still run over their zero rows, so expert dropout draws for them too). Returns (y_TD, keep_S)."""
     problem = triton_supports(x_TD)
     if problem is not None:
         raise ValueError(f"backend=triton: {problem}; use backend=sorted")

@@ -119,14 +119,17 @@ class _GroupedFFN(torch.autograd.Function):
         x_ND, w_in_EDH, w_out_EFD, h_NH = ctx.saved_tensors
         experts, act_backward = ctx.experts, ACT_BACKWARD[ctx.experts.activation]
         dy_ND = dy_ND.contiguous()
-        dx_ND = torch.empty_like(x_ND)
-        dw_in, dw_out = torch.empty_like(w_in_EDH), torch.empty_like(w_out_EFD)
+        want_dx, want_dw_in, want_dw_out = ctx.needs_input_grad[:3]  # frozen experts need no weight gradients
+        dx_ND = torch.empty_like(x_ND) if want_dx else None
+        dw_in = torch.empty_like(w_in_EDH) if want_dw_in else None
+        dw_out = torch.empty_like(w_out_EFD) if want_dw_out else None
         d_ff = w_out_EFD.shape[1]
         start = 0
         for e, n in enumerate(ctx.counts):
             if not n:  # an expert with no row
-                dw_in[e].zero_()
-                dw_out[e].zero_()
+                for dw in (dw_in, dw_out):
+                    if dw is not None:
+                        dw[e].zero_()
                 continue
             rows = slice(start, start + n)
             start += n
@@ -136,14 +139,18 @@ class _GroupedFFN(torch.autograd.Function):
             if experts.gated:  # a = act(gate) * up
                 gate, up = h[:, :d_ff], h[:, d_ff:]
                 act_gate = experts.act(gate)
-                torch.mm((act_gate * up).t(), dy, out=dw_out[e])
+                if dw_out is not None:
+                    torch.mm((act_gate * up).t(), dy, out=dw_out[e])
                 torch.mul(da, act_gate, out=dh[:, d_ff:])
                 dh[:, :d_ff] = act_backward(da * up, gate)
             else:
-                torch.mm(experts.act(h).t(), dy, out=dw_out[e])
+                if dw_out is not None:
+                    torch.mm(experts.act(h).t(), dy, out=dw_out[e])
                 dh.copy_(act_backward(da, h))
-            torch.mm(x_ND[rows].t(), dh, out=dw_in[e])
-            torch.mm(dh, w_in_EDH[e].t(), out=dx_ND[rows])
+            if dw_in is not None:
+                torch.mm(x_ND[rows].t(), dh, out=dw_in[e])
+            if dx_ND is not None:
+                torch.mm(dh, w_in_EDH[e].t(), out=dx_ND[rows])
         return dx_ND, dw_in, dw_out, None, None
 
 

@@ -20,6 +20,7 @@ setting it (moe_lab.moe.dispatch imports it on first use).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ except ImportError:  # the optional [gpu] extra
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_M = 64  # rows per tile: the padding of each expert's block is at most BLOCK_M - 1 row indices
 
-# Triton 3.9's interpreter multiplies bfloat16 tiles as their raw uint16 bits (interpreter.py, create_dot), so
+# Triton's interpreter (3.7 to 3.9) multiplies bfloat16 tiles as their raw uint16 bits (interpreter.py, create_dot), so
 # under it the kernels widen each tile to float32 before tl.dot. On a GPU, tl.dot of bf16 tiles accumulates
 # the exact bf16 x bf16 products in float32 too, so the widened product is the same arithmetic.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -170,11 +171,24 @@ def _blocks(n: int, k: int) -> tuple[int, int]:
     return min(128, max(16, triton.next_power_of_2(n))), min(64, max(16, triton.next_power_of_2(k)))
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _tf32_allowed() -> bool:
+    try:
+        return torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # torch refuses the legacy flag once its newer fp32_precision setting was used
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def _precision(dtype: torch.dtype) -> str | None:
     """tl.dot's input precision: float32 follows torch's own matmul setting (TF32 only where torch allows it),
-    so the backends agree; for 16-bit inputs it is Triton's default and means nothing."""
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    return "ieee" if ieee else "tf32"
+    so the backends agree; 16-bit inputs leave it to Triton (whose default differs by GPU vendor)."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if _tf32_allowed() else "ieee"
+
+
+def _on_device(x: torch.Tensor):
+    """Launch on x's GPU: Triton launches on the current device, whatever its arguments' device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _rows(
@@ -188,6 +202,12 @@ def _rows(
     y = x.new_zeros(num_rows, N)
     block_n, block_k = _blocks(N, K)
     grid = (tiles.row.numel(), triton.cdiv(N, block_n))
+    with _on_device(x):
+        _launch_rows(grid, x, src, w_ENK, y, tiles, N, K, w_strides, block_n, block_k)
+    return y
+
+
+def _launch_rows(grid, x, src, w_ENK, y, tiles: RowTiles, N: int, K: int, w_strides, block_n: int, block_k: int):
     _rows_kernel[grid](
         x, src if src is not None else tiles.row, w_ENK, y,
         tiles.expert, tiles.row, tiles.end,
@@ -196,7 +216,6 @@ def _rows(
         GATHER=src is not None, UPCAST=INTERPRETING, PRECISION=_precision(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
-    return y
 
 
 def _weight_grad(
@@ -207,6 +226,12 @@ def _weight_grad(
     dw = torch.empty_like(like_ENK)
     block_n, block_k = _blocks(N, K)
     grid = (num_experts, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    with _on_device(x):
+        _launch_weight_grad(grid, x, src, dy, dw, tiles, K, N, block_n, block_k)
+    return dw
+
+
+def _launch_weight_grad(grid, x, src, dy, dw, tiles: RowTiles, K: int, N: int, block_n: int, block_k: int):
     _weight_grad_kernel[grid](
         x, src if src is not None else tiles.start_E, dy, dw, tiles.start_E, tiles.end_E,
         K, N,
@@ -214,7 +239,6 @@ def _weight_grad(
         GATHER=src is not None, UPCAST=INTERPRETING, PRECISION=_precision(x.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
-    return dw
 
 
 class GatheredGroupedLinear(torch.autograd.Function):
@@ -243,9 +267,14 @@ class GatheredGroupedLinear(torch.autograd.Function):
 
 def grouped_ffn(x_TD: torch.Tensor, token_R: torch.Tensor, counts_E: torch.Tensor, experts) -> torch.Tensor:
     """The experts on rows token_R (sorted by expert, counts_E[e] kept rows for expert e first, then rows that
-    are left at zero): gather-GEMM, activation, GEMM. Returns [rows, d_model] in x_TD's dtype."""
+    are left at zero): gather-GEMM, activation, GEMM. Returns [rows, d_model] in x_TD's dtype, or in
+    autocast's."""
     num_rows = token_R.numel()
     tiles = RowTiles.build(counts_E, num_rows)
-    w_in, w_out = experts.w_in_EDH.to(x_TD.dtype), experts.w_out_EFD.to(x_TD.dtype)
+    device = x_TD.device.type
+    # under autocast, the matmuls run in autocast's dtype, as torch's own matmuls in `sorted` do
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+    x_TD = x_TD.to(dtype)
+    w_in, w_out = experts.w_in_EDH.to(dtype), experts.w_out_EFD.to(dtype)
     h_RH = GatheredGroupedLinear.apply(x_TD, w_in, token_R, tiles, num_rows)
     return GatheredGroupedLinear.apply(experts.hidden(h_RH), w_out, None, tiles, num_rows)
