@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import make_layer, run_backend, run_cli
-from tests.test_backends import assert_agree, assert_backends_agree, layer_cases
+from tests.test_backends import assert_agree, assert_backends_agree, layer_cases, skewed_layer
 
 pytest.importorskip("triton", reason="triton is not installed: pip install -e '.[gpu]'")
 
@@ -126,13 +126,7 @@ def test_triton_handles_empty_experts_and_one_expert_with_every_token() -> None:
     x = torch.randn(1, 96, 8).abs()  # positive, so a large weight row toward expert 0 wins for every token
     grad_out = torch.randn(1, 96, 8)
     for bias in (0.0, 50.0):  # spread, then every token's first choice is expert 0 (96 rows: two tiles)
-        layer = make_layer(num_experts=128, top_k=1, train_capacity_factor=None)
-        with torch.no_grad():
-            layer.router.weight.zero_()
-            layer.router.weight[0] += bias
-            layer.router.weight.add_(torch.randn_like(layer.router.weight) * 0.1)
-        loads = torch.bincount(layer.route(x.view(-1, 8))[2].expert_index_TK.flatten(), minlength=128)
-        assert (loads == 0).any() and (loads.max() == 96) == (bias > 0)
+        layer = skewed_layer(128, x, bias)
         ref = run_backend(layer, "sorted", x, grad_out)
         got = run_backend(layer.to(DEVICE), "triton", x.to(DEVICE), grad_out.to(DEVICE))
         for key in ("y", "x_grad", "router_grad", "w_in_grad", "w_out_grad"):

@@ -203,19 +203,15 @@ def _rows(
     block_n, block_k = _blocks(N, K)
     grid = (tiles.row.numel(), triton.cdiv(N, block_n))
     with _on_device(x):
-        _launch_rows(grid, x, src, w_ENK, y, tiles, N, K, w_strides, block_n, block_k)
+        _rows_kernel[grid](
+            x, src if src is not None else tiles.row, w_ENK, y,
+            tiles.expert, tiles.row, tiles.end,
+            N, K,
+            x.stride(0), x.stride(1), *w_strides, y.stride(0), y.stride(1),
+            GATHER=src is not None, UPCAST=INTERPRETING, PRECISION=_precision(x.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        )  # fmt: skip
     return y
-
-
-def _launch_rows(grid, x, src, w_ENK, y, tiles: RowTiles, N: int, K: int, w_strides, block_n: int, block_k: int):
-    _rows_kernel[grid](
-        x, src if src is not None else tiles.row, w_ENK, y,
-        tiles.expert, tiles.row, tiles.end,
-        N, K,
-        x.stride(0), x.stride(1), *w_strides, y.stride(0), y.stride(1),
-        GATHER=src is not None, UPCAST=INTERPRETING, PRECISION=_precision(x.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
 
 
 def _weight_grad(
@@ -227,18 +223,14 @@ def _weight_grad(
     block_n, block_k = _blocks(N, K)
     grid = (num_experts, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
     with _on_device(x):
-        _launch_weight_grad(grid, x, src, dy, dw, tiles, K, N, block_n, block_k)
+        _weight_grad_kernel[grid](
+            x, src if src is not None else tiles.start_E, dy, dw, tiles.start_E, tiles.end_E,
+            K, N,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
+            GATHER=src is not None, UPCAST=INTERPRETING, PRECISION=_precision(x.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        )  # fmt: skip
     return dw
-
-
-def _launch_weight_grad(grid, x, src, dy, dw, tiles: RowTiles, K: int, N: int, block_n: int, block_k: int):
-    _weight_grad_kernel[grid](
-        x, src if src is not None else tiles.start_E, dy, dw, tiles.start_E, tiles.end_E,
-        K, N,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
-        GATHER=src is not None, UPCAST=INTERPRETING, PRECISION=_precision(x.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-    )  # fmt: skip
 
 
 class GatheredGroupedLinear(torch.autograd.Function):
