@@ -245,6 +245,9 @@ class StudyConfig:
     command: str = "pretrain"  # pretrain | finetune
     pretrained: str | None = None  # fine-tuning studies: the pretraining preset of their checkpoint
     description: str = ""
+    # what counts as "about equal" for each part of the study's claim, fixed before its runs are judged
+    # (moe-lab report reads them from experiments/NAME.yaml)
+    margins: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

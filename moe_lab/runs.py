@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from moe_lab.paths import EVAL_DIR
+
 RECORD = "run.json"
 LOCK = ".lock"
 # what a run directory holds; a file named ".<one of these>.<anything>" is a temporary file of an atomic
@@ -242,7 +244,7 @@ def move_aside(run_dir: Path) -> Path:
 def remove_orphans(run_dir: Path) -> list[Path]:
     """Delete the temporary files of atomic writes that a killed process left (call it holding the lock)."""
     removed = []
-    for folder in (Path(run_dir), Path(run_dir) / ".hydra"):
+    for folder in (Path(run_dir), Path(run_dir) / ".hydra", Path(run_dir) / EVAL_DIR):
         if not folder.is_dir():
             continue
         for path in folder.iterdir():

@@ -81,11 +81,15 @@ def test_recall_is_exact_match_of_the_greedy_continuation() -> None:
         assert scored[length - 2] and not scored[length - 1 - len(q.target.encode()) - 1]
         assert bytes(ids[1:length].tolist()).decode() == q.prompt + q.target
     longest = max(range(len(queries)), key=lambda i: len((queries[i].prompt + queries[i].target).encode()))
-    assert recall.evaluate(_Oracle(recall.ids_QL, set()), torch.device("cpu"), batch_size=7)["fact_recall"] == 1.0
-    out = recall.evaluate(_Oracle(recall.ids_QL, {longest}), torch.device("cpu"), batch_size=7)
+    assert recall.evaluate(_Oracle(recall.ids_QL, set()), torch.device("cpu"), batch_size=7)[0]["fact_recall"] == 1.0
+    out, records = recall.evaluate(_Oracle(recall.ids_QL, {longest}), torch.device("cpu"), batch_size=7)
     assert out["fact_recall"] == pytest.approx((len(queries) - 1) / len(queries))
     attribute = facts.ATTRIBUTES[queries[longest].attribute]
     assert out[f"fact_recall/{attribute}"] == 4 / 5
+    # one record per query, in order: only the query the oracle gets wrong misses
+    assert records["query"].tolist() == list(range(len(queries)))
+    assert records["hit"].tolist() == [int(i != longest) for i in range(len(queries))]
+    assert records["attribute"][longest] == attribute
 
 
 def test_fact_verification_validation_asks_about_pairs_no_training_statement_mentions() -> None:

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from rich.console import Console
@@ -15,6 +16,8 @@ from moe_lab.data.tasks import build_classification_data
 from moe_lab.data.tokenizers import ByteTokenizer
 from moe_lab.models import ClassifierModel
 from moe_lab.moe import MoEConfig
+from moe_lab.paths import records_path
+from moe_lab.report.results import final_examples
 from moe_lab.train.finetune import macro_f1
 from moe_lab.train.freeze import PRESETS, apply_freeze, parameter_kinds
 from tests.conftest import SHARED, needs_shared, run_cli
@@ -125,6 +128,19 @@ def test_finetune_end_to_end(pretrained: Path, tmp_path: Path) -> None:
     header = rows[0].split(",")
     assert "moe/1/dropped_frac" in header and "eval_moe/1/dropped_frac" in header
     assert "trainable parameters" in result.stdout
+    # each evaluation's record of every validation example; the final one gives the summary's accuracy and loss
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == [f"val-step{s:06d}.csv.gz" for s in (10, 20, 30)]
+    final = pd.read_csv(records_path(run_dir, "val", 30))
+    assert list(final.columns) == ["example", "label", "prediction", "label_logprob"]
+    assert final["example"].tolist() == list(range(200)) and set(final["label"]) <= {0, 1}
+    assert (final["label_logprob"] <= 0).all()
+    assert (final["prediction"] == final["label"]).mean() == pytest.approx(summary["final_val_accuracy"])
+    assert -final["label_logprob"].mean() == pytest.approx(summary["final_val_loss"], rel=1e-12)
+    correct = final_examples(run_dir, summary, "final_val_accuracy")
+    assert correct.index.names == ["example", "label"] and correct.mean() == pytest.approx(
+        summary["final_val_accuracy"]
+    )
+    assert final_examples(run_dir, summary, "final_val_f1") is None  # macro-F1 is no mean over examples
 
 
 def test_finetune_errors(tmp_path: Path) -> None:

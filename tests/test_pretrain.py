@@ -11,9 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from moe_lab.config import presets
+from moe_lab.paths import records_path
+from moe_lab.report.results import final_examples
 from tests.conftest import MOE_LAB, run_cli
 
 
@@ -58,6 +61,33 @@ def test_tiny_pretraining_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     assert "unigram" in result.stdout
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "train.max_steps=60" in overrides
+    # every evaluation's per-sequence validation losses; the final one's mean is the summary's loss
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == [
+        f"val-step{s:06d}.csv.gz" for s in range(10, 61, 10)
+    ]
+    final = pd.read_csv(records_path(run_dir, "val", 60))
+    assert list(final.columns) == ["sequence", "tokens", "loss"]
+    assert final["sequence"].tolist() == list(range(len(final))) and (final["tokens"] > 0).all()
+    assert final["loss"].mean() == pytest.approx(summary["final_val_loss"], rel=1e-12)
+    by_sequence = final_examples(run_dir, summary, "final_val_loss")
+    assert by_sequence.index.names == ["sequence"] and by_sequence.to_numpy() == pytest.approx(final["loss"])
+
+
+def test_each_eval_capacity_factor_writes_its_own_records(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ("tiny", f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "train.max_steps=20", "train.eval_every=20")
+    result = pretrain(*args, "moe.train_capacity_factor=0.5", "train.eval_capacity_factors=[0.5,4.0]")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    names = sorted(p.name for p in (run_dir / "eval").iterdir())
+    assert names == ["val-step000020-cf0.5.csv.gz", "val-step000020-cf4.csv.gz", "val-step000020.csv.gz"]
+    for cf in (0.5, 4.0):
+        losses = final_examples(run_dir, summary, f"final_val_loss@cf{cf:g}")
+        assert losses.mean() == pytest.approx(summary[f"final_val_loss@cf{cf:g}"], rel=1e-12)
+    # CF 0.5 drops tokens that CF 4 keeps: the same sequences, other losses
+    assert not final_examples(run_dir, summary, "final_val_loss@cf0.5").equals(
+        final_examples(run_dir, summary, "final_val_loss@cf4")
+    )
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:

@@ -6,6 +6,7 @@ import base64
 import itertools
 import json
 import math
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
+from moe_lab.paths import records_path
 from moe_lab.report import make_report
 from moe_lab.report.plots import FIGURES
-from moe_lab.report.pretraining import fewer_diverged, lr_sensitivity, stability_claim, stable_range_claim
+from moe_lab.report.pretraining import fewer_diverged, lr_sensitivity
+from moe_lab.report.render import inline_markdown
 from moe_lab.report.results import aggregate, load_study
 from moe_lab.report.stats import estimates
 from moe_lab.report.studies import BUILDERS, build
@@ -85,8 +88,10 @@ def noise(seed: int, shift: int) -> float:
     return NOISE * ORDERS[shift % len(ORDERS)][seed % 3]
 
 
-def per_seed(value: float | list[float], shift: int, seeds: tuple[int, ...] = SEEDS) -> list[float]:
-    """A setting's value at each seed: `value` plus the seed noise (exact for one seed), or a list as it is."""
+def per_seed(value: float | list[float], shift: int, seeds: tuple[int, ...] | None = None) -> list[float]:
+    """A setting's value at each seed (SEEDS by default): `value` plus the seed noise (exact for one seed), or a
+    list as it is."""
+    seeds = SEEDS if seeds is None else seeds
     if isinstance(value, list):
         return value
     return [value] if len(seeds) == 1 else [value + noise(s, shift) for s in seeds]
@@ -175,9 +180,10 @@ def write_capacity_factor(
 
 def build_capacity_factor(root: Path, agree: bool = True) -> None:
     # train CF 1 drops 10% at eval CF 1: claim (1) compares its eval CF 1 and 2; train CF 2 is at the top eval CF.
-    # agree: raising the eval CF helps, and so does raising the train CF; flipped: both hurt
+    # agree: raising the eval CF helps, and so does raising the train CF (by 0.05, which 2 seeds resolve at
+    # t 12.7); flipped: both hurt
     at1, at2 = (
-        ({1.0: 1.95, 2.0: 1.93}, {1.0: 1.94, 2.0: 1.90}) if agree else ({1.0: 1.90, 2.0: 1.95}, {1.0: 1.91, 2.0: 1.97})
+        ({1.0: 1.95, 2.0: 1.93}, {1.0: 1.94, 2.0: 1.88}) if agree else ({1.0: 1.90, 2.0: 1.95}, {1.0: 1.91, 2.0: 2.00})
     )
     write_capacity_factor(root, {1.0: at1, 2.0: at2}, {1.0: {1.0: 0.1, 2.0: 0.0}, 2.0: {1.0: 0.02, 2.0: 0.0}})
 
@@ -302,8 +308,8 @@ def write_token_drop(root: Path, runs: list[tuple[float, float, float]]) -> None
 
 
 def build_token_drop(root: Path, agree: bool = True) -> None:
-    # CF 0.5 drops 12%: costs half a point against CF 2's no drops (agree) or 11 points (flipped)
-    write_token_drop(root, [(0.5, 0.12, 0.805 if agree else 0.70), (1.0, 0.03, 0.81), (2.0, 0.0, 0.81)])
+    # CF 0.5 drops 12%: costs a tenth of a point against CF 2's no drops (agree) or 11 points (flipped)
+    write_token_drop(root, [(0.5, 0.12, 0.809 if agree else 0.70), (1.0, 0.03, 0.81), (2.0, 0.0, 0.81)])
 
 
 def write_aux_loss(root: Path, runs: list[tuple[float, float, float, float]]) -> None:
@@ -406,11 +412,20 @@ def md_sections(text: str) -> dict[str, str]:
     return {part.split("\n", 1)[0]: part for part in text.split("\n## ")[1:]}
 
 
+def md_tables(section: str) -> list[list[list[str]]]:
+    """Every Markdown table of a section, in order: each header first, its separator line dropped."""
+    tables, lines = [], section.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")):
+            block = list(itertools.takewhile(lambda x: x.startswith("|"), lines[i:]))
+            assert block[1].startswith("|---"), block[:2]
+            tables.append([[c.strip() for c in row.strip("|").split(" | ")] for row in [block[0], *block[2:]]])
+    return tables
+
+
 def md_table(section: str) -> list[list[str]]:
-    """The first Markdown table of a section, header first, separator line dropped."""
-    lines = [line for line in section.splitlines() if line.startswith("|")]
-    assert lines[1].startswith("|---"), lines[:2]
-    return [[c.strip() for c in line.strip("|").split(" | ")] for line in [lines[0], *lines[2:]]]
+    """The last Markdown table of a section: a study's own table (its claims table, if any, comes first)."""
+    return md_tables(section)[-1]
 
 
 @pytest.fixture(scope="module")
@@ -429,16 +444,26 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
     _, out, reports = full_report
     assert [r.name for r in reports] == list(BUILDERS)
     sections = md_sections((out / "report.md").read_text())
-    assert list(sections) == ["Summary", *BUILDERS]
+    assert list(sections) == ["Summary", "How verdicts are made", *BUILDERS]
     summary = md_table(sections["Summary"])
     assert summary[0] == ["study", "paper's finding", "ours", "reproduced"]
-    assert [(r[0], r[3]) for r in summary[1:]] == [(name, "yes") for name in BUILDERS]
+    # each verdict with its parts' verdicts where the claim has several parts
+    parts = {r.name: len(r.verdict.parts) for r in reports}
+    assert [(r[0], r[3]) for r in summary[1:]] == [
+        (f"`{name}`", "**yes**" + (f" (parts: {', '.join(['yes'] * parts[name])})" if parts[name] > 1 else ""))
+        for name in BUILDERS
+    ]
+    assert "![claims](plots/claims.png)" in (out / "report.md").read_text().split("## Summary")[0]
 
-    expected_figures = set()
+    expected_figures = {"claims.png"}
     for report in reports:
         section = sections[report.name]
         assert "**Reproduced: yes.**" in section
-        table = md_table(section)
+        claims, table = md_tables(section)  # the claims table first, then the study's own
+        assert claims[0] == ["part", "paper's claim", "ours", "95% interval", "90% interval", "margin", "test",
+                             "verdict"]  # fmt: skip
+        assert [row[0].removesuffix(" (necessary)") for row in claims[1:]] == [p.name for p in report.verdict.parts]
+        assert {row[-1] for row in claims[1:]} == {"yes"}
         assert table[0] == list(report.table.columns)
         assert len(table) - 1 == len(report.table) > 0
         assert table[1:] == [[str(v) for v in r] for r in report.table.itertuples(index=False)]
@@ -446,7 +471,7 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
         for file in figures:
             assert f"![{Path(file).stem}](plots/{file})" in section
         expected_figures |= set(figures)
-    assert len(expected_figures) == 11  # token-drop and aux-loss-finetune have none
+    assert len(expected_figures) == 12  # the claims picture; token-drop and aux-loss-finetune have none
     assert {p.name for p in (out / "plots").iterdir()} == expected_figures
     for file in expected_figures:
         assert (out / "plots" / file).read_bytes()[:8] == PNG_MAGIC
@@ -465,14 +490,15 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
         "1.0% / 0.0%",
     ]
     # two seeds per (setting, lr): baseline at lr 0.01 2.498 and 2.500, standard error |a - b| / 2 = 0.001; z-loss
-    # at 0.1 2.452 and 2.448 (0.002). LR sensitivity, capped at the unigram loss 3.0 where a lr diverged:
-    # baseline mean(2.499, 3, 3) - 2.499 = 0.334; z-loss mean(2.501, 2.450, 2.901) - 2.450 = 0.167
+    # at 0.1 2.452 and 2.448 (0.002). LR sensitivity per seed, capped at the unigram loss 3.0 where a lr diverged:
+    # baseline mean(2.498, 3, 3) - 2.498 = 0.3347 and mean(2.500, 3, 3) - 2.500 = 0.3333, so 0.334 +- 0.0007;
+    # z-loss (2.500, 2.452, 2.902) -> 0.1660 and (2.502, 2.448, 2.900) -> 0.1687, so 0.167 +- 0.0013
     assert tables["z-loss-stability"][:3] == [
         ["setting", "lr 0.01", "lr 0.1", "lr 1", "stable lrs", "LR sensitivity", "paper stable", "paper quality"],
-        ["baseline", "2.499 ± 0.001 (n=2) [2/2 stable]", "- [0/2 stable]", "- [0/2 stable]", "0.01", "0.334", "4/6",
-         "-1.755"],
+        ["baseline", "2.499 ± 0.001 (n=2) [2/2 stable]", "- [0/2 stable]", "- [0/2 stable]", "0.01",
+         "0.334 ± 0.001 (n=2)", "4/6", "-1.755"],
         ["z-loss", "2.501 ± 0.001 (n=2) [2/2 stable]", "2.450 ± 0.002 (n=2) [2/2 stable]",
-         "2.901 ± 0.001 (n=2) [2/2 stable]", "0.01, 0.1, 1", "0.167", "3/3", "-1.741"],
+         "2.901 ± 0.001 (n=2) [2/2 stable]", "0.01, 0.1, 1", "0.167 ± 0.001 (n=2)", "3/3", "-1.741"],
     ]  # fmt: skip
     assert tables["stablemoe"][4][:2] == ["stage 1 only", "20.000 ± 0.023 (n=3)"]
     assert tables["freeze"][1][:3] == ["all", "0.620 ± 0.001 (n=3)", "0.630 ± 0.001 (n=3)"]
@@ -489,9 +515,14 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
 # --- 2. the verdict follows the numbers ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("seeds", [3, 2, 5])
 @pytest.mark.parametrize("name", list(FIXTURES))
 @pytest.mark.parametrize(("agree", "expected"), [(True, "yes"), (False, "no")])
-def test_verdict_flips_with_the_numbers(tmp_path: Path, name: str, agree: bool, expected: str) -> None:
+def test_verdict_flips_with_the_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, agree: bool, expected: str, seeds: int
+) -> None:
+    # every study's fixture at 2, 3 and 5 seeds (z-loss-stability's sweep has two seeds of its own)
+    monkeypatch.setattr(sys.modules[__name__], "SEEDS", tuple(range(seeds)))
     FIXTURES[name](tmp_path, agree)
     assert verdict(tmp_path, name) == expected
 
@@ -499,14 +530,18 @@ def test_verdict_flips_with_the_numbers(tmp_path: Path, name: str, agree: bool, 
 def test_verdict_states_what_we_measured(tmp_path: Path) -> None:
     build_top_k(tmp_path, agree=False)
     report = build("top-k", load_study(tmp_path, "top-k"))
-    # top-1 - top-2 per seed: -0.049 + (0, -0.002, +0.002): standard error 0.002/sqrt(3); top-2 - top-4 per seed:
-    # -0.025 + (-0.002, +0.004, -0.002): standard error 0.002
+    # the grid of 3 k x 3 seeds, seed noise in units of 0.002: top-1 (-1, 0, 1), top-2 (-1, 1, 0), top-4 (0, -1, 1).
+    # Less the seed means (-2/3, 0, 2/3), the residuals are (-1/3, 0, 1/3), (-1/3, 1, -2/3), (2/3, -1, 1/3): SS =
+    # 30/9 units, over (3 - 1)(3 - 1) = 4 df an MSE of 3.33e-6, so a difference's error is sqrt(MSE * 2 / 3) = 0.0015
     assert report.verdict.ours == (
         "top-1 1.856 ± 0.001 (n=3), top-2 1.905 ± 0.001 (n=3), top-4 1.930 ± 0.001 (n=3); "
-        "top-1 - top-2 -0.049 ± 0.001 (paired, n=3); top-2 - top-4 -0.025 ± 0.002 (paired, n=3)"
+        "top-1 - top-2 -0.049 ± 0.001 (two-way 3 settings x 3 seeds, n=3, 4 df); "
+        "top-2 - top-4 -0.025 ± 0.001 (two-way 3 settings x 3 seeds, n=3, 4 df)"
     )
-    assert report.verdict.checked.startswith("each step up in k lowers the validation loss; differences are judged")
-    assert "a tie, or one seed (no standard error), is inconclusive" in report.verdict.checked
+    assert report.verdict.parts[0].difference.se == pytest.approx(math.sqrt(30 / 9 * 0.002**2 / 4 * 2 / 3))
+    assert report.verdict.checked == "each step up in k lowers the validation loss"
+    # the 95% interval, -0.049 +- 2.776 * 0.0015, lies wholly on the other side of 0
+    assert [p.reason for p in report.verdict.parts] == ["95% interval excludes 0 on the other side"] * 2
 
 
 # each writer below makes one case between a clear yes and a clear no (or a clear no by another path)
@@ -556,12 +591,13 @@ def _z_loss_nothing_diverged(root: Path) -> None:  # the sweep never reached ins
 
 
 def _z_loss_as_many_diverged(root: Path) -> None:
-    # both diverge at lr 1 only (2/6 each, which alone would be within chance): the grid shows no widening, so (1)
-    # is no; z-loss at its best lr (0.1) is 0.100 +- 0.004 worse than baseline at its (0.1), so (2) is no too
+    # both diverge at lr 1 only: z-loss's LR sensitivity is lower by 0.033 +- 0.003 over 2 seeds (1 df: t 12.7, so
+    # inconclusive), but z-loss at its best lr (0.1) is 0.100 +- 0.004 worse than baseline at its (0.1): the
+    # necessary no-cost part is no, and so is the claim
     write_z_loss(root, {"baseline": lr_sweep((2.50, 2.45, None)), "z-loss": lr_sweep((2.60, 2.55, None))})
 
 
-def _z_loss_stable_but_worse(root: Path) -> None:  # fewer divergences (p = 0.03), 0.101 +- 0.003 worse at best lrs
+def _z_loss_stable_but_worse(root: Path) -> None:  # less LR-sensitive, but 0.101 +- 0.003 worse at the best lrs
     write_z_loss(root, {"baseline": lr_sweep((2.50, None, None)), "z-loss": lr_sweep((2.60, 2.60, 2.70))})
 
 
@@ -572,8 +608,8 @@ def _z_loss_cost_near_the_margin(root: Path) -> None:
 
 
 def _z_loss_sweep_still_running(root: Path) -> None:
-    # z-loss has not reached lr 1, where baseline diverged (6 seeds): pooling all of baseline's runs would give
-    # 0/12 against 6/18 (p = C(24, 12) / C(30, 12) = 0.031, yes); at the lrs both ran nothing diverged
+    # z-loss has not reached lr 1, where baseline diverged (6 seeds): LR sensitivity over every lr would favour
+    # z-loss; over the lrs both ran (0.01, 0.1) nothing diverged, so the sensitivity part cannot decide
     baseline, z_loss = lr_sweep((2.50, 2.45, None), seeds=6), lr_sweep((2.50, 2.45), seeds=6, lrs=Z_LRS[:2])
     write_z_loss(root, {"baseline": baseline, "z-loss": z_loss})
 
@@ -600,8 +636,16 @@ def _stablemoe_partly(root: Path) -> None:  # the shortest stage 1 is best of th
     write_stablemoe(root, {0.1: 19.0, 0.25: 19.4, 1.0: 18.6})
 
 
-def _freeze_close(root: Path) -> None:  # MoE-only worst by 0.001, within 2 standard errors of the seeds
+def _freeze_close(root: Path) -> None:
+    # MoE-only behind attention by 0.1 points: the 90% interval (+0.1 +- 1.86 * 0.2) lies inside the 1-point
+    # margin, so MoE-only is not clearly worse than attention, a necessary part: no
     build_freeze(root, moe=0.599)
+
+
+def _freeze_unresolved(root: Path) -> None:
+    # MoE-only behind attention by 0.5 points, its seeds spread by +-1.5 points: the pooled residual gives the
+    # difference an error of 0.6 points (8 df), so the 95% interval holds 0 and the 90% one crosses the margin
+    build_freeze(root, moe=[0.58, 0.61, 0.595])
 
 
 def _freeze_one_seed(summary: dict | None) -> object:
@@ -634,7 +678,7 @@ def _token_drop_cost_at_the_margin(root: Path) -> None:  # a cost of 0.01: neith
     write_token_drop(root, [(0.5, 0.12, 0.80), (2.0, 0.0, 0.81)])
 
 
-def _overfit_within_noise(root: Path) -> None:  # the agreeing direction, differences of 0.001
+def _overfit_within_noise(root: Path) -> None:  # the agreeing direction, differences of 0.1 points
     write_overfit(root, [("mini", "synth-small", 1.0, 0.700), ("dense-mini", "synth-small", 0.9, 0.701),
                          ("mini", "synth-large", 0.9, 0.801), ("dense-mini", "synth-large", 0.9, 0.800)])  # fmt: skip
 
@@ -652,32 +696,26 @@ def _aux_loss_no_win(root: Path) -> None:  # aux on ahead by 0.001, within the s
         ("top-k", _top_k_wrong_way, "no"),
         ("capacity-factor", _capacity_factor_partly, "partly"),
         ("capacity-factor", _capacity_factor_grid(cf2_drop=0.0), "yes"),  # train CF 2 is left out of (1)
-        ("capacity-factor", _capacity_factor_grid(cf2_drop=0.01), "inconclusive"),  # its tie is judged
+        # train CF 2 drops 1% at eval CF 2 yet gains nothing at eval CF 4: inside the margin, that part is no
+        ("capacity-factor", _capacity_factor_grid(cf2_drop=0.01), "partly"),
         ("z-loss-stability", _z_loss_nothing_diverged, "inconclusive"),
         ("z-loss-stability", _z_loss_as_many_diverged, "no"),
-        ("z-loss-stability", _z_loss_stable_but_worse, "partly"),
+        ("z-loss-stability", _z_loss_stable_but_worse, "no"),  # no quality cost is a necessary part
         ("z-loss-stability", _z_loss_cost_near_the_margin, "inconclusive"),
         ("z-loss-stability", _z_loss_sweep_still_running, "inconclusive"),
         ("router-fluctuation", _router_fluctuation_partly, "partly"),
         ("router-fluctuation", _router_fluctuation_eval_drops(0.02), "inconclusive"),  # confounded
         ("router-fluctuation", _router_fluctuation_eval_drops(0.004), "yes"),  # within the 0.5% tolerance
         ("stablemoe", _stablemoe_partly, "partly"),
-        ("freeze", _freeze_close, "inconclusive"),
-        # CB's 56 validation examples: 5 points is within 2 binomial errors (0.093); on 5000 it is not (0.010)
-        ("freeze", _freeze_one_seed({"metric": "accuracy", "val_examples": 56}), "inconclusive"),
-        ("freeze", _freeze_one_seed({"metric": "accuracy", "val_examples": 5000}), "yes"),
-        (
-            "freeze",
-            _freeze_one_seed({"config": {"task": {"source": "synthetic", "synthetic_val": 50}}}),
-            "inconclusive",
-        ),
-        ("freeze", _freeze_one_seed({"config": {"task": {"source": "synthetic", "synthetic_val": 5000}}}), "yes"),
-        ("freeze", _freeze_one_seed(None), "inconclusive"),  # size unknown: one seed has no error
+        ("freeze", _freeze_close, "no"),
+        ("freeze", _freeze_unresolved, "inconclusive"),
+        # one seed measures no training noise, however many validation examples: 5 points decide nothing
+        ("freeze", _freeze_one_seed({"metric": "accuracy", "val_examples": 5000}), "inconclusive"),
         ("freeze", _freeze_f1_task, "no"),
         ("freeze", _freeze_f1_numbers_on_an_accuracy_task, "yes"),
         ("token-drop", _token_drop_no_dropping, "inconclusive"),
         ("token-drop", _token_drop_cost_at_the_margin, "inconclusive"),
-        ("overfit", _overfit_within_noise, "inconclusive"),
+        ("overfit", _overfit_within_noise, "no"),  # both differences inside the 1-point margin
         ("aux-loss-finetune", _aux_loss_no_win, "inconclusive"),
     ],
     ids=lambda v: v if isinstance(v, str) else getattr(v, "__name__", None),
@@ -687,14 +725,38 @@ def test_verdict_between_yes_and_no(tmp_path: Path, name: str, write, expected: 
     assert verdict(tmp_path, name) == expected
 
 
-def test_one_seed_accuracy_takes_the_binomial_error_of_the_tasks_own_validation_set(tmp_path: Path) -> None:
-    _freeze_one_seed({"metric": "accuracy", "val_examples": 56})(tmp_path)
+def write_val_records(root: Path, study: str, run: str, step: int, correct: list[bool]) -> None:
+    """A fine-tuning run's per-example records of its evaluation at `step` (label 0, predicted right or not)."""
+    path = records_path(root / study / "runs" / run, "val", step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({
+        "example": range(len(correct)),
+        "label": 0,
+        "prediction": [0 if c else 1 for c in correct],
+        "label_logprob": [-0.1 if c else -2.3 for c in correct],
+    }).to_csv(path, index=False, compression="gzip")  # fmt: skip
+
+
+def test_one_seed_pairs_by_example_but_decides_nothing(tmp_path: Path) -> None:
+    _freeze_one_seed({"metric": "accuracy", "val_examples": 100, "step": 40})(tmp_path)
+    runs = pd.read_csv(tmp_path / "freeze" / "runs.csv").set_index("finetune.freeze")["run"]
+    # attention right on examples 0-59, moe on 0-54: they differ on 5 of the 100 shared examples
+    write_val_records(tmp_path, "freeze", runs["attention"], 40, [i < 60 for i in range(100)])
+    write_val_records(tmp_path, "freeze", runs["moe"], 40, [i < 55 for i in range(100)])
     report = build("freeze", load_study(tmp_path, "freeze"))
-    # sqrt(0.62 * 0.38 / 56) = 0.0649; the best accuracy (the maximum over evaluations) gets no binomial error
-    assert report.table.iloc[0].tolist() == ["all", "0.620 ± 0.065 (n=1)", "0.630 (n=1)", "1000"]
-    # sqrt((0.60 * 0.40 + 0.55 * 0.45) / 56) = 0.0933: one seed each, so unpaired
-    assert report.verdict.ours.endswith("; attention (the worst other) - moe +0.050 ± 0.093 (unpaired, n=1)")
-    assert "one seed: binomial on the 56 validation examples" in report.verdict.checked
+    assert report.table.iloc[0].tolist() == ["all", "0.620 (n=1)", "0.630 (n=1)", "1000"]  # no error without seeds
+    attention = next(p for p in report.verdict.parts if p.name == "attention - moe")
+    # per example attention - moe is 1 five times and 0 95 times: mean 0.05, variance (5 * 0.95^2 + 95 * 0.05^2)
+    # / 99 = 0.0480, so the validation set's share of the error is sqrt(0.0480 / 100) = 0.0219
+    assert attention.difference.value == pytest.approx(0.05)
+    assert attention.difference.eval_se == pytest.approx(math.sqrt(4.75 / 99 / 100))
+    assert attention.text() == "attention - moe +5.0 (one seed, n=1; validation set ± 2.2)"
+    # one seed measures no training noise: every part, and the claim, stays inconclusive
+    assert {p.reason for p in report.verdict.parts} == {"one seed measures no training noise"}
+    assert report.verdict.reproduced == "inconclusive"
+    # without records the seed's value is the summary's, with no error at all
+    other = next(p for p in report.verdict.parts if p.name == "ffn - moe")
+    assert other.text() == "ffn - moe +8.0 (one seed, n=1)"
 
 
 def test_an_f1_task_is_judged_and_shown_on_macro_f1(tmp_path: Path) -> None:
@@ -710,9 +772,10 @@ def test_an_f1_task_is_judged_and_shown_on_macro_f1(tmp_path: Path) -> None:
         "all": "0.550 ± 0.001 (n=3)", "attention": "0.530 ± 0.001 (n=3)", "ffn": "0.560 ± 0.001 (n=3)",
         "moe": "0.600 ± 0.001 (n=3)", "non_moe": "0.540 ± 0.001 (n=3)",
     }  # fmt: skip
-    assert "attention (the worst other) - moe -0.070" in report.verdict.ours
-    assert "judged on validation f1_macro" in report.verdict.checked
-    assert "one seed: none (inconclusive)" in report.verdict.checked  # no binomial error for an F1
+    # judged on F1, MoE-only is the best: 7 points ahead of attention, which accuracy ranks above it
+    assert "attention - moe -7.0 ± 0.2" in report.verdict.ours
+    assert report.verdict.checked.endswith("judged on validation f1_macro")
+    assert [p.unit for p in report.verdict.parts] == ["points of f1_macro"] * 4
 
 
 def test_capacity_factor_says_which_train_cf_it_left_out(tmp_path: Path) -> None:
@@ -727,15 +790,35 @@ def test_router_fluctuation_names_the_eval_drops_that_confound_it(tmp_path: Path
     _router_fluctuation_eval_drops(0.02)(tmp_path)
     report = build("router-fluctuation", load_study(tmp_path, "router-fluctuation"))
     assert report.verdict.reproduced == "inconclusive"
-    assert report.verdict.ours.endswith(
-        "(confounded by eval drops: base 0.0%, hash 0.0%, st-moe 0.0%, switch 0.0%, stablemoe 2.0%)"
-    )
+    loss = report.verdict.parts[-1]
+    assert loss.name.startswith("val loss stablemoe - ") and loss.verdict == "inconclusive"
+    assert loss.reason == "confounded by eval drops: base 0.0%, hash 0.0%, st-moe 0.0%, switch 0.0%, stablemoe 2.0%"
+    assert loss.row()["test"] == f"direction: {loss.reason}"
 
 
 def test_token_drop_without_a_cf_in_range_says_so(tmp_path: Path) -> None:
     _token_drop_no_dropping(tmp_path)
     report = build("token-drop", load_study(tmp_path, "token-drop"))
     assert report.verdict.ours == "no capacity factor dropped 5-20% (CF 1 3.0%, CF 2 0.0%)"
+
+
+def test_a_study_file_without_its_margin_is_no_data_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build_top_k(tmp_path / "results")
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    (experiments / "top-k.yaml").write_text("study:\n  name: top-k\n  margins:\n    accuracy: 0.01\n")
+    monkeypatch.setattr("moe_lab.report.spec.EXPERIMENTS", experiments)
+    report = build("top-k", load_study(tmp_path / "results", "top-k"))
+    assert report.verdict.reproduced == "no data"
+    assert report.verdict.checked == (
+        f"{experiments / 'top-k.yaml'}: study.margins has no 'loss' (the margin its claim is judged with); it has "
+        "['accuracy']"
+    )
+    (experiments / "top-k.yaml").write_text("study:\n  margins:\n    loss: -0.1\n")
+    report = build("top-k", load_study(tmp_path / "results", "top-k"))
+    assert report.verdict.checked == f"{experiments / 'top-k.yaml'}: study.margins.loss=-0.1 is not a positive number"
 
 
 def test_fewer_diverged_is_the_one_sided_fisher_exact_p() -> None:
@@ -745,10 +828,6 @@ def test_fewer_diverged_is_the_one_sided_fisher_exact_p() -> None:
     assert fewer_diverged(1, 3, 1, 3) == pytest.approx((4 + 12) / 20)
     assert fewer_diverged(4, 6, 0, 6) == pytest.approx(1.0)
     assert math.isnan(fewer_diverged(0, 0, 0, 0))
-    assert stability_claim(0, 6, 4, 6) == "yes"
-    assert stability_claim(4, 6, 0, 6) == "no"
-    assert stability_claim(0, 3, 3, 3) == "inconclusive"
-    assert stability_claim(0, 6, 0, 6) == "inconclusive"  # nothing diverged
 
 
 def test_lr_sensitivity_is_the_mean_capped_loss_over_the_lrs_minus_the_best() -> None:
@@ -760,19 +839,6 @@ def test_lr_sensitivity_is_the_mean_capped_loss_over_the_lrs_minus_the_best() ->
     # no lr completed: no best loss, no sensitivity (not a perfect 0)
     assert math.isnan(lr_sensitivity({0.1: math.nan, 1.0: math.nan}, cap=3.0))
     assert math.isnan(lr_sensitivity({}, cap=3.0))
-
-
-def test_stable_range_claim_pools_the_lrs_and_needs_a_difference_in_the_grid() -> None:
-    stable = {0.01: (0, 2), 0.1: (0, 2), 1.0: (0, 2)}
-    top_two_diverge = {0.01: (0, 2), 0.1: (2, 2), 1.0: (2, 2)}
-    assert stable_range_claim(stable, top_two_diverge) == "yes"  # 0/6 against 4/6: p = 28/924 = 0.03
-    assert stable_range_claim(top_two_diverge, stable) == "no"
-    assert stable_range_claim(stable, dict(stable)) == "inconclusive"  # nothing diverged
-    same = {0.01: (0, 2), 0.1: (0, 2), 1.0: (2, 2)}
-    assert stable_range_claim(same, dict(same)) == "no"  # 2/6 each: alone within chance, but no widening
-    # the same pooled counts (2/4 each) spread differently over the lrs: within chance, not "no"
-    assert stable_range_claim({0.1: (1, 2), 1.0: (1, 2)}, {0.1: (0, 2), 1.0: (2, 2)}) == "inconclusive"
-    assert stable_range_claim({1.0: (1, 2)}, {1.0: (2, 2)}) == "inconclusive"  # 1/2 against 2/2: p = 3/6
 
 
 # --- 3. missing and diverged runs ---------------------------------------------------------------------------------
@@ -787,13 +853,13 @@ def test_study_without_runs_csv_is_no_data_and_the_report_renders(tmp_path: Path
     assert [r.verdict.reproduced for r in reports] == ["no data", "yes"]
     assert reports[0].verdict.checked == "no results/top-k/runs.csv: run `moe-lab sweep top-k`"
     assert [p.relative_to(out).as_posix() for p in written] == [
-        "report.md", "report.html", "report.csv", "tables/stablemoe.csv"
+        "report.md", "report.html", "report.csv", "tables/stablemoe.csv", "claims.csv"
     ]  # fmt: skip
     sections = md_sections((out / "report.md").read_text())
     assert "**Reproduced: no data.**" in sections["top-k"]
     assert "_no rows_" in sections["top-k"]
     assert "<p><i>no rows</i></p>" in (out / "report.html").read_text()
-    assert {p.name for p in (out / "plots").iterdir()} == {"stablemoe-fluctuation.png"}
+    assert {p.name for p in (out / "plots").iterdir()} == {"stablemoe-fluctuation.png", "claims.png"}
 
 
 def test_study_where_every_run_diverged_lists_the_runs(tmp_path: Path) -> None:
@@ -826,26 +892,33 @@ def test_z_loss_diverged_baseline_seeds_are_counted_not_averaged(tmp_path: Path)
     reports, _ = make_report(tmp_path, ["z-loss-stability"], ("md",), out, Console(quiet=True))
     report = reports[0]
     # baseline at lr 0.1: one completed seed, a loss without an error, and not a stable lr; std 0.02 over 3 seeds
-    # is an error of 0.02/sqrt(3) = 0.012, std 0.01 one of 0.006. LR sensitivity (cap 3.0): baseline
-    # mean(2.62, 3.0) - 2.62 = 0.190, z-loss mean(2.52, 2.47) - 2.47 = 0.025
+    # is an error of 0.02/sqrt(3) = 0.012, std 0.01 one of 0.006. LR sensitivity per seed (cap 3.0 for a diverged
+    # lr): baseline mean(2.60, 3.0) - 2.60 = 0.20, mean(2.62, 2.60) - 2.60 = 0.01, mean(2.64, 3.0) - 2.64 = 0.18:
+    # 0.130, std 0.104, error 0.060; z-loss 0.020, 0.025, 0.030: 0.025 +- 0.003
     assert report.table.values.tolist() == [
-        ["baseline", "2.620 ± 0.012 (n=3) [3/3 stable]", "2.600 (n=1) [1/3 stable]", "0.01", "0.190", "4/6", "-1.755"],
-        ["z-loss", "2.520 ± 0.012 (n=3) [3/3 stable]", "2.470 ± 0.006 (n=3) [3/3 stable]", "0.01, 0.1", "0.025", "3/3",
-         "-1.741"],
+        ["baseline", "2.620 ± 0.012 (n=3) [3/3 stable]", "2.600 (n=1) [1/3 stable]", "0.01", "0.130 ± 0.060 (n=3)",
+         "4/6", "-1.755"],
+        ["z-loss", "2.520 ± 0.012 (n=3) [3/3 stable]", "2.470 ± 0.006 (n=3) [3/3 stable]", "0.01, 0.1",
+         "0.025 ± 0.003 (n=3)", "3/3", "-1.741"],
     ]  # fmt: skip
     assert report.notes == ["+stability=baseline, optim.lr=0.1: 2 diverged, 0 failed of 3 runs (left out of the means)"]
     baseline = report.data.set_index(["+stability", "optim.lr"]).loc[("baseline", 0.1)]
     assert (baseline["runs"], baseline["diverged"], baseline["final_val_loss_n"]) == (3, 2, 1)
     assert baseline["final_val_loss"] == pytest.approx(2.60)
-    # 0/6 against 2/6 diverged is p = C(10, 6) / C(12, 6) = 0.23: (1) does not resolve. Baseline's best stable lr is
-    # 0.01 (2.62), not 0.1 with its lone 2.60; z-loss at 0.1 minus it, per seed -0.14, -0.15, -0.16: (2) is yes
+    # (1) z-loss - baseline per seed -0.18, +0.015, -0.15: -0.105 +- 0.061 on 2 df, an interval of +-0.26 around
+    # it: inconclusive. (2) Baseline's best stable lr is 0.01 (2.62), not 0.1 with its lone 2.60; z-loss at 0.1
+    # minus it, per seed -0.14, -0.15, -0.16: yes. 0/6 against 2/6 diverged is Fisher p = C(10, 6) / C(12, 6) = 0.227
     assert report.verdict.reproduced == "inconclusive"
+    assert [p.verdict for p in report.verdict.parts] == ["inconclusive", "yes"]
     assert report.verdict.ours == (
-        "diverged by lr: baseline 0.01: 0/3, 0.1: 2/3; z-loss 0.01: 0/3, 0.1: 0/3; best-lr val loss z-loss - "
-        "baseline -0.150 ± 0.006 (paired, n=3) (lr 0.1 vs 0.01)"
+        "diverged by lr: baseline 0.01: 0/3, 0.1: 2/3; z-loss 0.01: 0/3, 0.1: 0/3 (z-loss diverges less: one-sided "
+        "Fisher p = 0.227); LR sensitivity z-loss - baseline -0.105 ± 0.061 (paired by seed, n=3, 2 df); best-lr "
+        "val loss z-loss (lr 0.1) - baseline (lr 0.01) -0.150 ± 0.006 (paired by seed, n=3, 2 df)"
     )
     section = md_sections((out / "report.md").read_text())["z-loss-stability"]
-    baseline_row = "| 2.620 ± 0.012 (n=3) [3/3 stable] | 2.600 (n=1) [1/3 stable] | 0.01 | 0.190 | 4/6 | -1.755 |"
+    baseline_row = (
+        "| 2.620 ± 0.012 (n=3) [3/3 stable] | 2.600 (n=1) [1/3 stable] | 0.01 | 0.130 ± 0.060 (n=3) | 4/6 | -1.755 |"
+    )
     assert f"| baseline {baseline_row}" in section
     assert "\n- +stability=baseline, optim.lr=0.1: 2 diverged, 0 failed of 3 runs" in section
     assert "![z-loss-stability-lr](plots/z-loss-stability-lr.png)" in section
@@ -855,15 +928,14 @@ def test_z_loss_diverged_baseline_seeds_are_counted_not_averaged(tmp_path: Path)
 def test_z_loss_sweep_still_running_leaves_out_the_lrs_not_run(tmp_path: Path) -> None:
     _z_loss_sweep_still_running(tmp_path)
     report = build("z-loss-stability", load_study(tmp_path, "z-loss-stability"))
-    # z-loss has no lr 1 yet: an empty cell, and its LR sensitivity is over the two lrs it ran (six seeds cancel
-    # the noise): mean(2.50, 2.45) - 2.45 = 0.025, not mean(2.50, 2.45, 3.0) - 2.45 = 0.200 as if lr 1 had diverged
+    # z-loss has no lr 1 yet: an empty cell, and every LR sensitivity is over the two lrs both ran (0.01, 0.1):
+    # mean(2.50, 2.45) - 2.45 = 0.025 for each, not mean(2.50, 2.45, 3.0) - 2.45 = 0.200 as if lr 1 had diverged
     assert report.table.iloc[1].tolist() == [
-        "z-loss", "2.500 ± 0.001 (n=6) [6/6 stable]", "2.450 ± 0.001 (n=6) [6/6 stable]", "-", "0.01, 0.1", "0.025",
-        "3/3", "-1.741",
+        "z-loss", "2.500 ± 0.001 (n=6) [6/6 stable]", "2.450 ± 0.001 (n=6) [6/6 stable]", "-", "0.01, 0.1",
+        "0.025 ± 0.001 (n=6)", "3/3", "-1.741",
     ]  # fmt: skip
-    assert report.verdict.ours.startswith(
-        "diverged by lr: baseline 0.01: 0/6, 0.1: 0/6; z-loss 0.01: 0/6, 0.1: 0/6; best-lr val loss"
-    )
+    assert report.table.iloc[0]["LR sensitivity"] == "0.0250 ± 0.0004 (n=6)"
+    assert report.verdict.ours.startswith("diverged by lr: baseline 0.01: 0/6, 0.1: 0/6; z-loss 0.01: 0/6, 0.1: 0/6")
 
 
 def test_z_loss_runs_without_an_lr_column_are_one_learning_rate(tmp_path: Path) -> None:
@@ -879,18 +951,23 @@ def test_z_loss_runs_without_an_lr_column_are_one_learning_rate(tmp_path: Path) 
     write_study(tmp_path, "z-loss-stability", rows, files)
     out = tmp_path / "out"
     report = make_report(tmp_path, ["z-loss-stability"], ("md",), out, Console(quiet=True))[0][0]
-    # z-loss: std sqrt(4e-4 / 5) = 0.0089 over 6 seeds, an error of 0.004; baseline has no stable lr, so no LR
-    # sensitivity, and z-loss's one lr is its own best
+    # z-loss: std sqrt(4e-4 / 5) = 0.0089 over 6 seeds, an error of 0.004; one lr is its own best, so each
+    # completed seed's LR sensitivity is 0 (baseline's diverged seeds have none)
     assert report.table.values.tolist() == [
-        ["baseline", "2.510 ± 0.010 (n=2) [2/6 stable]", "none", "-", "4/6", "-1.755"],
-        ["z-loss", "2.490 ± 0.004 (n=6) [6/6 stable]", "not swept", "0.000", "3/3", "-1.741"],
+        ["baseline", "2.510 ± 0.010 (n=2) [2/6 stable]", "none", "0.000 ± 0.000 (n=2)", "4/6", "-1.755"],
+        ["z-loss", "2.490 ± 0.004 (n=6) [6/6 stable]", "not swept", "0.000 ± 0.000 (n=6)", "3/3", "-1.741"],
     ]
     assert list(report.table.columns)[1] == "lr not swept"
-    # (1) is 0/6 against 4/6 (p = 0.03, yes); (2) has no stable baseline lr to compare against
+    # (1) one learning rate has no LR sensitivity to compare (the counts, 0/6 against 4/6, give Fisher p = 0.03);
+    # (2) has no stable baseline lr to compare against
     assert report.verdict.reproduced == "inconclusive"
-    assert report.verdict.ours == (
-        "diverged by lr: baseline not swept: 4/6; z-loss not swept: 0/6; best-lr val loss z-loss - baseline - "
-        "(lr not swept vs -)"
+    assert [p.reason for p in report.verdict.parts] == [
+        "fewer than two learning rates every setting ran: no LR sensitivity to compare",
+        "no standard error over seeds",
+    ]
+    assert report.verdict.ours.startswith(
+        "diverged by lr: baseline not swept: 4/6; z-loss not swept: 0/6 (z-loss diverges less: one-sided Fisher "
+        "p = 0.030)"
     )
     assert not (out / "plots" / "z-loss-stability-lr.png").exists()  # one learning rate: no curve over lr
 
@@ -945,17 +1022,27 @@ def test_html_is_well_formed_and_inlines_existing_figures(full_report: tuple[Pat
     assert tree.errors == []
     assert tree.open == []
     assert tree.top == ["html"]
-    assert tree.ids == [None, *BUILDERS]  # the summary, then one heading per study
-    assert tree.tables == 1 + len(BUILDERS)
+    assert tree.ids == [None, None, *BUILDERS]  # the summary and how verdicts are made, then one per study
+    assert tree.tables == 1 + 2 * len(BUILDERS)  # the summary, then each study's claims and its own table
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "plots").iterdir())
     assert sorted(img["data-source"] for img in tree.imgs) == pngs
-    assert len(pngs) == 11
+    assert tree.imgs[0]["data-source"] == "plots/claims.png"  # the picture of every claim opens the report
+    assert len(pngs) == 12
+    # cells render their Markdown: the verdict in bold, the study's name as code, no asterisks left
+    assert "**" not in text
+    assert "<td><code>top-k</code></td>" in text and "<td><b>yes</b> (parts: yes, yes)</td>" in text
     for img in tree.imgs:
         prefix = "data:image/png;base64,"
         assert img["src"].startswith(prefix)
         data = base64.b64decode(img["src"][len(prefix) :], validate=True)
         assert data[:8] == PNG_MAGIC
         assert data == (out / img["data-source"]).read_bytes()
+
+
+def test_inline_markdown_escapes_then_renders_bold_and_code() -> None:
+    assert inline_markdown("**a<b** and `c&d`") == "<b>a&lt;b</b> and <code>c&amp;d</code>"
+    assert inline_markdown("2 * 3 ** x") == "2 * 3 ** x"  # an unpaired marker stays as it is
+    assert inline_markdown(0.5) == "0.5"
 
 
 # --- 5. the CLI -------------------------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -41,109 +41,39 @@ def test_committed_report_is_what_the_committed_results_give(tmp_path: Path) -> 
     assert _normalised(regenerated) == _normalised((RESULTS / "report.md").read_text())
 
 
-# --- the README's numbers -------------------------------------------------------------------------------------------
-
-# a number as the README and the report write it: 3/3, 0.670, +0.028, -0.010, 44.2%, 44%; plain integers are left
-# out (they are seeds, steps, table numbers and settings in prose, not results)
-NUMBER = re.compile(r"(?<![\w.])[+-]?(?:\d+/\d+|\d+\.\d+%?|\d+%)(?![\w.]?\d)")
-# "94 / 82 / 44%": a list of percentages with the sign only on the last
-PERCENT_LIST = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?: / \d+(?:\.\d+)?)+%")
+# --- the README's studies table: the report's summary, row by row ------------------------------------------------
 
 
-def numbers(text: str) -> list[str]:
-    """The numbers in text, as written; each member of an 'a / b / c%' list as a percentage."""
-    found = []
-    for part in re.split(f"({PERCENT_LIST.pattern})", text):
-        if PERCENT_LIST.fullmatch(part):
-            found += [f"{n.rstrip('%')}%" for n in part.split(" / ")]
-        else:
-            found += NUMBER.findall(part)
-    return found
-
-
-def _value(number: str) -> tuple[bool, Decimal, int]:
-    """(a percentage?, the value, digits after the point)."""
-    percent = number.endswith("%")
-    value = Decimal(number.rstrip("%"))
-    return percent, value, -value.as_tuple().exponent
-
-
-def appears_in(number: str, report_numbers: set[str]) -> bool:
-    """Whether the report has the number: as written (3/3) or, for a value, one it rounds to (44% for 44.2%)."""
-    if "/" in number:
-        return number in report_numbers
-    percent, value, digits = _value(number)
-    half_unit = Decimal(5) / 10 ** (digits + 1)
-    for other in report_numbers:
-        if "/" in other:
-            continue
-        other_percent, other_value, other_digits = _value(other)
-        if other_percent == percent and other_digits >= digits and abs(other_value - value) <= half_unit:
-            return True
-    return False
-
-
-def readme_studies_table(readme: str) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of the README's table of studies (the one with a 'reproduced?' column)."""
+def readme_studies_table(readme: str) -> str:
+    """The README's table of studies (the one whose header is the report summary's), as Markdown lines."""
     lines = readme.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| study") and "reproduced?" in line)
-    header = [cell.strip() for cell in lines[start].strip().strip("|").split(" | ")]
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
-    assert all(len(row) == len(header) for row in rows), "a README table row has a '|' inside a cell"
-    return header, rows
+    start = lines.index("| study | paper's finding | ours | reproduced |")
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    return "\n".join(table) + "\n"
 
 
-def missing_from_report(readme: str, report_md: str) -> list[str]:
-    """'study (column): number' for every number in the README's ours / reproduced? cells the report lacks."""
-    header, rows = readme_studies_table(readme)
-    report_numbers = set(numbers(report_md))
-    missing = []
-    for row in rows:
-        study = row[0].split("`")[1]
-        for column in ("ours", "reproduced?"):
-            cell = row[header.index(column)]
-            missing += [f"{study} ({column}): {n}" for n in numbers(cell) if not appears_in(n, report_numbers)]
-    return missing
+def report_summary_table(report_md: str) -> str:
+    """The summary table of report.md (its "## Summary" section)."""
+    section = report_md.split("\n## Summary\n", 1)[1].split("\n## ", 1)[0]
+    return "\n".join(line for line in section.splitlines() if line.startswith("|")) + "\n"
 
 
-def test_readme_results_table_numbers_are_in_the_report() -> None:
-    """Every number in the README's studies table's "ours" and "reproduced?" cells is in results/report.md, as
-    written or rounded from a longer one there (the README's 44% for the report's 44.2%, 6.51 for 6.510).
+def test_readme_studies_table_is_the_reports_summary() -> None:
+    """The README's studies table is results/report.md's summary, cell by cell: the verdict words and each part's
+    verdict included. Regenerate it with `moe-lab report` and copy the summary table."""
+    readme_table = readme_studies_table(README.read_text())
+    assert readme_table.count("\n") == 2 + 10  # header, separator, ten studies
+    assert readme_table == report_summary_table((RESULTS / "report.md").read_text())
 
-    The first column (the study's command, settings, seeds and paper table) and "paper's finding" (the papers'
-    numbers, from moe_lab/report/reference.py) are not checked, nor is the sparse-vs-dense table above it (one
-    `moe-lab pretrain` run under results/pretrain/, which the report does not cover). Plain integers are
-    skipped: in these cells they are seeds, steps and settings ("1 seed", "bs 32"), except in 'a / b / c%'
-    lists, where each is a percentage."""
+
+def test_the_readme_check_catches_a_changed_verdict() -> None:
     readme, report_md = README.read_text(), (RESULTS / "report.md").read_text()
-    header, rows = readme_studies_table(readme)
-    assert len(rows) == 10 and {"ours", "reproduced?"} <= set(header)
-    checked = sum(len(numbers(row[header.index(c)])) for row in rows for c in ("ours", "reproduced?"))
-    assert checked >= 80, f"only {checked} numbers found in the README's table: is the regex still right?"
-    assert missing_from_report(readme, report_md) == []
-
-
-def test_the_readme_check_catches_a_changed_number() -> None:
-    readme, report_md = README.read_text(), (RESULTS / "report.md").read_text()
-    assert "top-1 1.944 ± 0.006 (n=3), top-2" in readme
-    changed = readme.replace("top-1 1.944 ± 0.006 (n=3), top-2", "top-1 1.947 ± 0.006 (n=3), top-2")
-    assert "top-k (ours): 1.947" in missing_from_report(changed, report_md)
-    rounded_wrong = readme.replace("top-1 1.944 ± 0.006 (n=3), top-2", "top-1 1.95 ± 0.006 (n=3), top-2")
-    assert "top-k (ours): 1.95" in missing_from_report(rounded_wrong, report_md)  # 1.944 rounds to 1.94
-
-
-def test_number_extraction() -> None:
-    text = "val 0.670 (+0.028, -0.010 ± 0.022) 3/3 44.2%; Switch 94 / 82 / 44%, top-1 1.9, 1e-3, 3 seeds, bs 32"
-    assert numbers(text) == ["0.670", "+0.028", "-0.010", "0.022", "3/3", "44.2%", "94%", "82%", "44%", "1.9"]
-    report_numbers = {"44.2%", "+0.028", "6.510", "3/3", "0.5"}
-    assert appears_in("44%", report_numbers) and appears_in("6.51", report_numbers)
-    assert appears_in("0.028", report_numbers) and appears_in("3/3", report_numbers)
-    assert not appears_in("45%", report_numbers) and not appears_in("0.50", report_numbers)  # more digits than it has
-    assert not appears_in("44.2", report_numbers) and not appears_in("2/3", report_numbers)
+    row = next(line for line in readme_studies_table(readme).splitlines() if line.startswith("| `stablemoe` |"))
+    assert row.endswith("| **inconclusive** (parts: inconclusive, yes) |")
+    changed = readme.replace(row, row.replace("| **inconclusive** (parts:", "| **yes** (parts:"))
+    assert readme_studies_table(changed) != report_summary_table(report_md)
+    number = readme.replace("top-1 1.944 ± 0.006 (n=3)", "top-1 1.947 ± 0.006 (n=3)")
+    assert number != readme and readme_studies_table(number) != report_summary_table(report_md)
 
 
 # --- the main job's sparse vs dense (results/pretrain/): the report's section, and the README's copy ----------------
@@ -166,20 +96,24 @@ def test_sparse_vs_dense_needs_both_models(tmp_path: Path) -> None:
     shutil.copytree(RESULTS / "pretrain" / "dense-small" / "seed0", tmp_path / "pretrain" / "dense-small" / "seed0")
     one = sparse_vs_dense(tmp_path)  # only seed 0 is shared: no standard error, no verdict
     assert one is not None and "seeds 0 |" in " | ".join(one.table.columns) + " |"
-    assert one.table.iloc[2, 2].endswith("**no standard error (one seed)**")
+    assert one.table.iloc[2, 2].endswith("**inconclusive (one seed)**")
 
 
 @pytest.mark.parametrize(
     ("value", "se", "better", "said"),
     [
-        (-0.02, 0.005, "<", "sparse better"),  # loss down beyond 2 SE
-        (-0.02, 0.005, ">", "dense better"),  # recall down beyond 2 SE
-        (-0.01, 0.005, "<", "tie (within 2 standard errors)"),  # exactly 2 SE is not beyond
-        (-0.01, float("nan"), "<", "no standard error (one seed)"),
+        (-0.02, 0.002, "<", "sparse better"),  # loss down: the 95% interval (t 4.30 at 2 df) excludes 0
+        (-0.02, 0.002, ">", "dense better"),  # recall down as far
+        (-0.002, 0.001, "<", "no difference (inside the margin)"),  # 90% interval (t 2.92) inside +-0.01
+        (-0.01, 0.004, "<", "inconclusive"),  # 95% interval holds 0, 90% one crosses -0.01
+        (-0.01, float("nan"), "<", "inconclusive (one seed)"),
     ],
 )
 def test_sparse_vs_dense_claim_says_each_outcome(value: float, se: float, better: str, said: str) -> None:
-    assert claim(stats.Difference(value, se, paired=True, n=3), better) == said
+    n = 1 if se != se else 3
+    method = "one seed" if n == 1 else "paired by seed"
+    d = stats.Difference(value, se, float("nan") if n == 1 else 2.0, n, method)
+    assert claim(d, better, margin=0.01) == said
 
 
 def test_readme_parallel_benchmark_is_the_committed_json() -> None:

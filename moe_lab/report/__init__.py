@@ -8,9 +8,9 @@ import pandas as pd
 from rich.console import Console
 
 from moe_lab.report.mainjob import sparse_vs_dense
-from moe_lab.report.plots import draw
+from moe_lab.report.plots import claims_figure, draw
 from moe_lab.report.reference import REFERENCES
-from moe_lab.report.render import print_summary, render_csv, render_html, render_markdown
+from moe_lab.report.render import Document, print_summary, render_csv, render_html, render_markdown
 from moe_lab.report.results import ResultsError, load_study
 from moe_lab.report.studies import BUILDERS, StudyReport, Verdict, build
 
@@ -49,10 +49,12 @@ def make_report(
         figures[name] = draw(study, report, out / "plots") if {"md", "html"} & set(formats) else []
     written: list[Path] = []
     main = sparse_vs_dense(results_root) if studies is None else None
+    claims = claims_figure(reports, out / "plots") if {"md", "html"} & set(formats) else None
+    document = Document(reports, figures, out, str(results_root), main, claims)
     if "md" in formats:
-        written.append(render_markdown(reports, figures, out, str(results_root), main))
+        written.append(render_markdown(document))
     if "html" in formats:
-        written.append(render_html(reports, figures, out, str(results_root), main))
+        written.append(render_html(document))
     if "csv" in formats:
         written += render_csv(reports, out)
     print_summary(console, reports)

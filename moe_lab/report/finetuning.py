@@ -1,30 +1,38 @@
 """Report builders of the fine-tuning studies: freeze, token dropping, aux loss, overfitting, batch x lr.
 
-Each study is judged on its task's own metric (`task.metric`: accuracy, or macro-F1 for CB). With one seed an
-accuracy's standard error is binomial on the task's own validation size; with seeds it is std/sqrt(n).
+Each study is judged on its task's own metric (`task.metric`: accuracy, or macro-F1 for CB), over its seeds: each
+setting's fine-tunings are compared paired by seed, and by validation example where the runs recorded them, against
+the noise pooled over the study's grid of settings x seeds.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pandas as pd
 
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.results import StudyResults, aggregate
-from moe_lab.report.stats import Estimate, below, by_value, combine, contrast, difference, direction, estimates
-from moe_lab.report.verdict import StudyReport, Verdict, capacity_note, fmt_number, percent, status_notes
+from moe_lab.report.spec import margins
+from moe_lab.report.stats import Estimate, Grid, by_value, estimates
+from moe_lab.report.verdict import (
+    Part,
+    StudyReport,
+    Verdict,
+    capacity_note,
+    fmt_number,
+    percent,
+    status_notes,
+    verdict_of,
+)
 
 ACC = "final_val_accuracy"
 METRIC_COLUMNS = {"accuracy": "final_val_accuracy", "f1_macro": "final_val_f1"}
-DROP_MARGIN = 0.01  # a cost of dropping tokens below one point of the metric is "about nothing"
 
 
 def _rule(study: StudyResults) -> str:
-    metric, n = task_metric(study), validation_examples(study)
-    one = f"binomial on the {n} validation examples" if metric == "accuracy" and n else "none (inconclusive)"
-    return (
-        f"judged on validation {metric}; a difference counts beyond 2 standard errors of the difference (seeds: "
-        f"std/sqrt(n), paired when the settings share seeds; one seed: {one}); a tie is inconclusive"
-    )
+    n = validation_examples(study)
+    return f"judged on validation {task_metric(study)}" + (f" ({n} examples)" if n else "")
 
 
 def task_metric(study: StudyResults) -> str:
@@ -49,11 +57,16 @@ def validation_examples(study: StudyResults) -> int | None:
 
 
 def _metric_estimates(study: StudyResults, by: list[str], metric: str | None = None) -> dict:
-    """Estimates of the task's metric (or `metric`) per group, keyed by the value when `by` is one column."""
-    name = task_metric(study)
-    column = metric or METRIC_COLUMNS[name]
-    n = validation_examples(study) if name == "accuracy" and metric in (None, ACC) else None
-    return by_value(estimates(study.runs, by, column, n))
+    """Estimates of the task's metric (or `metric`) per group, with the runs' per-example values, keyed by the
+    value when `by` is one column."""
+    column = metric or METRIC_COLUMNS[task_metric(study)]
+    return by_value(estimates(study.runs, by, column, study.examples))
+
+
+def _part(study: StudyResults, name: str, claim: str, d, rule: str, expected: str = ">", part: str = "accuracy"):
+    """A part judged on the task's metric, shown in points, with the study's margin `part`."""
+    unit = "points" if task_metric(study) == "accuracy" else f"points of {task_metric(study)}"
+    return Part(name, claim, d, rule, margins(study.name)[part], expected, unit=unit, scale=100)
 
 
 def _cells(est: dict, keys) -> list[str]:
@@ -74,12 +87,18 @@ def freeze(study: StudyResults) -> StudyReport:
     done = {k: v for k, v in val.items() if v.n}
     if "moe" not in done or len(done) < 2:
         return StudyReport("freeze", ref, table, Verdict("no data", "-", "needs the moe preset and another"))
-    worst_other = min((k for k in done if k != "moe"), key=lambda k: done[k].mean)
-    d = difference(done[worst_other], done["moe"])
+    grid = Grid.of(done)
+    parts = [
+        replace(_part(study, f"{k} - moe", "> 0: MoE-only is worse", grid.difference(k, "moe"), "direction"),
+                necessary=True)
+        for k in sorted(done, key=lambda k: done[k].mean) if k != "moe"
+    ]  # fmt: skip
     ranking = ", ".join(f"{k} {v.text()}" for k, v in sorted(done.items(), key=lambda kv: -kv[1].mean))
-    ours = f"val {ranking}; {worst_other} (the worst other) - moe {d.text()}"
-    checked = f"updating only the MoE layers is worse than every other choice; {_rule(study)}"
-    return StudyReport("freeze", ref, table, Verdict(direction(d, ">"), ours, checked), status_notes(agg), agg)
+    checked = (
+        f"updating only the MoE layers is worse than every other choice (each a necessary part: MoE-only ahead of "
+        f"any one is no); {_rule(study)}"
+    )
+    return StudyReport("freeze", ref, table, verdict_of(parts, checked, f"val {ranking}"), status_notes(agg), agg)
 
 
 def token_drop(study: StudyResults) -> StudyReport:
@@ -100,27 +119,25 @@ def token_drop(study: StudyResults) -> StudyReport:
         return StudyReport("token-drop", ref, table, Verdict("no data", "-", "needs two or more capacity factors"))
     reference = data.loc[data["moe_dropped_frac"].idxmin()]
     dropping = data[(data["moe_dropped_frac"] >= 0.05) & (data["moe_dropped_frac"] <= 0.2)]
+    margin = margins("token-drop")["accuracy"]
     checked = (
-        f"the cost of fine-tuning with 5-20% of tokens dropped (the fewest drops minus each such CF) is below "
-        f"{DROP_MARGIN:g} {task_metric(study)}: yes when cost + 2 standard errors is below it, no when cost - 2 "
-        f"standard errors is above it; {_rule(study)}"
+        f"the cost of fine-tuning with 5-20% of tokens dropped (the fewest drops minus each such CF) is at most "
+        f"{100 * margin:g} points of {task_metric(study)}; {_rule(study)}"
     )
     if dropping.empty:
         drops = ", ".join(f"CF {r[key]:g} {percent(r['moe_dropped_frac'])}" for _, r in data.iterrows())
         verdict = Verdict("inconclusive", f"no capacity factor dropped 5-20% ({drops})", checked)
         return StudyReport("token-drop", ref, table, verdict, status_notes(agg), agg)
-    claims, parts = [], []
+    grid = Grid.of({cf: val[cf] for cf in data[key]})
     ref_cf = reference[key]
-    for _, row in dropping.iterrows():
-        cost = difference(val[ref_cf], val[row[key]])
-        claims.append(below(cost, DROP_MARGIN))
-        parts.append(f"CF {row[key]:g} ({percent(row['moe_dropped_frac'])} dropped) costs {cost.text()}")
-    ours = (
-        f"{'; '.join(parts)} against CF {ref_cf:g} ({percent(reference['moe_dropped_frac'])} dropped, "
-        f"{val[ref_cf].text()})"
-    )
+    parts = [
+        _part(study, f"CF {row[key]:g} ({percent(row['moe_dropped_frac'])} dropped): cost against CF {ref_cf:g}",
+              f"at most {100 * margin:g} points", grid.difference(ref_cf, row[key]), "at most")
+        for _, row in dropping.iterrows()
+    ]  # fmt: skip
+    extra = f"CF {ref_cf:g} ({percent(reference['moe_dropped_frac'])} dropped) {val[ref_cf].text()}"
     notes = [capacity_note(study), *status_notes(agg)]
-    return StudyReport("token-drop", ref, table, Verdict(combine(claims), ours, checked), notes, agg)
+    return StudyReport("token-drop", ref, table, verdict_of(parts, checked, extra), notes, agg)
 
 
 def aux_loss_finetune(study: StudyResults) -> StudyReport:
@@ -139,23 +156,20 @@ def aux_loss_finetune(study: StudyResults) -> StudyReport:
             for lab, cf in zip(label, agg["moe.train_capacity_factor"], strict=True)
         ],
     })  # fmt: skip
-    claims, parts = [], []
+    grid = Grid.of({k: v for k, v in val.items() if v.n})
+    parts = []
     for cf, group in agg.groupby("moe.train_capacity_factor"):
         on = [(a, cf) for a in group["moe.aux_loss_coef"] if a > 0]
         off = [(a, cf) for a in group["moe.aux_loss_coef"] if a == 0]
         if not on or not off or not (val.get(on[0], Estimate()).n and val.get(off[0], Estimate()).n):
             continue
-        d = difference(val[on[0]], val[off[0]])
-        claims.append(direction(d, ">"))
         drops = group.set_index("moe.aux_loss_coef")["moe_dropped_frac"]
-        parts.append(
-            f"CF {cf:g}: on - off {d.text()} (dropped {percent(drops[on[0][0]])} vs {percent(drops[off[0][0]])})"
-        )
-    if not claims:
+        name = f"CF {cf:g}: on - off (dropped {percent(drops[on[0][0]])} vs {percent(drops[off[0][0]])})"
+        parts.append(_part(study, name, "> 0: the aux loss helps", grid.difference(on[0], off[0]), "direction"))
+    if not parts:
         return StudyReport("aux-loss-finetune", ref, table, Verdict("no data", "-", "needs aux on and off"))
     checked = f"keeping the aux loss beats turning it off at every train CF; {_rule(study)}"
-    verdict = Verdict(combine(claims), "; ".join(parts), checked)
-    return StudyReport("aux-loss-finetune", ref, table, verdict, status_notes(agg), agg)
+    return StudyReport("aux-loss-finetune", ref, table, verdict_of(parts, checked), status_notes(agg), agg)
 
 
 def _model_label(value: str) -> str:
@@ -191,19 +205,20 @@ def overfit(study: StudyResults) -> StudyReport:
     if small is None or large is None or any(not val.get(c, Estimate()).n for c in needed):
         verdict = Verdict("no data", "-", "needs completed sparse and dense runs on a small and a large task")
         return StudyReport("overfit", ref, table, verdict, status_notes(agg), agg)
-    d_small = difference(val[(small, "sparse")], val[(small, "dense")])
-    d_large = difference(val[(large, "sparse")], val[(large, "dense")])
-    gap = difference(train[(small, "sparse")], val[(small, "sparse")])
-    ours = (
-        f"{small}: sparse - dense val {d_small.text()} (sparse train {train[(small, 'sparse')].text()}, val "
-        f"{val[(small, 'sparse')].text()}); {large}: sparse - dense val {d_large.text()}"
-    )
+    grid = Grid.of({c: val[c] for c in needed})
+    gap = Grid.of({"train": train[(small, "sparse")], "val": val[(small, "sparse")]}).difference("train", "val")
+    parts = [
+        _part(study, f"{small}: sparse - dense val", "< 0: sparse overfits the small task",
+              grid.difference((small, "sparse"), (small, "dense")), "direction", "<"),
+        _part(study, f"{large}: sparse - dense val", "> 0: sparse wins the large task",
+              grid.difference((large, "sparse"), (large, "dense")), "direction", ">"),
+    ]  # fmt: skip
+    extra = f"{small}: sparse train {train[(small, 'sparse')].text()}, val {val[(small, 'sparse')].text()}"
     checked = (
         f"(1) on the small task the sparse model validates below the dense one; (2) on the large task above it; "
-        f"{_rule(study)}; the sparse train-validation gap on the small task is {gap.text()}"
+        f"{_rule(study)}; the sparse train-validation gap on the small task is {gap.text(scale=100)} points"
     )
-    verdict = Verdict(combine([direction(d_small, "<"), direction(d_large, ">")]), ours, checked)
-    return StudyReport("overfit", ref, table, verdict, status_notes(agg), agg)
+    return StudyReport("overfit", ref, table, verdict_of(parts, checked, extra), status_notes(agg), agg)
 
 
 def finetune_grid(study: StudyResults) -> StudyReport:
@@ -223,33 +238,32 @@ def finetune_grid(study: StudyResults) -> StudyReport:
     table = pd.DataFrame(rows)
     if agg.empty or agg[ACC].isna().all():
         return StudyReport("finetune-grid", ref, table, Verdict("no data", "-", "needs completed runs"))
-    claims, parts = [], []
+    parts = []
     for task, group in agg.groupby("task"):
         lrs, bss = sorted(group["optim.lr"].unique()), sorted(group["train.batch_size"].unique())
         if len(lrs) < 2 or len(bss) < 2 or set(group["model"]) != {"sparse", "dense"}:
             continue
         lo_lr, hi_lr, small_bs, large_bs = lrs[0], lrs[-1], bss[0], bss[-1]
-
-        def cell(model: str, lr: float, bs: int, task=task) -> Estimate:
-            return val.get((task, model, lr, bs), Estimate())
+        grid = Grid.of({k: v for k, v in val.items() if k[0] == task and v.n})
 
         # interaction contrasts (averaged over the other factor): how much more the sparse model gains than the
         # dense one from the smaller batch, and from the higher learning rate
         batch_terms, lr_terms = [], []
         for sign, model in ((1.0, "sparse"), (-1.0, "dense")):
             for lr in (lo_lr, hi_lr):
-                batch_terms += [(sign / 2, cell(model, lr, small_bs)), (-sign / 2, cell(model, lr, large_bs))]
+                batch_terms += [(sign / 2, (task, model, lr, small_bs)), (-sign / 2, (task, model, lr, large_bs))]
             for bs in (small_bs, large_bs):
-                lr_terms += [(sign / 2, cell(model, hi_lr, bs)), (-sign / 2, cell(model, lo_lr, bs))]
-        for what, terms in ((f"batch {small_bs} vs {large_bs}", batch_terms), (f"lr {hi_lr:g} vs {lo_lr:g}", lr_terms)):
-            d = contrast(terms)
-            claims.append(direction(d, ">"))
-            parts.append(f"{task}, {what}: sparse gain - dense gain {d.text()}")
-    if not claims:
+                lr_terms += [(sign / 2, (task, model, hi_lr, bs)), (-sign / 2, (task, model, lo_lr, bs))]
+        for factor, what, terms, why in (
+            ("batch", f"batch {small_bs} vs {large_bs}", batch_terms, "the smaller batch"),
+            ("lr", f"lr {hi_lr:g} vs {lo_lr:g}", lr_terms, "the higher learning rate"),
+        ):
+            parts.append(_part(study, f"{task}, {what}: sparse gain - dense gain", f"> 0: sparse gains more from {why}",
+                               grid.contrast(terms), "direction", part=factor))  # fmt: skip
+    if not parts:
         return StudyReport("finetune-grid", ref, table, Verdict("no data", "-", "needs a 2x2 grid per model"))
     checked = (
         "per task, the sparse model gains more than the dense one from the smaller batch and from the higher "
         f"learning rate (interaction contrasts, each averaged over the other factor); {_rule(study)}"
     )
-    verdict = Verdict(combine(claims), "; ".join(parts), checked)
-    return StudyReport("finetune-grid", ref, table, verdict, status_notes(agg), agg)
+    return StudyReport("finetune-grid", ref, table, verdict_of(parts, checked), status_notes(agg), agg)

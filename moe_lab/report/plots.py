@@ -243,3 +243,39 @@ def draw(study: StudyResults | None, report: StudyReport, out: Path) -> list[Pat
         return []
     paths = [figure(study, report, out) for figure in FIGURES.get(report.name, [])]
     return [p for p in paths if p is not None]
+
+
+VERDICT_COLORS = {"yes": "tab:green", "no": "tab:red", "inconclusive": "tab:orange"}
+
+
+def claims_figure(reports: list[StudyReport], out: Path) -> Path | None:
+    """Every part of every claim on one axis: its effect and 95% interval in units of its margin, oriented so
+    that the paper's side is to the right (a direction claim "< 0" and an "at most" cost are mirrored), coloured
+    by the part's verdict; a part with no interval (one seed) is a hollow point."""
+    rows = [(r.name, p) for r in reports for p in r.verdict.parts]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(12, 0.32 * len(rows) + 1.8))
+    for y, (_, part) in enumerate(reversed(rows)):
+        d = part.difference
+        # "at most" (a cost): the paper's side is below the margin, so it is mirrored too
+        sign = -1.0 if (part.rule == "direction" and part.expected == "<") or part.rule == "at most" else 1.0
+        color = VERDICT_COLORS.get(part.verdict, "tab:gray")
+        value = sign * d.value / part.margin
+        lo, hi = (sign * v / part.margin for v in d.interval())
+        if not math.isnan(lo):
+            ax.plot(sorted((lo, hi)), [y, y], color=color, lw=2)
+        face = color if d.decidable else "white"
+        ax.plot([value], [y], "o", color=color, markerfacecolor=face, markersize=6)
+    ax.set_yticks(range(len(rows)), [f"{s}: {p.name} ({p.verdict})" for s, p in reversed(rows)], fontsize=8)
+    for x, style in ((0, "-"), (-1, ":"), (1, ":")):
+        ax.axvline(x, color="black" if x == 0 else "gray", ls=style, lw=1)
+    ax.set_xscale("symlog", linthresh=2)  # linear within two margins, logarithmic beyond
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.margins(x=0.08)
+    ax.set_xlabel("effect / margin with its 95% interval: the paper's side to the right, ±margin dotted")
+    handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=v) for v, c in VERDICT_COLORS.items()]
+    handles.append(plt.Line2D([], [], color="tab:gray", marker="o", markerfacecolor="white", ls="", label="one seed"))
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=4, fontsize=8, frameon=False)
+    ax.set_title("every claim's effect against its margin", loc="right")
+    return _save(fig, out / "claims.png")

@@ -9,8 +9,10 @@ import pandas as pd
 
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.results import StudyResults, aggregate
-from moe_lab.report.stats import Estimate, below, by_value, combine, difference, direction, estimates
+from moe_lab.report.spec import margins
+from moe_lab.report.stats import Estimate, Grid, by_value, difference, estimates, mean_of, pooled_means
 from moe_lab.report.verdict import (
+    Part,
     StudyReport,
     Verdict,
     capacity_note,
@@ -19,17 +21,15 @@ from moe_lab.report.verdict import (
     paper_value,
     percent,
     status_notes,
+    verdict_of,
 )
 
-LOSS_RULE = (
-    "differences are judged against 2 standard errors of the difference (paired over seeds when the settings "
-    "share them; a seed's standard error is std/sqrt(n)); a tie, or one seed (no standard error), is inconclusive"
-)
+NATS = "nats"
 
 
 def _loss_estimates(study: StudyResults, by: list[str], metric: str = "final_val_loss") -> dict:
-    """Estimates keyed by the single swept value when `by` has one column."""
-    return by_value(estimates(study.runs, by, metric))
+    """Estimates (with the runs' per-example values) keyed by the single swept value when `by` has one column."""
+    return by_value(estimates(study.runs, by, metric, study.examples))
 
 
 def top_k(study: StudyResults) -> StudyReport:
@@ -46,14 +46,16 @@ def top_k(study: StudyResults) -> StudyReport:
     if len(ks) < 2:
         verdict = Verdict("no data", "-", "needs completed runs at two or more k")
         return StudyReport("top-k", ref, table, verdict, status_notes(agg), agg)
-    claims, parts = [], []
-    for lo, hi in itertools.pairwise(ks):
-        d = difference(est[lo], est[hi])
-        claims.append(direction(d, ">"))
-        parts.append(f"top-{int(lo)} - top-{int(hi)} {d.text()}")
-    ours = ", ".join(f"top-{int(k)} {est[k].text()}" for k in ks) + "; " + "; ".join(parts)
-    checked = f"each step up in k lowers the validation loss; {LOSS_RULE}"
-    return StudyReport("top-k", ref, table, Verdict(combine(claims), ours, checked), status_notes(agg), agg)
+    margin = margins("top-k")["loss"]
+    grid = Grid.of({k: est[k] for k in ks})
+    parts = [
+        Part(f"top-{int(lo)} - top-{int(hi)}", f"> 0: top-{int(hi)} lowers the loss", grid.difference(lo, hi),
+             "direction", margin, ">", unit=NATS)
+        for lo, hi in itertools.pairwise(ks)
+    ]  # fmt: skip
+    extra = ", ".join(f"top-{int(k)} {est[k].text()}" for k in ks)
+    verdict = verdict_of(parts, "each step up in k lowers the validation loss", extra)
+    return StudyReport("top-k", ref, table, verdict, status_notes(agg), agg)
 
 
 def capacity_factor(study: StudyResults) -> StudyReport:
@@ -79,8 +81,10 @@ def capacity_factor(study: StudyResults) -> StudyReport:
     if not loss_cols or agg.empty:
         return StudyReport("capacity-factor", ref, table, Verdict("no data", "-", "needs eval-CF columns"), [], agg)
     top = loss_cols[-1]
-    claims, parts, skipped = [], [], []
-    # 1) raising only the eval CF helps: per train CF, its runs' loss at eval CF = train CF minus at the largest
+    margin = margins("capacity-factor")
+    parts, skipped = [], []
+    # 1) raising only the eval CF helps: per train CF, its runs' loss at eval CF = train CF minus at the largest,
+    # paired by seed (the same runs) and by validation sequence where the runs recorded them
     for _, row in agg.iterrows():
         train_cf = row[key]
         same = f"final_val_loss@cf{train_cf:g}"
@@ -90,26 +94,25 @@ def capacity_factor(study: StudyResults) -> StudyReport:
             skipped.append(f"{train_cf:g}")
             continue
         d = difference(est[same][train_cf], est[top][train_cf])
-        claims.append(direction(d, ">"))
-        parts.append(f"train CF {train_cf:g}: eval CF {train_cf:g} - {eval_cfs[-1]:g} {d.text()}")
-    # 2) a higher train CF is better, at the largest eval CF: the lowest train CF minus the highest
+        claim = f"> 0: eval CF {eval_cfs[-1]:g} lowers the loss"
+        parts.append(Part(f"train CF {train_cf:g}: eval CF {train_cf:g} - {eval_cfs[-1]:g}", claim, d, "direction",
+                          margin["eval_cf"], ">", unit=NATS))  # fmt: skip
+    # 2) a higher train CF is better, at the largest eval CF: the lowest train CF minus the highest, judged
+    # against the grid of train CFs x seeds
     cfs = [c for c in sorted(est[top]) if est[top][c].n]
     if len(cfs) >= 2:
-        d = difference(est[top][cfs[0]], est[top][cfs[-1]])
-        claims.append(direction(d, ">"))
-        parts.append(f"at eval CF {eval_cfs[-1]:g}, train CF {cfs[0]:g} - {cfs[-1]:g} {d.text()}")
-    ours = "; ".join(parts) or "-"
+        d = Grid.of({c: est[top][c] for c in cfs}).difference(cfs[0], cfs[-1])
+        claim = f"> 0: train CF {cfs[-1]:g} beats {cfs[0]:g}"
+        name = f"at eval CF {eval_cfs[-1]:g}, train CF {cfs[0]:g} - {cfs[-1]:g}"
+        parts.append(Part(name, claim, d, "direction", margin["train_cf"], ">", unit=NATS))
     checked = (
         f"(1) at every train CF that drops tokens, raising only the eval CF to {eval_cfs[-1]:g} lowers the loss "
-        f"(the same runs, paired); (2) at eval CF {eval_cfs[-1]:g}, the highest train CF beats the lowest; " + LOSS_RULE
+        f"(the same runs, paired by seed); (2) at eval CF {eval_cfs[-1]:g}, the highest train CF beats the lowest"
     )
     if skipped:
         checked += f"; train CF {', '.join(skipped)} dropped nothing at its own eval CF and is left out of (1)"
-    verdict = Verdict(combine(claims), ours, checked)
+    verdict = verdict_of(parts, checked) if parts else Verdict("no data", "-", checked)
     return StudyReport("capacity-factor", ref, table, verdict, [capacity_note(study), *status_notes(agg)], agg)
-
-
-QUALITY_MARGIN = 0.01  # nats/token: a loss cost smaller than this is "no cost" (ST-MoE's z-loss gain is 0.014)
 
 
 def fewer_diverged(a_div: int, a_n: int, b_div: int, b_n: int) -> float:
@@ -120,18 +123,6 @@ def fewer_diverged(a_div: int, a_n: int, b_div: int, b_n: int) -> float:
         return math.nan
     denom = math.comb(total, a_n)
     return sum(math.comb(div, x) * math.comb(total - div, a_n - x) for x in range(0, a_div + 1)) / denom
-
-
-def stability_claim(a_div: int, a_n: int, b_div: int, b_n: int) -> str:
-    """Whether a diverges less often than b: yes/no at one-sided p < 0.05, inconclusive otherwise (and when
-    nothing diverged, which cannot tell them apart)."""
-    if a_div == 0 and b_div == 0:
-        return "inconclusive"
-    if fewer_diverged(a_div, a_n, b_div, b_n) < 0.05:
-        return "yes"
-    if fewer_diverged(b_div, b_n, a_div, a_n) < 0.05:
-        return "no"
-    return "inconclusive"
 
 
 SETTINGS = ["baseline", "z-loss", "jitter", "update-clip", "fp32-router"]
@@ -157,18 +148,24 @@ def lr_sensitivity(losses: dict[float, float], cap: float) -> float:
     return sum(capped) / len(capped) - min(capped)
 
 
-def stable_range_claim(a: dict[float, tuple[int, int]], b: dict[float, tuple[int, int]]) -> str:
-    """Whether setting a is stable over a wider range of learning rates than b ({lr: (diverged, runs)}):
-    pooled over the learning rates, yes or no by the one-sided Fisher exact test (p < 0.05); no also when both
-    diverge exactly as often at every learning rate (the grid shows no widening); inconclusive when nothing
-    diverged (the sweep did not reach instability) or the counts differ within chance."""
-    a_div, a_n = sum(d for d, _ in a.values()), sum(n for _, n in a.values())
-    b_div, b_n = sum(d for d, _ in b.values()), sum(n for _, n in b.values())
-    if a_div == 0 and b_div == 0:
-        return "inconclusive"
-    if a == b:
-        return "no"
-    return stability_claim(a_div, a_n, b_div, b_n)
+def sensitivity_by_seed(runs: pd.DataFrame, setting: str, lrs: list, cap: float, key: str) -> Estimate:
+    """Each seed's LR sensitivity of `setting` over `lrs`: a seed counts where each lr has a completed run of it
+    (its loss) or a diverged one (the cap); a failed or missing run leaves the seed out (it is no evidence)."""
+    mine = runs[runs[key] == setting]
+    by_seed = {}
+    for seed, group in mine.groupby("seed"):
+        losses = {}
+        for lr in lrs:
+            at = group[group[LR] == lr]
+            if len(at) != 1 or at["status"].iloc[0] not in ("completed", "diverged"):
+                break
+            completed_run = at["status"].iloc[0] == "completed"
+            losses[lr] = float(at["final_val_loss"].iloc[0]) if completed_run else math.nan
+        else:
+            value = lr_sensitivity(losses, cap)
+            if not math.isnan(value):
+                by_seed[int(seed)] = value
+    return Estimate(by_seed)
 
 
 def z_loss_stability(study: StudyResults) -> StudyReport:
@@ -177,13 +174,22 @@ def z_loss_stability(study: StudyResults) -> StudyReport:
     runs = study.runs
     if LR not in runs.columns:  # one learning rate: the sweep cannot show a range. A label, not NaN: the groups
         runs = runs.assign(**{LR: "not swept"})  # are looked up by key, and NaN != NaN
+    if "seed" not in runs.columns:
+        runs = runs.assign(seed=runs.groupby([key, LR]).cumcount())
     agg = aggregate(runs, [key, LR], ["final_val_loss", "moe_max_logit"])
-    loss = estimates(runs, [key, LR], "final_val_loss")
+    loss = estimates(runs, [key, LR], "final_val_loss", study.examples)
     cap = _cap(study)
     settings = [s for s in SETTINGS if s in set(agg[key])] + sorted(set(agg[key]) - set(SETTINGS))
     lrs = sorted(agg[LR].unique())
-    counts = {(r[key], r[LR]): (int(r["diverged"] + r["failed"]), int(r["runs"])) for _, r in agg.iterrows()}
+    # (diverged, runs that completed or diverged): a failed run is missing evidence, not a divergence
+    counts = {
+        (r[key], r[LR]): (int(r["diverged"]), int(r["runs"] - r["failed"])) for _, r in agg.iterrows()
+    }  # fmt: skip
     best: dict[str, float] = {}  # the learning rate of the lowest mean loss where no seed diverged
+    # LR sensitivity compares like with like: over the learning rates every setting ran (a sweep still running
+    # has not reached some of them)
+    common = [lr for lr in lrs if all(counts.get((s, lr), (0, 0))[1] for s in settings)]
+    sensitivity: dict[str, Estimate] = {}
     rows = []
     for setting in settings:
         row = {"setting": setting}
@@ -192,47 +198,63 @@ def z_loss_stability(study: StudyResults) -> StudyReport:
             est = loss.get((setting, lr), Estimate())
             div, n = counts.get((setting, lr), (0, 0))
             row[f"lr {cell_text(lr)}"] = f"{est.text()} [{n - div}/{n} stable]" if n else "-"
-            if n:  # a learning rate not run (yet) is left out, not counted as diverged
-                means[lr] = est.mean if div == 0 else math.nan
-        stable = [lr for lr in lrs if (setting, lr) in counts and counts[(setting, lr)][0] == 0]
-        finite = {lr: m for lr, m in means.items() if not math.isnan(m)}
-        if finite:
-            best[setting] = min(finite, key=finite.get)
+            if n and div == 0 and est.n:
+                means[lr] = est.mean
+        stable = [lr for lr in lrs if counts.get((setting, lr), (1, 0))[1] and counts[(setting, lr)][0] == 0]
+        if means:
+            best[setting] = min(means, key=means.get)
+        sensitivity[setting] = sensitivity_by_seed(runs, setting, common, cap, key)
         row["stable lrs"] = ", ".join(cell_text(lr) for lr in stable) or "none"
-        row["LR sensitivity"] = fmt_number(lr_sensitivity(means, cap))
+        row["LR sensitivity"] = sensitivity[setting].text()
         row["paper stable"] = paper_value(ref, setting, "stable")
         row["paper quality"] = paper_value(ref, setting, "quality")
         rows.append(row)
     table = pd.DataFrame(rows)
     if not {"baseline", "z-loss"} <= set(settings):
         return StudyReport("z-loss-stability", ref, table, Verdict("no data", "-", "needs baseline and z-loss"))
-    both = [lr for lr in lrs if ("baseline", lr) in counts and ("z-loss", lr) in counts]  # (1) compares like with like
+    margin = margins("z-loss-stability")
+    both = [lr for lr in lrs if ("baseline", lr) in counts and ("z-loss", lr) in counts]
     by_lr = {s: {lr: counts[(s, lr)] for lr in both} for s in ("baseline", "z-loss")}
-    widened = stable_range_claim(by_lr["z-loss"], by_lr["baseline"])
+    sens = Grid.of({s: e for s, e in sensitivity.items() if e.n})
+    # LR sensitivity says nothing where the grid never destabilised either setting: equal small sensitivities
+    # would then read as "no" to a question the sweep did not ask
+    calm = not any(counts.get((s, lr), (0, 0))[0] for s in ("baseline", "z-loss") for lr in common)
+    blocked = "nothing diverged at the learning rates every setting ran: the sweep did not reach instability"
+    if len(common) < 2:
+        calm, blocked = True, "fewer than two learning rates every setting ran: no LR sensitivity to compare"
+    parts = [
+        Part("LR sensitivity z-loss - baseline", "< 0: z-loss makes the loss less sensitive to the learning rate",
+             sens.difference("z-loss", "baseline"), "direction", margin["lr_sensitivity"], "<", necessary=True,
+             unit=NATS, blocked=blocked if calm else ""),
+    ]  # fmt: skip
     if "baseline" in best and "z-loss" in best:
-        cost = difference(loss[("z-loss", best["z-loss"])], loss[("baseline", best["baseline"])])
-        quality = below(cost, QUALITY_MARGIN)
+        at_best = Grid.of({s: loss[(s, lr)] for s, lr in best.items()})
+        cost = at_best.difference("z-loss", "baseline")
+        name = f"best-lr val loss z-loss (lr {cell_text(best['z-loss'])}) - baseline (lr {cell_text(best['baseline'])})"
     else:
-        cost, quality = difference(Estimate(), Estimate()), "inconclusive"
+        cost, name = difference(Estimate(), Estimate()), "best-lr val loss z-loss - baseline"
+    parts.append(Part(name, f"at most {margin['quality']:g}: no quality cost", cost, "at most", margin["quality"],
+                      necessary=True, unit=NATS))  # fmt: skip
 
     def diverged(setting: str) -> str:
         return ", ".join(f"{cell_text(lr)}: {d}/{n}" for lr, (d, n) in by_lr[setting].items())
 
-    ours = (
-        f"diverged by lr: baseline {diverged('baseline')}; z-loss {diverged('z-loss')}; best-lr val loss z-loss "
-        f"- baseline {cost.text()} (lr {cell_text(best.get('z-loss', '-'))} vs {cell_text(best.get('baseline', '-'))})"
+    z_div, z_n = (sum(v[i] for v in by_lr["z-loss"].values()) for i in (0, 1))
+    b_div, b_n = (sum(v[i] for v in by_lr["baseline"].values()) for i in (0, 1))
+    p = fewer_diverged(z_div, z_n, b_div, b_n)
+    extra = (
+        f"diverged by lr: baseline {diverged('baseline')}; z-loss {diverged('z-loss')} (z-loss diverges less: "
+        f"one-sided Fisher p = {fmt_number(p)})"
     )
     checked = (
-        "(1) z-loss is stable over a wider range of learning rates than baseline: pooled over the learning rates "
-        "both were run at it diverges less often (one-sided Fisher exact test, p < 0.05); no when it diverges more "
-        "often, or exactly as often at every learning rate; inconclusive when nothing diverged; (2) at each one's "
-        f"best stable learning rate its validation loss is no worse than baseline's by {QUALITY_MARGIN} nats: yes "
-        "when the difference + 2 standard errors is below that, no when the difference - 2 standard errors is above "
-        "it. "
-        "LR sensitivity (Wortsman et al. 2023): mean over the learning rates of min(loss, unigram loss "
-        f"{fmt_number(cap)}) - the best, a diverged learning rate counting as the unigram loss"
+        "both parts necessary (Wortsman et al. 2023: an intervention stabilises if it lowers the LR sensitivity "
+        "without a worse best loss): (1) z-loss lowers the LR sensitivity (the mean over the learning rates of "
+        f"min(loss, unigram loss {fmt_number(cap)}) - the best, a diverged learning rate counting as the unigram "
+        "loss; per seed, over the learning rates every setting ran; inconclusive where nothing diverged there); "
+        "(2) at each one's best stable learning rate, z-loss's validation loss is at most the margin above "
+        "baseline's. Failed runs are left out, not counted as diverged"
     )
-    verdict = Verdict(combine([widened, quality]), ours, checked)
+    verdict = verdict_of(parts, checked, extra)
     return StudyReport("z-loss-stability", ref, table, verdict, status_notes(agg), agg)
 
 
@@ -264,34 +286,43 @@ def router_fluctuation(study: StudyResults) -> StudyReport:
     if not learned or math.isnan(by.loc["stablemoe", late]):
         verdict = Verdict("no data", "-", "needs completed StableMoE and learned-router runs")
         return StudyReport("router-fluctuation", ref, table, verdict, status_notes(agg), agg)
-    still = {m: by.loc[m, late] for m in learned}
-    fluct = "yes" if all(v > 0 for v in still.values()) and all(by.loc["stablemoe", c] == 0 for c in fl) else "no"
-    # perplexity: StableMoE against the best other router, where eval drops cannot decide it
+    margin = margins("router-fluctuation")
+    still = by_value(estimates(study.runs, ["moe"], late))
+    when = late.split("@")[1]
+    # (1) each learned router still changes experts late in training (a fraction of the probe tokens above 0, its
+    # seeds' variance pooled over the learned routers), StableMoE's stage 2 does not (its fraction within the
+    # margin of 0, over its own seeds)
+    learned_means = pooled_means({m: still[m] for m in learned})
+    unit = "points of probe tokens"
+    parts = [
+        Part(f"{m} still changing at {when}", "> 0: the router keeps changing its mind", learned_means[m],
+             "direction", margin["fluctuation"], ">", necessary=True, unit=unit, scale=100)
+        for m in learned
+    ]  # fmt: skip
+    stage2 = mean_of(still["stablemoe"])
+    parts.append(Part(f"stablemoe still changing at {when}", "= 0: stage 2 never changes", stage2, "equivalence",
+                      margin["fluctuation"], necessary=True, unit=unit, scale=100))  # fmt: skip
+    # (2) perplexity: StableMoE against the best other router, where eval drops cannot decide it
     others = [m for m in by.index if m != "stablemoe" and m in loss and loss[m].n]
     drops = by["eval_moe_dropped_frac"].fillna(0.0)
     compared = [*others, "stablemoe"]
     confounded = drops[compared].max() - drops[compared].min() > DROP_TOLERANCE
-    best_other = min(others, key=lambda m: loss[m].mean) if others else None
-    if best_other is None:
-        best_claim, best_text = "inconclusive", "no other router to compare"
-    else:
-        d = difference(loss["stablemoe"], loss[best_other])
-        best_claim = "inconclusive" if confounded else direction(d, "<")
-        best_text = f"val loss StableMoE - {best_other} (the best other) {d.text()}"
+    if others:
+        best_other = min(others, key=lambda m: loss[m].mean)
+        d = Grid.of({m: loss[m] for m in compared if loss.get(m, Estimate()).n}).difference("stablemoe", best_other)
+        blocked = ""
         if confounded:
-            best_text += " (confounded by eval drops: " + ", ".join(f"{m} {percent(drops[m])}" for m in compared) + ")"
-    ours = (
-        f"{late.split('@')[1]} of training: "
-        + ", ".join(f"{m} {percent(v)}" for m, v in still.items())
-        + f" still changing; StableMoE {percent(by.loc['stablemoe', late])}; {best_text}"
-    )
+            blocked = "confounded by eval drops: " + ", ".join(f"{m} {percent(drops[m])}" for m in compared)
+        parts.append(Part(f"val loss stablemoe - {best_other} (the best other)", "< 0: StableMoE has the best loss",
+                          d, "direction", margin["loss"], "<", unit=NATS, blocked=blocked))  # fmt: skip
     checked = (
-        "(1) learned routers (Switch, top-2, BASE) still change experts late in training and StableMoE's stage 2 "
-        "never does (measured fractions); (2) StableMoE has the lowest validation loss of all routers, "
-        + LOSS_RULE
-        + f"; (2) is inconclusive when the routers' eval drop fractions differ by more than {percent(DROP_TOLERANCE)}"
+        f"(1, necessary) at {when} of training each learned router (Switch, top-2, BASE) still sends a share of the "
+        "probe tokens to another expert than at the end (against 0, the seeds' variance pooled over the learned "
+        "routers), and StableMoE's stage 2 none (within the margin of 0 over its seeds); "
+        "(2) StableMoE has the lowest validation loss of all routers, against the best other; (2) is inconclusive "
+        f"when the routers' eval drop fractions differ by more than {percent(DROP_TOLERANCE)}"
     )
-    verdict = Verdict(combine([fluct, best_claim]), ours, checked)
+    verdict = verdict_of(parts, checked)
     return StudyReport("router-fluctuation", ref, table, verdict, status_notes(agg), agg)
 
 
@@ -311,19 +342,20 @@ def stablemoe(study: StudyResults) -> StudyReport:
     if len(done) < 2 or not two_stage:
         verdict = Verdict("no data", "-", "needs two or more stage-1 lengths")
         return StudyReport("stablemoe", ref, table, verdict, status_notes(agg), agg)
-    claims, parts = [], []
+    margin = margins("stablemoe")
+    grid = Grid.of({f: loss[f] for f in done})
+    parts = []
     shortest, rest = two_stage[0], two_stage[1:]
     if rest:
         runner = min(rest, key=lambda f: loss[f].mean)
-        d = difference(loss[shortest], loss[runner])
-        claims.append(direction(d, "<"))
-        parts.append(f"stage 1 {shortest:g} - {runner:g} (the best longer one) {d.text()}")
+        name = f"stage 1 {shortest:g} - {runner:g} (the best longer one)"
+        parts.append(Part(name, "< 0: the shortest stage 1 is best", grid.difference(shortest, runner), "direction",
+                          margin["stage1_length"], "<", unit=NATS))  # fmt: skip
     if 1.0 in loss and loss[1.0].n:
         best = min(two_stage, key=lambda f: loss[f].mean)
-        d = difference(loss[best], loss[1.0])
-        claims.append(direction(d, "<"))
-        parts.append(f"two stages ({best:g}) - stage 1 only {d.text()}")
-    ours = "val ppl " + ", ".join(f"{f:g}: {ppl[f].text()}" for f in done) + "; val loss " + "; ".join(parts)
-    checked = f"(1) the shortest stage 1 beats every longer one; (2) two stages beat stage 1 only; {LOSS_RULE}"
-    verdict = Verdict(combine(claims), ours, checked)
+        parts.append(Part(f"two stages ({best:g}) - stage 1 only", "< 0: stage 2 helps", grid.difference(best, 1.0),
+                          "direction", margin["two_stage"], "<", unit=NATS))  # fmt: skip
+    extra = "val ppl " + ", ".join(f"{f:g}: {ppl[f].text()}" for f in done)
+    checked = "(1) the shortest stage 1 beats every longer one (val loss); (2) two stages beat stage 1 only"
+    verdict = verdict_of(parts, checked, extra)
     return StudyReport("stablemoe", ref, table, verdict, status_notes(agg), agg)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,13 +16,22 @@ from rich.table import Table
 
 from moe_lab.io import atomic_write
 from moe_lab.report.mainjob import MainJob
+from moe_lab.report.stats import RULE_TEXT
 from moe_lab.report.studies import StudyReport
+from moe_lab.report.verdict import parts_table
 
 VERDICT_COLOURS = {"yes": "green", "partly": "yellow", "inconclusive": "yellow", "no": "red", "no data": "dim"}
 
 
+def reproduced_cell(report: StudyReport) -> str:
+    """'**partly** (parts: yes, no)': the verdict in bold and, for a claim of several parts, each part's."""
+    parts = report.verdict.parts
+    cell = f"**{report.verdict.reproduced}**"
+    return cell + (f" (parts: {', '.join(p.verdict for p in parts)})" if len(parts) > 1 else "")
+
+
 def summary_frame(reports: list[StudyReport]) -> pd.DataFrame:
-    """One row per study: the paper's finding, ours, and whether it reproduced."""
+    """One row per study: the paper's finding, ours, whether it reproduced and its parts' verdicts."""
     return pd.DataFrame([
         {
             "study": r.name,
@@ -28,10 +39,25 @@ def summary_frame(reports: list[StudyReport]) -> pd.DataFrame:
             "paper's finding": r.reference.finding,
             "ours": r.verdict.ours,
             "reproduced": r.verdict.reproduced,
+            "parts": ", ".join(p.verdict for p in r.verdict.parts),
             "checked": r.verdict.checked,
         }
         for r in reports
     ])  # fmt: skip
+
+
+SUMMARY_COLUMNS = ["study", "paper's finding", "ours", "reproduced"]
+
+
+def summary_display(reports: list[StudyReport]) -> pd.DataFrame:
+    """The summary's columns as report.md and report.html show them, the study's name as code."""
+    frame = summary_frame(reports)[SUMMARY_COLUMNS]
+    return frame.assign(study=[f"`{r.name}`" for r in reports], reproduced=[reproduced_cell(r) for r in reports])
+
+
+def summary_table(reports: list[StudyReport]) -> str:
+    """The summary as report.md writes it (the README's studies table is this, row for row)."""
+    return markdown_table(summary_display(reports))
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -50,19 +76,36 @@ def _relative(path: Path, start: Path) -> str:
 
 
 MAIN_JOB = "Main job: sparse vs dense"
+HOW = "How verdicts are made"
+CLAIMS_FIGURE = "claims"  # plots/claims.png: every claim's effect against its margin
 
 
-def render_markdown(
-    reports: list[StudyReport], figures: dict[str, list[Path]], out: Path, source: str, main: MainJob | None = None
-) -> Path:
-    """report.md: the summary table, the main job's sparse vs dense (when recorded), then one section per study
-    with its table, verdict and figures."""
+@dataclass(frozen=True)
+class Document:
+    """What report.md and report.html show: the studies' reports and figures, the main job's table (when
+    recorded) and the picture of every claim, written to `out` from results at `source`."""
+
+    reports: list[StudyReport]
+    figures: dict[str, list[Path]]
+    out: Path
+    source: str
+    main: MainJob | None = None
+    claims: Path | None = None
+
+
+def render_markdown(doc: Document) -> Path:
+    """report.md: the picture of every claim, the summary table, how verdicts are made, the main job's sparse vs
+    dense (when recorded), then one section per study with its claims, table, verdict and figures."""
+    reports, figures, out, source, main, claims = (
+        doc.reports, doc.figures, doc.out, doc.source, doc.main, doc.claims
+    )  # fmt: skip
     parts = [
         "# moe-lab report\n",
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{source}` by `moe-lab report`.\n",
-        "## Summary\n",
-        markdown_table(summary_frame(reports)[["study", "paper's finding", "ours", "reproduced"]]),
     ]
+    if claims is not None:
+        parts.append(f"![{CLAIMS_FIGURE}]({_relative(claims, out)})\n")
+    parts += ["## Summary\n", summary_table(reports), f"\n## {HOW}\n", f"{RULE_TEXT[0].upper()}{RULE_TEXT[1:]}.\n"]
     if main is not None:
         parts += [f"\n## {MAIN_JOB}\n", f"_Rule:_ {main.rule}.\n", markdown_table(main.table)]
     for r in reports:
@@ -71,8 +114,10 @@ def render_markdown(
             f"**Paper** ({r.reference.source}): {r.reference.finding}.\n",
             f"**Reproduced: {r.verdict.reproduced}.** {r.verdict.ours}.\n",
             f"_Checked:_ {r.verdict.checked}.\n",
-            markdown_table(r.table),
         ]
+        if r.verdict.parts:
+            parts += [markdown_table(parts_table(r.verdict.parts)), ""]
+        parts.append(markdown_table(r.table))
         if r.reference.note:
             parts.append(f"\n_Paper note:_ {r.reference.note}\n")
         parts += [f"\n- {note}" for note in r.notes]
@@ -101,24 +146,44 @@ def _img(path: Path, out: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" data-source="{src}" src="data:image/png;base64,{data}">'
 
 
-def render_html(
-    reports: list[StudyReport], figures: dict[str, list[Path]], out: Path, source: str, main: MainJob | None = None
-) -> Path:
-    """report.html: everything in one file, figures inlined."""
+_BOLD, _CODE = re.compile(r"\*\*(.+?)\*\*"), re.compile(r"`([^`]+)`")
+
+
+def inline_markdown(text: str) -> str:
+    """A cell's text as HTML: escaped, with its **bold** and `code` rendered."""
+    escaped = html.escape(str(text))
+    return _CODE.sub(r"<code>\1</code>", _BOLD.sub(r"<b>\1</b>", escaped))
+
+
+def html_table(frame: pd.DataFrame) -> str:
+    """A table whose header and cells render their inline Markdown."""
+    if frame.empty:
+        return "<p><i>no rows</i></p>"
+    head = "".join(f"<th>{inline_markdown(c)}</th>" for c in frame.columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{inline_markdown(v)}</td>" for v in row) + "</tr>"
+        for row in frame.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def render_html(doc: Document) -> Path:
+    """report.html: everything in one file, figures inlined, the picture of every claim first."""
+    reports, figures, out, source, main, claims = (
+        doc.reports, doc.figures, doc.out, doc.source, doc.main, doc.claims
+    )  # fmt: skip
     esc = html.escape
-    summary = summary_frame(reports)[["study", "paper's finding", "ours", "reproduced"]]
     body = [
         "<h1>moe-lab report</h1>",
         f"<p>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from <code>{esc(source)}</code>.</p>",
+        *([_img(claims, out)] if claims is not None else []),
         "<h2>Summary</h2>",
-        summary.to_html(index=False, escape=True, border=0),
+        html_table(summary_display(reports)),
+        f"<h2>{HOW}</h2>",
+        f"<p>{esc(RULE_TEXT[0].upper() + RULE_TEXT[1:])}.</p>",
     ]
     if main is not None:
-        body += [
-            f"<h2>{MAIN_JOB}</h2>",
-            f"<p><i>Rule:</i> {esc(main.rule)}.</p>",
-            main.table.to_html(index=False, escape=True, border=0),
-        ]
+        body += [f"<h2>{MAIN_JOB}</h2>", f"<p><i>Rule:</i> {esc(main.rule)}.</p>", html_table(main.table)]
     for r in reports:
         css = r.verdict.reproduced.replace(" ", "-")
         body += [
@@ -126,8 +191,10 @@ def render_html(
             f"<p><b>Paper</b> ({esc(r.reference.source)}): {esc(r.reference.finding)}.</p>",
             f'<p><span class="{css}">Reproduced: {esc(r.verdict.reproduced)}.</span> {esc(r.verdict.ours)}.</p>',
             f"<p><i>Checked:</i> {esc(r.verdict.checked)}.</p>",
-            r.table.to_html(index=False, escape=True, border=0) if not r.table.empty else "<p><i>no rows</i></p>",
         ]
+        if r.verdict.parts:
+            body.append(html_table(parts_table(r.verdict.parts)))
+        body.append(html_table(r.table))
         if r.reference.note:
             body.append(f"<p><i>Paper note:</i> {esc(r.reference.note)}</p>")
         if r.notes:
@@ -156,7 +223,30 @@ def render_csv(reports: list[StudyReport], out: Path) -> list[Path]:
         with atomic_write(path, suffix=".csv") as tmp:
             frame.to_csv(tmp, index=False)
         paths.append(path)
+    claims = claims_frame(reports)
+    if not claims.empty:
+        paths.append(out / "claims.csv")
+        with atomic_write(paths[-1], suffix=".csv") as tmp:
+            claims.to_csv(tmp, index=False)
     return paths
+
+
+def claims_frame(reports: list[StudyReport]) -> pd.DataFrame:
+    """Every part of every claim, as numbers: the difference, its standard error, degrees of freedom, intervals,
+    margin, rule and verdict (claims.csv)."""
+    rows = []
+    for r in reports:
+        for p in r.verdict.parts:
+            d = p.difference
+            (lo95, hi95), (lo90, hi90) = d.interval(0.95), d.interval(0.90)
+            rows.append({
+                "study": r.name, "part": p.name, "claim": p.claim, "rule": p.rule, "necessary": p.necessary,
+                "difference": d.value, "se": d.se, "df": d.df, "seeds": d.n, "method": d.method,
+                "validation_se": d.eval_se, "ci95_low": lo95, "ci95_high": hi95, "ci90_low": lo90,
+                "ci90_high": hi90, "margin": p.margin, "unit": p.unit, "scale": p.scale, "verdict": p.verdict,
+                "reason": p.reason,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def print_summary(console: Console, reports: list[StudyReport]) -> None:

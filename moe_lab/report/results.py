@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+
+from moe_lab.paths import records_path
 
 # runs.csv columns that are results, not swept values
 RESULT_PREFIXES = ("final_", "best_", "fluctuation@", "moe_", "eval_moe_")
@@ -24,6 +26,7 @@ class StudyResults:
     name: str
     root: Path  # results/<study>
     runs: pd.DataFrame
+    _records: dict = field(default_factory=dict, repr=False)  # path -> records read (None: not there)
 
     @property
     def swept(self) -> list[str]:
@@ -46,6 +49,42 @@ class StudyResults:
     def summary(self, run: str) -> dict | None:
         path = self.run_dir(run) / "summary.json"
         return json.loads(path.read_text()) if path.exists() else None
+
+    def examples(self, run: str, metric: str) -> pd.Series | None:
+        """`metric`'s per-example values at the run's final evaluation (see `final_examples`), read once."""
+        return final_examples(self.run_dir(run), self.summary(run) or {}, metric, self._records)
+
+
+def _loss(frame: pd.DataFrame) -> pd.Series:
+    return frame["loss"] if "loss" in frame.columns else -frame["label_logprob"]
+
+
+# summary metric -> (records file, its per-example values): the metric is their mean
+EXAMPLE_METRICS = {
+    "final_val_accuracy": ("val", lambda f: (f["prediction"] == f["label"]).astype(float)),
+    "final_val_loss": ("val", _loss),
+    "final_fact_recall": ("facts", lambda f: f["hit"].astype(float)),
+}
+
+
+def final_examples(run_dir: Path, summary: dict, metric: str, cache: dict | None = None) -> pd.Series | None:
+    """`metric`'s per-example values at a run's final evaluation, from its records (eval/*.csv.gz): 1/0 per
+    example for final_val_accuracy, the loss per example or sequence for final_val_loss[@cf<X>], 1/0 per query
+    for final_fact_recall. Indexed by the example's id (and label), so that two runs pair on the examples both
+    saw. None where the run has no such records or the metric is not a mean over examples (F1, perplexity)."""
+    name, _, cf = metric.partition("@cf")
+    if name not in EXAMPLE_METRICS or summary.get("status") != "completed" or summary.get("step") is None:
+        return None
+    file, value = EXAMPLE_METRICS[name]
+    path = records_path(run_dir, file, int(summary["step"]), float(cf) if cf else None)
+    cache = {} if cache is None else cache
+    if path not in cache:
+        cache[path] = pd.read_csv(path) if path.exists() else None
+    frame = cache[path]
+    if frame is None:
+        return None
+    keys = [c for c in ("example", "sequence", "query", "label") if c in frame.columns]
+    return pd.Series(value(frame).to_numpy(dtype=float), index=pd.MultiIndex.from_frame(frame[keys]))
 
 
 class ResultsError(ValueError):

@@ -1,40 +1,69 @@
-"""The statistics every verdict rests on: a mean with its standard error, a difference with the standard error of
-the difference, and a three-way judgement of it.
+"""The statistics every verdict rests on (../shared/STATISTICS.md): estimates over seeds, differences with
+Student's t at their real degrees of freedom, and rules that can say yes, no or inconclusive.
 
-- The standard error of a setting's mean over n seeds is std / sqrt(n) (std with ddof 1): the spread of what
-  another set of training seeds would give, measured on the same validation set.
-- One seed has no such spread. An accuracy measured on N validation examples then takes the binomial standard
-  error sqrt(p (1 - p) / N), with the task's own N; a loss of one seed has no standard error, and a rule
-  that needs one says "inconclusive" (run seeds).
-- Two settings are compared by their difference and its standard error: paired when both were run with the
-  same seeds (the standard error of the per-seed differences, std / sqrt(n), so noise the two share cancels),
-  else sqrt(se_a^2 + se_b^2).
-- A difference counts when it is more than Z = 2 standard errors from zero (about 95% two-sided). Within that it
-  is a tie, and a tie is never agreement with a paper: a rule built on it says "inconclusive".
+- A setting is measured once per training seed. Its mean's standard error is std / sqrt(n) with n - 1 degrees of
+  freedom. One seed measures no training noise, so a rule never decides on one seed.
+- Two settings run with the same seeds are compared paired by seed: the per-seed differences' mean, std / sqrt(n),
+  n - 1 degrees of freedom. Settings with different seeds are compared unpaired, with Welch's standard error and
+  the Welch-Satterthwaite degrees of freedom (Welch 1947).
+- A study that runs a grid of settings over the same seeds is a randomized complete block design (setting x seed,
+  seed as block; Montgomery, "Design and Analysis of Experiments", ch. 4): the residual mean square of the additive
+  two-way fit pools the noise of the whole grid, with (settings - 1) (seeds - 1) degrees of freedom, and a contrast
+  sum(c_a mean_a) with sum(c_a) = 0 has standard error sqrt(MSE sum(c_a^2) / seeds).
+- Per-example records pair two runs of one seed example by example (Dror et al. 2018): the seed's difference is
+  the mean per-example difference over the examples both saw, and the per-example spread gives the validation
+  set's share of the noise (`eval_se`), shown beside the total. The verdict rests on the seeds' spread, which holds
+  both the training and the validation noise.
+- Rules: a direction claim is yes when the 95% interval excludes zero on the paper's side, no when it excludes zero
+  on the other side or the 90% interval lies inside +-margin, else inconclusive. An equivalence claim (two one-sided
+  tests, Lakens 2017) is yes when the 90% interval lies inside +-margin, no when it lies wholly outside it. An
+  "at most" claim (a cost of at most the margin: non-inferiority) is yes when the 90% interval's upper end is
+  below the margin, no when its lower end is above it.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from moe_lab.report.results import completed
 
-Z = 2.0  # standard errors a difference must exceed to count
+DIRECTION_LEVEL = 0.95  # a two-sided interval that excludes zero: the effect is there (or the other way)
+EQUIVALENCE_LEVEL = 0.90  # two one-sided tests at 5% each (Lakens 2017): inside or outside the margin
+RULES = ("direction", "equivalence", "at most")
+
+RULE_TEXT = (
+    "each part is judged on Student's t at its degrees of freedom (paired by seed, or pooled over the study's grid "
+    "of settings x seeds with seed as block; one seed measures no training noise and decides nothing): a direction "
+    "part is yes when the 95% interval excludes 0 on the paper's side, no when it excludes 0 on the other side or "
+    "the 90% interval lies inside +-margin; an equivalence part is yes when the 90% interval lies inside +-margin, "
+    "no when it lies wholly outside; an 'at most' part is yes when the 90% interval ends below the margin, no when it "
+    "starts above it; else inconclusive. Parts combine: all yes is yes, all no is no, a no of a necessary part is "
+    "no, any other undecided part is inconclusive, and parts decided both ways are partly"
+)
 
 
 def _isnan(value: float | None) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def t_quantile(level: float, df: float) -> float:
+    """The two-sided `level` quantile of Student's t with df degrees of freedom (12.71 at 1 df, 4.30 at 2, 1.96
+    at infinity for 95%)."""
+    return float(scipy_stats.t.ppf(0.5 + level / 2, df))
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """A setting's mean over its seeds, with the values by seed for paired comparisons."""
+    """A setting's metric at each seed, with each seed's per-example values where the runs recorded them."""
 
     by_seed: dict = field(default_factory=dict)  # seed (or, without seeds, a run's own key) -> value
-    num_examples: int | None = None  # validation examples of an accuracy (binomial error for one seed)
+    examples: dict = field(default_factory=dict)  # seed -> pd.Series of the per-example metric, by example id
 
     @property
     def n(self) -> int:
@@ -53,12 +82,8 @@ class Estimate:
 
     @property
     def se(self) -> float:
-        """std / sqrt(n) over seeds; for one seed the binomial error of an accuracy, else NaN."""
-        if self.n >= 2:
-            return self.std / math.sqrt(self.n)
-        if self.n == 1 and self.num_examples:
-            return binomial_se(self.mean, self.num_examples)
-        return math.nan
+        """std / sqrt(n) over seeds; NaN for one seed (no training noise measured)."""
+        return self.std / math.sqrt(self.n) if self.n >= 2 else math.nan
 
     def text(self, digits: int = 3, scale: float = 1.0) -> str:
         """'0.612 ± 0.011 (n=3)': the mean and its standard error; '-' for no runs."""
@@ -71,61 +96,116 @@ class Estimate:
 
 
 def _digits(se: float, digits: int, scale: float) -> int:
-    """Decimals to show a standard error with: more than `digits` (up to 5) when it would round to zero."""
-    while not _isnan(se) and se > 0 and digits < 5 and round(se * scale, digits) == 0:
+    """Decimals to show a standard error with: more than `digits` (up to 5) when it would round to zero (but not
+    for an error that is zero up to float rounding)."""
+    while not _isnan(se) and se > 1e-12 and digits < 5 and round(se * scale, digits) == 0:
         digits += 1
     return digits
 
 
-def binomial_se(accuracy: float, num_examples: int) -> float:
-    """The standard error of an accuracy measured on num_examples examples."""
-    if num_examples <= 0 or _isnan(accuracy):
-        return math.nan
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / num_examples)
-
-
 @dataclass(frozen=True)
 class Difference:
-    """a - b, its standard error and how it was computed."""
+    """A contrast of settings (a - b, or an interaction), its standard error, degrees of freedom and method."""
 
     value: float
     se: float
-    paired: bool
-    n: int  # seeds in the comparison (pairs when paired)
+    df: float  # NaN: no standard error over seeds
+    n: int  # seeds in the comparison
+    method: str  # "paired by seed", "two-way 3 settings x 3 seeds", "Welch", "one seed"
+    eval_se: float = math.nan  # the validation set's share of the noise, from per-example records
 
     @property
-    def outcome(self) -> str:
-        """'>' (a above b by more than Z standard errors), '<', 'tie', or 'unknown' (no standard error)."""
-        if _isnan(self.value) or _isnan(self.se):
-            return "unknown"
-        if self.value > Z * self.se:
-            return ">"
-        if self.value < -Z * self.se:
-            return "<"
-        return "tie"
+    def decidable(self) -> bool:
+        """Whether a rule may decide on it: a value, a standard error over two or more seeds."""
+        return not (_isnan(self.value) or _isnan(self.se) or _isnan(self.df)) and self.n >= 2 and self.df >= 1
+
+    def interval(self, level: float = DIRECTION_LEVEL) -> tuple[float, float]:
+        """value -+ t(level, df) se; (NaN, NaN) when it cannot be decided on."""
+        if not self.decidable:
+            return math.nan, math.nan
+        half = t_quantile(level, self.df) * self.se
+        return self.value - half, self.value + half
 
     def text(self, digits: int = 3, scale: float = 1.0) -> str:
-        """'+0.021 ± 0.008 (paired, n=3)'."""
+        """'+0.021 ± 0.008 (paired by seed, n=3, 2 df)': the value, its standard error and how it was computed."""
         if _isnan(self.value):
             return "-"
-        how = "paired" if self.paired else "unpaired"
         digits = _digits(self.se, digits, scale)
         se = "" if _isnan(self.se) else f" ± {self.se * scale:.{digits}f}"
-        return f"{self.value * scale:+.{digits}f}{se} ({how}, n={self.n})"
+        how = f"{self.method}, n={self.n}" + (f", {_df(self.df)} df" if self.decidable else "")
+        if not _isnan(self.eval_se):
+            how += f"; validation set ± {self.eval_se * scale:.{_digits(self.eval_se, digits, scale)}f}"
+        return f"{self.value * scale:+.{digits}f}{se} ({how})"
+
+
+def _df(df: float) -> str:
+    return f"{df:.0f}" if float(df).is_integer() else f"{df:.1f}"
+
+
+NO_DIFFERENCE = Difference(math.nan, math.nan, math.nan, 0, "no runs")
+
+Examples = Callable[[str, str], "pd.Series | None"]  # (run, metric) -> per-example values, or None
+
+
+def _per_seed_examples(terms: list[tuple[float, Estimate]], seeds: list) -> tuple[dict, float] | None:
+    """Per seed, the contrast's mean over the examples every term saw, and the validation set's share of the
+    standard error of the mean over seeds (sqrt(sum of per-seed variances of the mean) / n); None unless every
+    term has per-example values at every seed."""
+    if not all(s in est.examples for _, est in terms for s in seeds):
+        return None
+    values, variance = {}, 0.0
+    for s in seeds:
+        series = [est.examples[s] for _, est in terms]
+        common = series[0].index
+        for other in series[1:]:
+            common = common.intersection(other.index)
+        if len(common) < 2:
+            return None
+        per_example = sum(c * x.loc[common].to_numpy(dtype=float) for (c, _), x in zip(terms, series, strict=True))
+        values[s] = float(per_example.mean())
+        variance += float(per_example.var(ddof=1)) / len(common)
+    return values, math.sqrt(variance) / len(seeds)
 
 
 def contrast(terms: list[tuple[float, Estimate]]) -> Difference:
-    """sum(c * a) over (c, a) in terms, e.g. [(1, a), (-1, b)] for a - b: paired over seeds when every term has the
-    same two or more seeds (the per-seed contrasts' std / sqrt(n)), else sqrt(sum(c^2 se^2))."""
+    """sum(c * a) over (c, a) in terms, e.g. [(1, a), (-1, b)] for a - b: paired by seed when every term has the
+    same two or more seeds (the per-seed contrasts' std / sqrt(n), n - 1 df), unpaired with Welch's standard error
+    and degrees of freedom when every term has two or more seeds of its own; one seed decides nothing (its
+    per-example standard error, where recorded, is shown as the validation set's share)."""
     if not terms or any(est.n == 0 for _, est in terms):
-        return Difference(math.nan, math.nan, False, 0)
-    seeds = set(terms[0][1].by_seed)
-    if len(seeds) >= 2 and all(set(est.by_seed) == seeds for _, est in terms):
-        per_seed = Estimate({s: sum(c * est.by_seed[s] for c, est in terms) for s in seeds})
-        return Difference(per_seed.mean, per_seed.se, True, per_seed.n)
+        return NO_DIFFERENCE
+    seeds = sorted(terms[0][1].by_seed, key=str)
+    shared = all(set(est.by_seed) == set(seeds) for _, est in terms)
+    if shared:
+        by_example = _per_seed_examples(terms, seeds)
+        per_seed = by_example[0] if by_example else {s: sum(c * est.by_seed[s] for c, est in terms) for s in seeds}
+        eval_se = by_example[1] if by_example else math.nan
+        one = Estimate(per_seed)
+        if len(seeds) >= 2:
+            method = "paired by seed" if len(terms) > 1 else "mean over seeds"
+            return Difference(one.mean, one.se, len(seeds) - 1, len(seeds), method, eval_se)
+        return Difference(one.mean, math.nan, math.nan, 1, "one seed", eval_se)
     value = sum(c * est.mean for c, est in terms)
-    se = math.sqrt(sum((c * est.se) ** 2 for c, est in terms))
-    return Difference(value, se, False, min(est.n for _, est in terms))
+    if any(est.n < 2 for _, est in terms):
+        return Difference(value, math.nan, math.nan, min(est.n for _, est in terms), "unpaired, one seed")
+    parts = [(c * est.se) ** 2 for c, est in terms]
+    se = math.sqrt(sum(parts))
+    denominator = sum(p**2 / (est.n - 1) for p, (_, est) in zip(parts, terms, strict=True))
+    df = sum(parts) ** 2 / denominator if denominator > 0 else min(est.n for _, est in terms) - 1
+    return Difference(value, se, df, min(est.n for _, est in terms), "unpaired, Welch")
+
+
+def pooled_means(cells: dict) -> dict:
+    """Each setting's mean against zero, its standard error from the within-setting variance pooled over `cells`
+    (one-way: sum over settings of their squared deviations / sum(n - 1), with that many degrees of freedom; the
+    settings need not share seeds). Settings with no run are left out."""
+    done = {k: est for k, est in cells.items() if est.n}
+    df = sum(est.n - 1 for est in done.values())
+    if df < 1:
+        return {k: contrast([(1.0, est)]) for k, est in done.items()}
+    mse = sum(sum((v - est.mean) ** 2 for v in est.by_seed.values()) for est in done.values()) / df
+    method = f"mean, variance pooled over {len(done)} settings"
+    return {k: Difference(est.mean, math.sqrt(mse / est.n), df, est.n, method) for k, est in done.items()}
 
 
 def difference(a: Estimate, b: Estimate) -> Difference:
@@ -133,8 +213,83 @@ def difference(a: Estimate, b: Estimate) -> Difference:
     return contrast([(1.0, a), (-1.0, b)])
 
 
-def estimates(runs: pd.DataFrame, by: list[str], metric: str, num_examples: int | None = None) -> dict[tuple, Estimate]:
-    """One Estimate of `metric` per group of the completed runs (key: the group's values of `by`).
+def mean_of(a: Estimate) -> Difference:
+    """One setting's mean against zero (a one-sample t over its seeds)."""
+    return contrast([(1.0, a)])
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A study's settings run over the same seeds, as a randomized complete block design (seed as block).
+
+    The layout is the settings that share the most common set of two or more seeds (restricted to those seeds);
+    its residual mean square pools the setting x seed noise of the whole grid. A contrast whose settings are all in
+    the layout and whose coefficients sum to zero is judged against it; any other falls back to `contrast`."""
+
+    cells: dict  # setting key -> Estimate
+    keys: tuple = ()  # the settings in the layout
+    seeds: tuple = ()
+    mse: float = math.nan
+    df: int = 0
+
+    @classmethod
+    def of(cls, cells: dict) -> Grid:
+        """The layout of `cells` (setting -> Estimate)."""
+        sets = Counter(frozenset(est.by_seed) for est in cells.values() if est.n >= 2)
+        if not sets:
+            return cls(cells)
+        # the most common seed set; ties go to the larger set, then by the seeds' names (reproducible)
+        common = max(sets, key=lambda s: (sets[s], len(s), sorted(map(str, s))))
+        seeds = tuple(sorted(common, key=str))
+        keys = tuple(k for k, est in cells.items() if common <= set(est.by_seed))
+        if len(keys) < 2:
+            return cls(cells)
+        y = [[cells[k].by_seed[s] for s in seeds] for k in keys]
+        rows = [sum(r) / len(seeds) for r in y]
+        cols = [sum(y[a][j] for a in range(len(keys))) / len(keys) for j in range(len(seeds))]
+        grand = sum(rows) / len(keys)
+        ss = sum((y[a][j] - rows[a] - cols[j] + grand) ** 2 for a in range(len(keys)) for j in range(len(seeds)))
+        df = (len(keys) - 1) * (len(seeds) - 1)
+        return cls(cells, keys, seeds, ss / df, df)
+
+    @property
+    def method(self) -> str:
+        if len(self.keys) == 2:  # two settings: the two-way layout is the paired comparison
+            return "paired by seed"
+        return f"two-way {len(self.keys)} settings x {len(self.seeds)} seeds"
+
+    def contrast(self, terms: list[tuple[float, Hashable]]) -> Difference:
+        """sum(c * setting) over (c, key) in terms, judged against the pooled residual where it can be."""
+        if not terms or any(k not in self.cells or self.cells[k].n == 0 for _, k in terms):
+            return NO_DIFFERENCE
+        estimates = [(c, self.cells[k]) for c, k in terms]
+        in_layout = self.df >= 1 and all(k in self.keys for _, k in terms)
+        if not in_layout or abs(sum(c for c, _ in terms)) > 1e-12:
+            return contrast(estimates)
+        restricted = [(c, _restrict(est, self.seeds)) for c, est in estimates]
+        by_example = _per_seed_examples(restricted, list(self.seeds))
+        if by_example:
+            value = sum(by_example[0].values()) / len(self.seeds)
+        else:
+            value = sum(c * est.mean for c, est in restricted)
+        se = math.sqrt(self.mse * sum(c * c for c, _ in terms) / len(self.seeds))
+        eval_se = by_example[1] if by_example else math.nan
+        return Difference(value, se, self.df, len(self.seeds), self.method, eval_se)
+
+    def difference(self, a: Hashable, b: Hashable) -> Difference:
+        """a - b."""
+        return self.contrast([(1.0, a), (-1.0, b)])
+
+
+def _restrict(est: Estimate, seeds: tuple) -> Estimate:
+    return Estimate({s: est.by_seed[s] for s in seeds}, {s: v for s, v in est.examples.items() if s in seeds})
+
+
+def estimates(
+    runs: pd.DataFrame, by: list[str], metric: str, examples: Examples | None = None
+) -> dict[tuple, Estimate]:
+    """One Estimate of `metric` per group of the completed runs (key: the group's values of `by`), with each run's
+    per-example values from `examples(run, metric)` where it has them.
 
     Runs are told apart by their `seed` column. Without one, each run is its own unpaired draw: its key names
     the group and its row, so runs of two groups are never paired by their order. Two completed runs of one
@@ -159,8 +314,16 @@ def estimates(runs: pd.DataFrame, by: list[str], metric: str, num_examples: int 
         else:
             seeds = [(key, i) for i in range(len(group))]
         values = group[metric].tolist() if metric in group.columns else [math.nan] * len(group)
-        by_seed = {s: float(v) for s, v in zip(seeds, values, strict=True) if not _isnan(v)}
-        out[key] = Estimate(by_seed, num_examples)
+        names = group["run"].astype(str).tolist() if "run" in group.columns else [None] * len(group)
+        by_seed, per_example = {}, {}
+        for s, v, run in zip(seeds, values, names, strict=True):
+            if _isnan(v):
+                continue
+            by_seed[s] = float(v)
+            series = examples(run, metric) if examples is not None and run is not None else None
+            if series is not None:
+                per_example[s] = series
+        out[key] = Estimate(by_seed, per_example)
     return out
 
 
@@ -169,39 +332,73 @@ def by_value(found: dict[tuple, Estimate]) -> dict:
     return {k[0] if len(k) == 1 else k: v for k, v in found.items()}
 
 
-def combine(outcomes: list[str]) -> str:
-    """One verdict from its claims' verdicts: yes if all are yes, no if all are no, partly if some are yes and
-    some no (each resolved), else inconclusive (some claim could not be told apart)."""
-    if not outcomes:
-        return "no data"
-    if any(o == "inconclusive" for o in outcomes):
-        return "inconclusive"
-    if all(o == "yes" for o in outcomes):
-        return "yes"
-    if all(o == "no" for o in outcomes):
-        return "no"
-    return "partly"
+# --- rules -------------------------------------------------------------------------------------------------------
 
 
-def direction(d: Difference, expected: str) -> str:
-    """A claim that a - b is on the side `expected` ('>' or '<'): yes if it is by more than Z standard errors,
-    no if it is on the other side by as much, inconclusive if it is a tie or has no standard error."""
+def judge(d: Difference, rule: str, margin: float, expected: str = ">") -> tuple[str, str]:
+    """(verdict, the reason in words) of a claim about d under `rule` (direction | equivalence | at most) with
+    `margin`; `expected` is the paper's side ('>' or '<') of a direction claim."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
     if expected not in (">", "<"):
         raise ValueError(f"expected must be '>' or '<', got {expected!r}")
-    if d.outcome == expected:
-        return "yes"
-    if d.outcome in (">", "<"):
+    if not margin > 0:
+        raise ValueError(f"a margin must be positive, got {margin!r}")
+    if not d.decidable:
+        why = "one seed measures no training noise" if d.n == 1 else "no standard error over seeds"
+        return "inconclusive", why
+    lo, hi = d.interval(EQUIVALENCE_LEVEL)
+    inside, below, above = -margin < lo and hi < margin, hi < -margin, lo > margin
+    if rule == "equivalence":
+        if inside:
+            return "yes", "90% interval inside ±margin"
+        if below or above:
+            return "no", "90% interval outside ±margin"
+        return "inconclusive", "90% interval crosses ±margin"
+    if rule == "at most":
+        if hi < margin:
+            return "yes", "90% interval below the margin"
+        if lo > margin:
+            return "no", "90% interval above the margin"
+        return "inconclusive", "90% interval contains the margin"
+    lo95, hi95 = d.interval(DIRECTION_LEVEL)
+    right, wrong = (lo95 > 0, hi95 < 0) if expected == ">" else (hi95 < 0, lo95 > 0)
+    if right:
+        return "yes", "95% interval excludes 0 on the paper's side"
+    if wrong:
+        return "no", "95% interval excludes 0 on the other side"
+    if inside:
+        return "no", "90% interval inside ±margin: too small to count"
+    return "inconclusive", "95% interval contains 0, 90% interval crosses ±margin"
+
+
+def direction(d: Difference, expected: str, margin: float) -> str:
+    """Whether d is on the paper's side `expected` ('>' or '<'): see `judge`."""
+    return judge(d, "direction", margin, expected)[0]
+
+
+def equivalent(d: Difference, margin: float) -> str:
+    """Whether d is within +-margin (two one-sided tests): see `judge`."""
+    return judge(d, "equivalence", margin)[0]
+
+
+def at_most(d: Difference, margin: float) -> str:
+    """Whether d (a cost) is below `margin` (non-inferiority): see `judge`."""
+    return judge(d, "at most", margin)[0]
+
+
+def combine(verdicts: list[str], necessary: list[bool] | None = None) -> str:
+    """One verdict from its parts': a decided no of a necessary part is no; else all yes is yes, all no is no, any
+    part undecided is inconclusive, and parts decided both ways are partly."""
+    if not verdicts:
+        return "no data"
+    necessary = necessary or [False] * len(verdicts)
+    if any(v == "no" and need for v, need in zip(verdicts, necessary, strict=True)):
         return "no"
-    return "inconclusive"
-
-
-def below(d: Difference, margin: float) -> str:
-    """A claim that a - b is below `margin`, e.g. that a cost is at most `margin` (a non-inferiority test):
-    yes if the whole interval d +- Z se is below the margin, no if it is wholly above it, else inconclusive."""
-    if d.outcome == "unknown":
+    if all(v == "yes" for v in verdicts):
+        return "yes"
+    if all(v == "no" for v in verdicts):
+        return "no"
+    if any(v not in ("yes", "no") for v in verdicts):
         return "inconclusive"
-    if d.value + Z * d.se < margin:
-        return "yes"
-    if d.value - Z * d.se > margin:
-        return "no"
-    return "inconclusive"
+    return "partly"

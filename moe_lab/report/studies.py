@@ -10,6 +10,7 @@ from moe_lab.report.finetuning import aux_loss_finetune, finetune_grid, freeze, 
 from moe_lab.report.pretraining import capacity_factor, router_fluctuation, stablemoe, top_k, z_loss_stability
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.results import StudyResults, completed
+from moe_lab.report.spec import StudySpecError
 from moe_lab.report.verdict import StudyReport, Verdict, cell_text, no_data
 
 __all__ = ["BUILDERS", "StudyReport", "Verdict", "build"]
@@ -40,6 +41,8 @@ def build(name: str, study: StudyResults | None) -> StudyReport:
         return StudyReport(name, REFERENCES[name], table, Verdict("no data", "-", "no run completed"))
     try:
         return BUILDERS[name](study)
+    except StudySpecError as err:  # the study file lacks a margin: the claim cannot be judged
+        return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", str(err)))
     except KeyError as err:  # runs.csv without a column the study's table needs (an older or edited sweep)
         why = f"results/{name}/runs.csv has no column {err}; columns: {list(study.runs.columns)}"
         return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", why))

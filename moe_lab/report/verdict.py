@@ -1,7 +1,8 @@
 """What a study's report is: a verdict computed from the numbers, a display table, and the helpers builders share.
 
-A verdict is "yes", "partly", "no", "inconclusive" (the effect is within what the runs can tell apart) or
-"no data". Each builder states the check it made in `checked`, so a reader can disagree with it.
+A verdict is "yes", "partly", "no", "inconclusive" (the runs cannot tell) or "no data", combined from the parts of
+the paper's claim (`Part`: what is compared, the difference, the rule, its margin and the part's verdict). Each
+builder states the check it made in `checked`, and every part states its test, so a reader can disagree.
 """
 
 from __future__ import annotations
@@ -13,6 +14,67 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from moe_lab.report.reference import REFERENCES, Reference
+from moe_lab.report.stats import DIRECTION_LEVEL, EQUIVALENCE_LEVEL, Difference, combine, judge
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a paper's claim: a difference of our settings, the rule and margin it is judged by."""
+
+    name: str  # what is compared, e.g. "top-1 - top-2"
+    claim: str  # the paper's side in words, e.g. "> 0 (top-2 lowers the loss)"
+    difference: Difference
+    rule: str  # direction | equivalence | at most
+    margin: float  # in the difference's own unit
+    expected: str = ">"  # a direction claim's side
+    necessary: bool = False  # a "no" here makes the whole claim "no"
+    unit: str = ""  # the difference's unit, e.g. "nats", "accuracy"
+    scale: float = 1.0  # display: 100 shows an accuracy in points
+    blocked: str = ""  # why the runs cannot decide this part whatever the numbers (it is then inconclusive)
+
+    @property
+    def judgement(self) -> tuple[str, str]:
+        """(verdict, reason)."""
+        if self.blocked:
+            return "inconclusive", self.blocked
+        return judge(self.difference, self.rule, self.margin, self.expected)
+
+    @property
+    def verdict(self) -> str:
+        return self.judgement[0]
+
+    @property
+    def reason(self) -> str:
+        return self.judgement[1]
+
+    @property
+    def digits(self) -> int:
+        """Decimals to show: 1 for points (scale 100), 3 for nats."""
+        return 1 if self.scale == 100 else 3
+
+    def text(self) -> str:
+        """'top-1 - top-2 +0.033 ± 0.002 (two-way ..., 4 df)'."""
+        return f"{self.name} {self.difference.text(self.digits, self.scale)}"
+
+    def row(self) -> dict[str, str]:
+        """The part as a row of the study's claims table."""
+        d, s, digits = self.difference, self.scale, self.digits + 1
+
+        def span(level: float) -> str:
+            lo, hi = d.interval(level)
+            return "-" if math.isnan(lo) else f"[{lo * s:+.{digits}f}, {hi * s:+.{digits}f}]"
+
+        unit = f" {self.unit}" if self.unit else ""
+        return {
+            "part": self.name + (" (necessary)" if self.necessary else ""),
+            "paper's claim": self.claim,
+            "ours": d.text(self.digits, s),
+            f"{DIRECTION_LEVEL:.0%} interval": span(DIRECTION_LEVEL),
+            f"{EQUIVALENCE_LEVEL:.0%} interval": span(EQUIVALENCE_LEVEL),
+            "margin": f"±{self.margin * s:g}{unit}" if self.rule != "at most" else f"{self.margin * s:g}{unit}",
+            "test": f"{self.rule}: {self.reason}",
+            "verdict": self.verdict,
+        }
 
 
 @dataclass
@@ -20,6 +82,20 @@ class Verdict:
     reproduced: str  # yes | partly | no | inconclusive | no data
     ours: str  # what we measured, in a sentence
     checked: str  # the rule that produced `reproduced`
+    parts: list[Part] = field(default_factory=list)
+
+
+def verdict_of(parts: list[Part], checked: str, extra: str = "") -> Verdict:
+    """The verdict combined from `parts`; `ours` lists each part's difference (after `extra`, if any). The rules
+    every part follows (stats.RULE_TEXT) are stated once, at the top of the report."""
+    reproduced = combine([p.verdict for p in parts], [p.necessary for p in parts])
+    ours = "; ".join([*([extra] if extra else []), *(p.text() for p in parts)]) or "-"
+    return Verdict(reproduced, ours, checked, parts)
+
+
+def parts_table(parts: list[Part]) -> pd.DataFrame:
+    """The claims table: one row per part with its difference, intervals, margin, test and verdict."""
+    return pd.DataFrame([p.row() for p in parts])
 
 
 @dataclass

@@ -7,20 +7,17 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
 from moe_lab.io import atomic_write
-from moe_lab.paths import results_root
+from moe_lab.paths import EXPERIMENTS, results_root
 
-# experiments/ ships as the package moe_lab.experiments (pyproject's package-dir). Hydra finds the group
-# `experiments` under a search-path root: the directory above it, which is the repository in an editable
-# install and site-packages/moe_lab in a wheel's. (pkg://moe_lab would miss it in an editable install, where
-# moe_lab.experiments is mapped to a directory outside moe_lab/.)
-EXPERIMENTS = Path(str(files("moe_lab.experiments")))
+# Hydra finds the group `experiments` under a search-path root: the directory above it, which is the repository
+# in an editable install and site-packages/moe_lab in a wheel's. (pkg://moe_lab would miss it in an editable
+# install, where moe_lab.experiments is mapped to a directory outside moe_lab/.)
 SEARCH_PATH = f"hydra.searchpath=[file://{EXPERIMENTS.parent}]"
 
 

@@ -6,8 +6,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -16,11 +16,12 @@ from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel, count_parameters
 from moe_lab.models.transformer import ModelLosses
+from moe_lab.paths import EXPERIMENTS
 from moe_lab.runs import identity_config, record_hash
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.freeze import apply_freeze
 from moe_lab.train.lifecycle import begin_run, claim, describe_model, train_and_record
-from moe_lab.train.loop import CHECKPOINT
+from moe_lab.train.loop import CHECKPOINT, Evaluation
 
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -69,29 +70,38 @@ class ClassificationTask:
     def tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["mask"].sum()  # on the device: the training loop reads it with the step's losses
 
-    def _score(self, model, ids: list[list[int]], labels: torch.Tensor, device) -> tuple[float, torch.Tensor]:
-        losses, preds = [], []
+    def _score(self, model, ids: list[list[int]], labels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each example's log-probability of its label and its predicted class."""
+        logprobs, preds = [], []
         for start in range(0, len(ids), self.batch_size):
             x, mask = self._collate(ids[start : start + self.batch_size], device)
-            logits = model(x, mask).float()
+            logp = torch.log_softmax(model(x, mask).float(), -1)
             y = labels[start : start + self.batch_size].to(device)
-            losses.append(F.cross_entropy(logits, y, reduction="sum").item())
-            preds.append(logits.argmax(-1).cpu())
-        return sum(losses) / len(ids), torch.cat(preds)
+            logprobs.append(logp.gather(1, y[:, None])[:, 0].cpu())
+            preds.append(logp.argmax(-1).cpu())
+        return torch.cat(logprobs).double(), torch.cat(preds)
 
-    def evaluate(self, model: ClassifierModel, device: torch.device) -> dict[str, float]:
-        """Validation loss, accuracy and macro-F1; training loss and accuracy on a fixed training subset."""
+    def evaluate(self, model: ClassifierModel, device: torch.device) -> Evaluation:
+        """Validation loss, accuracy and macro-F1, with each validation example's record ("val": example, label,
+        prediction, label_logprob); training loss and accuracy on a fixed training subset."""
         d = self.data
-        val_loss, val_pred = self._score(model, d.val_ids, d.val_labels, device)
+        val_logp, val_pred = self._score(model, d.val_ids, d.val_labels, device)
         n = min(self.train_eval, len(d.train_ids))
-        train_loss, train_pred = self._score(model, d.train_ids[:n], d.train_labels[:n], device)
-        return {
-            "val_loss": val_loss,
+        train_logp, train_pred = self._score(model, d.train_ids[:n], d.train_labels[:n], device)
+        metrics = {
+            "val_loss": float(-val_logp.mean()),
             "val_accuracy": (val_pred == d.val_labels).float().mean().item(),
             "val_f1": macro_f1(val_pred, d.val_labels, d.num_classes),
-            "train_eval_loss": train_loss,
+            "train_eval_loss": float(-train_logp.mean()),
             "train_accuracy": (train_pred == d.train_labels[:n]).float().mean().item(),
         }
+        records = pd.DataFrame({
+            "example": range(len(d.val_ids)),
+            "label": d.val_labels.numpy(),
+            "prediction": val_pred.numpy(),
+            "label_logprob": val_logp.numpy(),
+        })  # fmt: skip
+        return Evaluation(metrics, {"val": records})
 
 
 def pretrained_run(checkpoint: str) -> tuple[Path, RunConfig]:
@@ -114,8 +124,6 @@ def _overridden(overrides: list[str], prefix: str) -> set[str]:
 
 def _study_keys(overrides: list[str], group: str) -> set[str]:
     """The keys of `group` (moe, model) that the study a sweep point runs under (`+experiments=NAME`) sets."""
-    from moe_lab.sweeps.runner import EXPERIMENTS
-
     keys: set[str] = set()
     for item in overrides:
         key, _, name = item.partition("=")

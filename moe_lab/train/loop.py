@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -18,9 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from moe_lab.config import OptimConfig, TrainConfig
+from moe_lab.io import atomic_write
 from moe_lab.models.transformer import ModelLosses, moe_layers
 from moe_lab.moe.expert_parallel import ExpertGroup
 from moe_lab.parallel import gather, mean_over_ranks, shard, world
+from moe_lab.paths import records_path
 from moe_lab.track import RunLogger
 from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from moe_lab.train.expert_state import ExpertSharding, check_expert_parallel
@@ -28,6 +31,15 @@ from moe_lab.train.fluctuation import RoutingProbe
 from moe_lab.train.optim import UpdateClipper, build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of a task: its metrics, and per-example records by name (one row per validation example,
+    sequence or query), which the report pairs across runs example by example."""
+
+    metrics: dict[str, float]
+    records: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -41,7 +53,7 @@ class Task(Protocol):
         """The batch's tokens: an int, or a 0-d tensor on the device where counting them would read it."""
         ...
 
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]: ...
+    def evaluate(self, model: nn.Module, device: torch.device) -> Evaluation: ...
 
 
 @dataclass
@@ -133,7 +145,8 @@ class Trainer:
             self.clipper = UpdateClipper(self.optimizer, optim_cfg.update_clip)
         bf16 = train_cfg.precision == "bf16"
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        self.ckpt_path = Path(run_dir) / CHECKPOINT
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / CHECKPOINT
         self.result = TrainResult(status="running", step=0)
         if resume_state is not None:
             optimizer_state = resume_state["optimizer"]
@@ -248,17 +261,20 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation with the MoE layers' eval metrics, and again at each extra eval capacity factor;
-        updates the result's latest and best values."""
+        updates the result's latest and best values and writes each evaluation's per-example records."""
         model, task, device, autocast = self.model, self.task, self.device, self.autocast
         model.eval()
         with torch.no_grad(), autocast:
-            self.result.eval = task.evaluate(model, device)
+            found = task.evaluate(model, device)
+        self.result.eval = dict(found.metrics)
+        self._write_records(found.records, None)
         eval_metrics = {**self.result.eval, **moe_metrics(model, "eval", "eval_moe")}
         for cf in self.cfg.eval_capacity_factors:
             with torch.no_grad(), autocast, eval_capacity(model, cf):
-                extra = task.evaluate(model, device)
+                found = task.evaluate(model, device)
+            self._write_records(found.records, cf)
             dropped = [v for k, v in moe_metrics(model, "eval", "").items() if k.endswith("/dropped_frac")]
-            extra["dropped_frac"] = sum(dropped) / len(dropped) if dropped else 0.0
+            extra = {**found.metrics, "dropped_frac": sum(dropped) / len(dropped) if dropped else 0.0}
             extra = {f"{k}@cf{cf:g}": v for k, v in extra.items()}
             self.result.eval.update(extra)
             eval_metrics.update(extra)
@@ -268,6 +284,17 @@ class Trainer:
             better = min if "loss" in key or "ppl" in key else max
             self.result.best[key] = better(self.result.best.get(key, value), value)
         return eval_metrics
+
+    def _write_records(self, records: dict[str, pd.DataFrame], capacity_factor: float | None) -> None:
+        """eval/<name>-step<N>[-cf<X>].csv.gz for each record table, written atomically by rank 0 (every rank
+        evaluates the whole validation set); a resumed run that evaluates a step again rewrites them."""
+        if not self.world.main:
+            return
+        for name, frame in records.items():
+            path = records_path(self.run_dir, name, self.result.step, capacity_factor)
+            with atomic_write(path, suffix=".csv.gz") as tmp:
+                # mtime 0: the same records give the same bytes
+                frame.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
 
     def checkpoint(self) -> None:
         """Everything a resume needs, written atomically by rank 0 (with every rank's RNG state), in the

@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 from functools import partial
 
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from rich.console import Console
 
@@ -18,6 +20,7 @@ from moe_lab.models import LanguageModel, count_parameters, flops_per_token
 from moe_lab.models.transformer import ModelLosses
 from moe_lab.runs import identity_config
 from moe_lab.train.lifecycle import begin_run, claim, describe_model, train_and_record
+from moe_lab.train.loop import Evaluation
 from moe_lab.train.recall import FactRecall
 
 
@@ -90,20 +93,31 @@ class LMTask:
             labels[ids_BS == token] = i
         return labels, [repr(self.token_name(t)) for t in top.tolist()]
 
-    def evaluate(self, model: LanguageModel, device: torch.device) -> dict[str, float]:
-        """Cross-entropy and perplexity on the first eval_batches batches of validation (always the same)."""
+    def evaluate(self, model: LanguageModel, device: torch.device) -> Evaluation:
+        """Cross-entropy and perplexity on the first eval_batches batches of validation (always the same), with
+        each sequence's loss as a record ("val": sequence, tokens, loss in nats per token), and fact recall
+        with each query's hit ("facts") where the corpus has facts."""
         val = self.data.val_BS[: self.eval_batches * self.batch_size]
-        total, count = 0.0, 0
+        losses = []
         for start in range(0, val.shape[0], self.batch_size):
             rows = val[start : start + self.batch_size].to(device)
-            loss = model.losses(rows[:, :-1], rows[:, 1:]).task.item()
-            total += loss * rows[:, 1:].numel()
-            count += rows[:, 1:].numel()
-        val_loss = total / count
+            logits = model(rows[:, :-1]).float()
+            losses.append(F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none").cpu())
+        loss_BS = torch.cat(losses).double()
+        val_loss = float(loss_BS.mean())  # every sequence has the same number of tokens
         out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        records = {
+            "val": pd.DataFrame({
+                "sequence": range(loss_BS.shape[0]),
+                "tokens": loss_BS.shape[1],
+                "loss": loss_BS.mean(1).numpy(),
+            })
+        }  # fmt: skip
         if self.recall is not None:
-            out.update(self.recall.evaluate(model, device, self.batch_size))
-        return out
+            metrics, hits = self.recall.evaluate(model, device, self.batch_size)
+            out.update(metrics)
+            records["facts"] = hits
+        return Evaluation(out, records)
 
 
 def fact_recall(run: RunConfig, tokenizer) -> FactRecall | None:

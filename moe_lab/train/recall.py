@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import pandas as pd
 import torch
 
 from moe_lab.data import facts
@@ -42,7 +43,10 @@ class FactRecall:
             self.scored_QL[i, start - 1 : len(row) - 1] = True
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, device: torch.device, batch_size: int = 64) -> dict[str, float]:
+    def evaluate(
+        self, model: torch.nn.Module, device: torch.device, batch_size: int = 64
+    ) -> tuple[dict[str, float], pd.DataFrame]:
+        """Overall and per-attribute recall, and each query's record (query, attribute, hit)."""
         was_training = model.training
         model.eval()
         hits = []
@@ -60,4 +64,9 @@ class FactRecall:
             by[attribute].append(hit)
         for attribute, values in sorted(by.items()):
             out[f"fact_recall/{facts.ATTRIBUTES[attribute]}"] = sum(values) / len(values)
-        return out
+        records = pd.DataFrame({
+            "query": range(len(self.attributes)),
+            "attribute": [facts.ATTRIBUTES[a] for a in self.attributes],
+            "hit": hit_Q.int().numpy(),
+        })  # fmt: skip
+        return out, records
