@@ -149,7 +149,7 @@ def _compose_and_run(
 @app.command(context_settings=OVERRIDES)
 def finetune(
     ctx: typer.Context,
-    task: Annotated[str, typer.Argument(help="task in conf/task: synth-small, synth-large, cb, sst2, local")],
+    task: Annotated[str, typer.Argument(help="task in conf/task: polarity-small, polarity-large, cb, sst2, ...")],
     show_config: Annotated[bool, typer.Option("--show-config", help="print the composed config and exit")] = False,
     rerun: Annotated[bool, RERUN] = False,
     wait: Annotated[bool, WAIT] = False,

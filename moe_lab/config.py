@@ -73,6 +73,8 @@ class DataConfig:
     # the knowledge component (moe_lab.data.facts): biographies of num_people people, fact_fraction of the docs
     num_people: int = bounded(0, ge=0, le=100_000)
     fact_fraction: float = bounded(0.0, ge=0.0, le=1.0)
+    # cue sentences that teach each adjective's valence (moe_lab.data.synthetic), which the polarity-* tasks ask
+    valence_cues: bool = False
     cache_dir: str = "~/.cache/moe-lab"
     max_tokens: int | None = bounded(None, ge=1, none="all")  # cap on the tokens used (train + val), for quick runs
 
@@ -177,10 +179,11 @@ class TaskConfig:
     """A text classification task: where its examples are and how to read them."""
 
     name: str = "synth-small"
-    # cb, sst2: the real tasks from local files (../shared/data or your own copies); synthetic: derived
-    # from the embedded corpus; facts: true/false statements about the pretraining corpus's people (closed-book);
+    # cb, sst2: the real tasks from local files (../shared/data or your own copies); polarity: the valence of the
+    # embedded language's adjectives, which its pretraining corpus teaches; synthetic: word lists to memorise;
+    # facts: true/false statements about the pretraining corpus's people (closed-book);
     # local: any jsonl/csv/tsv with text and label columns; hub: `datasets` name
-    source: str = bounded("synthetic", choices=("synthetic", "facts", "cb", "sst2", "local", "hub"))
+    source: str = bounded("synthetic", choices=("polarity", "synthetic", "facts", "cb", "sst2", "local", "hub"))
     train_path: str | None = None
     val_path: str | None = None
     format: str = bounded("json", choices=("json", "csv"))  # tsv: format=csv delimiter="\t"
@@ -190,12 +193,16 @@ class TaskConfig:
     label_names: list[str] | None = None  # string labels in this order; None: integer labels 0..C-1
     # reported both; this one is the headline
     metric: str = bounded("accuracy", choices=("accuracy", "f1_macro"))
+    # what the classification head reads: the mean over the tokens, or the last one (a cloze task: what comes next)
+    pooling: str = bounded("mean", choices=("mean", "last"))
     max_len: int = bounded(128, ge=1)
     # keep the first N training examples (after a seeded shuffle)
     num_train: int | None = bounded(None, ge=1, none="all")
-    # synthetic and facts tasks: training and validation examples
+    # synthetic, polarity and facts tasks: training and validation examples
     synthetic_train: int = bounded(250, ge=1)
     synthetic_val: int = bounded(1000, ge=1)
+    # polarity tasks: train only on the adjectives the validation set does not ask about (moe_lab.data.tasks)
+    held_out_only: bool = True
     hub_name: str | None = None
     hub_subset: str | None = None
 
@@ -214,6 +221,9 @@ class FinetuneConfig:
     # moe_lab/train/freeze.py
     freeze: str = bounded("all", choices=("all", "non_moe", "moe", "attention", "ffn"))
     freeze_router: bool = False
+    # pretrained: start from the checkpoint's weights; random: its architecture from a fresh initialisation (the
+    # baseline that shows what pretraining brings to a task)
+    init: str = bounded("pretrained", choices=("pretrained", "random"))
     # training accuracy is measured on this many training examples at every evaluation (overfitting curves)
     train_eval_examples: int = bounded(512, ge=1)
 

@@ -71,9 +71,23 @@ def identity_config(run: Any, checkpoint_identity: str | None = None) -> dict[st
     return flat
 
 
+# Keys the schema gained after identities were first hashed, with the value every run had before them: at that
+# value a key is left out of the hash, so that a fine-tuning run recorded before the key existed still names its
+# pretrained model by the same hash. Add a key here when a field joins the identity with a default that changes
+# no run's numbers.
+ADDED_KEYS = {
+    "data.valence_cues": False,
+    "task.pooling": "mean",
+    "task.held_out_only": True,
+    "finetune.init": "pretrained",
+}
+
+
 def identity_hash(config: dict[str, Any]) -> str:
-    """A short hash of an identity config, to name it in records and messages."""
-    return sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A short hash of an identity config, to name it in records and messages (ADDED_KEYS at their old value
+    left out)."""
+    kept = {k: v for k, v in config.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+    return sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _defaults() -> dict[str, Any]:

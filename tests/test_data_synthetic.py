@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from moe_lab.data import synthetic
+from moe_lab.data import synthetic, tasks
 from moe_lab.data.facts import VALUE_CATEGORIES
 from moe_lab.data.synthetic import (
     CATEGORIES,
@@ -178,3 +178,50 @@ def test_a_bigram_model_beats_a_unigram_model_by_over_one_nat() -> None:
     h_bigram = -sum(math.log((bigram[v, w] + beta * p_unigram(w)) / (unigram[v] + beta)) for v, w in pairs)
     h_bigram /= len(pairs)
     assert h_unigram - h_bigram > 1.0, (h_unigram, h_bigram)
+
+
+# --- valence: cue sentences and the polarity task -------------------------------------------------------------------
+
+
+def test_cue_sentences_teach_each_taught_adjective_its_valence() -> None:
+    plain = synthetic.generate_documents(400, seed=3)
+    cued = synthetic.generate_documents(400, seed=3, valence_cues=True)
+    cues = {c: 1 for c in synthetic.POSITIVE_CUES} | {c: -1 for c in synthetic.NEGATIVE_CUES}
+    assert not any(w in cues for text in plain["text"] for w in text.split())  # no cue without valence_cues
+    taught = {w for ws in synthetic.valenced_adjectives(4).values() for w in ws}
+    seen, pairs = collections.Counter(), 0
+    for text in cued["text"]:
+        words = text.split()
+        for i, word in enumerate(words):
+            if word in cues:
+                # the cue follows its adjective: "was wuky and lovely", "a wuky and lovely N", "wuky N , and it was"
+                adjective = next(w for w in reversed(words[max(0, i - 6) : i]) if w in taught)
+                assert synthetic.valence(adjective) == cues[word], (adjective, word)
+                seen[adjective] += 1
+                pairs += 1
+    assert pairs > 500 and len(seen) == len(taught)  # every taught adjective, uniformly drawn
+    assert len(taught) == 61  # 16 per domain over 4 domains; some general adjectives are in every domain
+
+
+def test_the_polarity_task_asks_about_adjectives_its_small_training_set_never_shows() -> None:
+    small_train, val = tasks.polarity_task(250, 2000, 4)
+    large_train, large_val = tasks.polarity_task(3000, 2000, 4, held_out_only=False)
+    assert val["text"] == large_val["text"] and val["label"] == large_val["label"]  # one shared validation set
+    taught = synthetic.valenced_adjectives(4)
+    held = tasks.held_out_adjectives(taught)
+    every = {w for ws in taught.values() for w in ws}
+    assert {synthetic.valence(w) for w in held} == {1, -1}
+    # the halves are balanced: as many pleasant adjectives held out as kept, within one
+    assert abs(sum(synthetic.valence(w) > 0 for w in held) - sum(synthetic.valence(w) > 0 for w in every - held)) <= 1
+
+    def asked(dataset) -> list[str]:
+        return [next(w for w in text.split() if w in every) for text in dataset["text"]]
+
+    assert set(asked(val)) == held
+    assert set(asked(small_train)).isdisjoint(held)
+    assert set(asked(large_train)) == every  # the large task covers the validation adjectives too
+    for dataset in (small_train, val, large_train):
+        for text, label, adjective in zip(dataset["text"], dataset["label"], asked(dataset), strict=True):
+            assert text.endswith(" ") and not set(text.split()) & set(synthetic.POSITIVE_CUES + synthetic.NEGATIVE_CUES)
+            assert label == int(synthetic.valence(adjective) > 0)
+    assert 0.4 < sum(val["label"]) / len(val) < 0.65

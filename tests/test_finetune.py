@@ -102,6 +102,22 @@ def test_parameter_kinds_cover_the_model() -> None:
     assert kinds == {"embedding", "attention", "norm", "dense_ffn", "experts", "router", "head"}
 
 
+def test_last_token_pooling_reads_each_example_at_its_last_real_token() -> None:
+    torch.manual_seed(0)
+    model = _model().eval()
+    model.pooling = "last"
+    ids = torch.randint(0, 256, (3, 7))
+    lengths = [7, 4, 1]
+    mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        pooled = model(ids, mask)
+        for row, length in enumerate(lengths):  # each example alone, unpadded: the head on its last position
+            alone = model.transformer(ids[row : row + 1, :length])[0, -1]
+            assert torch.allclose(pooled[row], model.head(alone), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling='first' is not one of"):
+        ClassifierModel(_model().cfg, MoEConfig(d_model=32, d_ff=64, num_experts=4), 258, 3, pooling="first")
+
+
 def test_macro_f1() -> None:
     labels = torch.tensor([0, 0, 1, 1, 2])
     pred = torch.tensor([0, 1, 1, 1, 0])
@@ -146,7 +162,17 @@ def test_finetune_end_to_end(pretrained: Path, tmp_path: Path) -> None:
 def test_finetune_errors(tmp_path: Path) -> None:
     result = run_cli("finetune", "cola", "checkpoint=x")
     assert result.returncode == 2
-    valid = ["cb", "facts-large", "facts-small", "local", "sst2", "synth-large", "synth-small"]
+    valid = [
+        "cb",
+        "facts-large",
+        "facts-small",
+        "local",
+        "polarity-large",
+        "polarity-small",
+        "sst2",
+        "synth-large",
+        "synth-small",
+    ]
     assert f"valid tasks: {valid}" in result.stderr
     result = run_cli("finetune", "synth-small", f"checkpoint={tmp_path / 'none'}", f"runs_root={tmp_path}")
     assert result.returncode == 2 and "expected a pretraining run directory" in result.stderr
@@ -248,3 +274,40 @@ def test_a_facts_task_asks_about_the_pretrained_corpus_people_and_refuses_a_corp
     summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert summary["val_examples"] == 100 and summary["label_names"] == ["false", "true"]
     assert "400 train / 100 val examples, 2 classes" in " ".join(result.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def pretrained_with_cues(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pretrained-cues")
+    result = pretrain(
+        "tiny", f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}", "train.max_steps=20",
+        "data.valence_cues=true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "run"
+
+
+def test_the_polarity_task_fine_tunes_from_pretraining_or_from_scratch(
+    pretrained_with_cues: Path, tmp_path: Path
+) -> None:
+    def finetune(name: str, *extra: str) -> dict:
+        args = ("finetune", "polarity-small", f"checkpoint={pretrained_with_cues}", f"run_dir={tmp_path / name}",
+                "train.max_steps=4", "train.eval_every=4", "task.synthetic_val=64", *extra)  # fmt: skip
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    pretrained, scratch = finetune("pre"), finetune("scratch", "finetune.init=random")
+    assert pretrained["val_examples"] == scratch["val_examples"] == 64
+    assert pretrained["config"]["task"]["pooling"] == "last"
+    # the same data, seed and steps: only the starting weights differ, and so do the results
+    assert pretrained["final_val_loss"] != scratch["final_val_loss"]
+    records = pd.read_csv(records_path(tmp_path / "pre", "val", 4))
+    assert len(records) == 64
+
+
+def test_the_polarity_task_refuses_a_model_whose_corpus_taught_no_valence(pretrained: Path, tmp_path: Path) -> None:
+    result = run_cli("finetune", "polarity-small", f"checkpoint={pretrained}", f"runs_root={tmp_path}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "data.valence_cues=False" in result.stderr and "pretrain on data.source=synthetic with" in result.stderr
+    assert not any(tmp_path.iterdir())

@@ -468,3 +468,19 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path: Path, cach
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     resumed = run_cli(*args, "resume=true", timeout=600)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+def test_a_field_added_to_the_identity_at_its_old_value_keeps_the_hash() -> None:
+    """A fine-tuning run names its pretrained model by the pretraining's identity hash: a field the schema gains
+    (ADDED_KEYS) must not change that hash at the value every earlier run had, and must change it at another."""
+    from moe_lab.config import RunConfig
+    from moe_lab.runs import ADDED_KEYS, identity_config, identity_hash
+
+    now = identity_config(RunConfig())
+    assert set(ADDED_KEYS) <= set(now)  # each is a real identity key, at its old value by default
+    before = {k: v for k, v in now.items() if k not in ADDED_KEYS}  # as a run recorded before them
+    assert identity_hash(now) == identity_hash(before)
+    for key in ADDED_KEYS:
+        other = {**now, key: "something else"}
+        assert identity_hash(other) != identity_hash(before), key
+    assert identity_hash({**now, "data.num_docs": 7}) != identity_hash(now)

@@ -104,6 +104,7 @@ def load_documents(data: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset
             num_domains=data.num_domains,
             num_people=data.num_people,
             fact_fraction=data.fact_fraction,
+            valence_cues=data.valence_cues,
         )
         return corpus, None
     if data.source == "local":

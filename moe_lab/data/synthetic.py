@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,27 @@ FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
 LANGUAGE_SEED = 1729
 # Part of the cache key: bump whenever the generator's output changes so stale caches are not reused.
 _CORPUS_VERSION = 2
+
+# Valence: every adjective of the language is pleasant or unpleasant (`valence`, a fixed hash of the word), and a
+# corpus with `valence_cues` says which. Its cue sentences put one of a domain's first VALENCED adjectives (`PA`,
+# drawn uniformly) just before a cue word of the adjective's valence (`POL`): "the slaet was wuky and lovely .". A
+# language model that predicts the cue learns each adjective's valence from the contexts the corpus gives it; the
+# `polarity-*` fine-tuning tasks ask it as a cloze, the sentence cut before its cue (moe_lab.data.tasks). Three of
+# a domain's eight to nine templates are then cue sentences; without cues the corpus is as it was before valence.
+# Measured (the `small` main job, one seed): 16 adjectives per domain, about 330 cue sentences each per epoch, are
+# learned (its next word has the adjective's valence for 92% of them); 64 per domain, with the cue three words
+# after the adjective, were not (56%).
+POSITIVE_CUES = ("superb", "lovely", "splendid", "wonderful")
+NEGATIVE_CUES = ("awful", "dismal", "dreadful", "terrible")
+VALENCED = 16  # per domain: its most frequent adjectives, the ones cue sentences teach
+_CUE_TEMPLATES = ("the N was PA and POL .", "NAME VD the PA N , and it was POL !", "what a PA and POL N !")
+
+
+def valence(adjective: str) -> int:
+    """An adjective's valence, +1 or -1: a fixed hash of the word (the same in every domain)."""
+    return 1 if hashlib.sha256(f"valence:{adjective}".encode()).digest()[0] % 2 else -1
+
+
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(\.\d+)?")
 _FORMAT_RE = re.compile(r"\{([^{}]*)\}")
 _MACRO_RE = re.compile(r"#(\w+)")
@@ -243,8 +265,8 @@ def _interleave(specific: list, general: list, every: int = 13) -> tuple:
 
 
 def _fixed_words() -> set[str]:
-    """The words no generated stem may be: function words and the templates' literals (lower case)."""
-    return set(FUNCTION_WORDS) | {w.lower() for w in _LITERALS}
+    """The words no generated stem may be: function words, the templates' literals and the cue words."""
+    return set(FUNCTION_WORDS) | {w.lower() for w in _LITERALS} | set(POSITIVE_CUES) | set(NEGATIVE_CUES)
 
 
 @functools.cache
@@ -321,11 +343,27 @@ def _fill_format(rng: random.Random, spec: str) -> str:
 
 
 class _Writer:
-    """Writes one document's sentences, keeping the per-document topic and the collocation state."""
+    """Writes one document's sentences, keeping the per-document topic and the collocation state.
 
-    def __init__(self, rng: random.Random, domain: int) -> None:
+    `cues` adds the cue sentences to the domain's templates; `cue_only` writes cue sentences alone, their taught
+    adjective one of `adjectives` (indices into the domain's VALENCED adjectives), drawn uniformly (the polarity
+    task's sentences)."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        domain: int,
+        cues: bool = False,
+        cue_only: bool = False,
+        adjectives: tuple[int, ...] | None = None,
+    ) -> None:
         self.rng, self.lex = rng, _language()[domain]
         self.formats, self.templates = _GRAMMARS[DOMAINS[domain]]
+        if cue_only:
+            self.templates = _CUE_TEMPLATES
+        elif cues:
+            self.templates = self.templates + _CUE_TEMPLATES
+        self.adjectives = adjectives or tuple(range(VALENCED))
         # Topic: a few nouns and people a document keeps coming back to (long-range structure).
         self.focus_nouns = [_zipf(rng, len(self.lex.nouns)) for _ in range(4)]
         self.focus_people = [_zipf(rng, len(self.lex.firsts)) for _ in range(3)]
@@ -335,7 +373,7 @@ class _Writer:
         rng, lex = self.rng, self.lex
         text = _MACRO_RE.sub(lambda m: self.formats[m.group(1)], rng.choice(self.templates))
         stack = _FORMAT_RE.sub(lambda m: _fill_format(rng, m.group(1)), text).split()[::-1]
-        prev_adj = last_noun = last_verb = None
+        prev_adj = last_noun = last_verb = cue = None
         while stack:
             slot = stack.pop()
             adj = None
@@ -366,6 +404,11 @@ class _Writer:
             elif slot == "A":
                 adj = _zipf(rng, len(lex.adjectives))
                 new, cat = [lex.adjectives[adj]], "adjective"
+            elif slot == "PA":  # the adjective a cue sentence teaches
+                adj = rng.choice(self.adjectives)
+                new, cat, cue = [lex.adjectives[adj]], "adjective", valence(lex.adjectives[adj])
+            elif slot == "POL":
+                new, cat = [rng.choice(POSITIVE_CUES if cue > 0 else NEGATIVE_CUES)], "adjective"
             elif slot == "NAME":
                 first = rng.choice(self.focus_people) if rng.random() < 0.5 else _zipf(rng, len(lex.firsts))
                 last = lex.lasts[rng.choice(lex.first_lasts[first])]
@@ -377,6 +420,27 @@ class _Writer:
                 words[-1] = "an"
             words.extend(new)
             cats.extend(CATEGORY_IDS[cat] if cat else _literal_category(w) for w in new)
+
+
+def valenced_adjectives(num_domains: int) -> dict[int, tuple[str, ...]]:
+    """Per domain, the adjectives its cue sentences teach (its first VALENCED)."""
+    _check_domains(num_domains)
+    return {d: _language()[d].adjectives[:VALENCED] for d in range(num_domains)}
+
+
+def cue_contexts(seed: int, adjectives: dict[int, tuple[int, ...]]) -> Iterator[tuple[str, int]]:
+    """Endless cue sentences cut where their cue word would come (the text ends with the space before it), of
+    domains drawn uniformly from `adjectives` (domain -> indices of its VALENCED adjectives, one of which each
+    sentence teaches): (text, the taught adjective's valence, +1 or -1)."""
+    domains = sorted(adjectives)
+    cues = set(POSITIVE_CUES) | set(NEGATIVE_CUES)
+    for i in itertools.count():
+        rng = random.Random(f"moe-lab-cue-context:{seed}:{i}")
+        domain = rng.choice(domains)
+        words: list[str] = []
+        _Writer(rng, domain, cue_only=True, adjectives=adjectives[domain]).sentence(words, [])
+        cut = next(j for j, word in enumerate(words) if word in cues)
+        yield " ".join(words[:cut]) + " ", 1 if words[cut] in POSITIVE_CUES else -1
 
 
 def _check_domains(num_domains: int) -> None:
@@ -391,10 +455,12 @@ def generate_documents(
     sentences_per_doc: tuple[int, int] = (3, 8),
     num_people: int = 0,
     fact_fraction: float = 0.0,
+    valence_cues: bool = False,
 ) -> datasets.Dataset:
     """Generate `num_docs` documents with their domain and per-word category labels: single-domain grammar
-    documents, and with `num_people` > 0 a `fact_fraction` of biographies (domain BIOGRAPHY) of people drawn
-    uniformly from the first `num_people` (moe_lab.data.facts)."""
+    documents (with the cue sentences that teach adjectives' valence if `valence_cues`), and with `num_people` > 0
+    a `fact_fraction` of biographies (domain BIOGRAPHY) of people drawn uniformly from the first `num_people`
+    (moe_lab.data.facts)."""
     _check_domains(num_domains)
     lo, hi = sentences_per_doc
     if num_docs < 0 or not 1 <= lo <= hi:
@@ -417,7 +483,7 @@ def generate_documents(
             domain = BIOGRAPHY
         else:
             domain = rng.randrange(num_domains)
-            writer, words, cats = _Writer(rng, domain), [], []
+            writer, words, cats = _Writer(rng, domain, cues=valence_cues), [], []
             for _ in range(rng.randint(lo, hi)):
                 writer.sentence(words, cats)
         texts.append(" ".join(words))
@@ -489,10 +555,13 @@ def load_synthetic(
     num_domains: int = 4,
     num_people: int = 0,
     fact_fraction: float = 0.0,
+    valence_cues: bool = False,
 ) -> datasets.Dataset:
     """The synthetic corpus, generated once and then read from `cache_dir/synthetic-<params hash>/`."""
     _check_domains(num_domains)
     params = {"num_docs": num_docs, "seed": seed, "num_domains": num_domains, "version": _CORPUS_VERSION}
+    if valence_cues:
+        params["valence_cues"] = True
     if num_people and fact_fraction:
         params.update(num_people=num_people, fact_fraction=fact_fraction)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
@@ -504,8 +573,9 @@ def load_synthetic(
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
         try:
             corpus = generate_documents(
-                num_docs, seed=seed, num_domains=num_domains, num_people=num_people, fact_fraction=fact_fraction
-            )
+                num_docs, seed=seed, num_domains=num_domains, num_people=num_people, fact_fraction=fact_fraction,
+                valence_cues=valence_cues,
+            )  # fmt: skip
             corpus.save_to_disk(str(tmp))
             try:
                 tmp.rename(final)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,12 @@ def _adjective_polarity(word: str) -> int:
 
 
 def synthetic_sentiment(cache_dir: Path, num_train: int, num_val: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Sentences of the synthetic corpus labelled 1 if their adjectives are mostly "positive", else 0.
+    """The word-list tasks (`synth-*`): sentences of the synthetic corpus labelled 1 if their adjectives are
+    mostly "positive", else 0, by a hidden polarity that nothing in the corpus shows (a hash of the word).
 
-    Every adjective has a hidden polarity (a hash of the word), so a model must learn which adjectives
-    are which: a few hundred examples cover few of them (the small task overfits), tens of thousands
-    cover most. Sentences with no adjective or a tie are left out. Documents come from seed 1, not the
-    pretraining corpus's seed 0.
+    A model must memorise which adjectives are which, and pretraining cannot help: a few hundred examples
+    cover few of them (the small task overfits), tens of thousands cover most. Sentences with no adjective or a
+    tie are left out. Documents come from seed 1, not the pretraining corpus's seed 0.
     """
     from moe_lab.data.synthetic import CATEGORIES, load_synthetic
 
@@ -68,6 +69,52 @@ def synthetic_sentiment(cache_dir: Path, num_train: int, num_val: int) -> tuple[
     return train, val
 
 
+def held_out_adjectives(words: dict[int, tuple[str, ...]]) -> frozenset[str]:
+    """The polarity task's validation adjectives: half of the taught ones, and half of each valence (the
+    adjectives of each valence in the order of a fixed hash, every second one), so that both halves are balanced."""
+    from moe_lab.data.synthetic import valence
+
+    unique = sorted({w for ws in words.values() for w in ws})
+    held = set()
+    for sign in (1, -1):
+        ranked = sorted((w for w in unique if valence(w) == sign), key=lambda w: hashlib.sha256(w.encode()).digest())
+        held.update(ranked[1::2])
+    return frozenset(held)
+
+
+def polarity_task(
+    num_train: int, num_val: int, num_domains: int, held_out_only: bool = True
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The valence the pretraining corpus teaches, asked as a cloze: a cue sentence of the embedded language cut
+    where its cue word would come ("what a wuky and "), labelled 1 if the corpus would go on with a pleasant word,
+    0 if with an unpleasant one (moe_lab.data.synthetic).
+
+    The adjectives cue sentences teach are split in two halves, each balanced in valence: the validation sentences
+    ask about one. With `held_out_only` the training sentences ask about the other half alone, so only what
+    pretraining learned of an adjective's valence answers the validation set, and a model trained from scratch
+    stays at chance there (the small task); without it they ask about every taught adjective (the large task,
+    which covers the validation adjectives). Tasks of any size share the validation set (the first `num_val`
+    sentences of its stream)."""
+    from moe_lab.data.synthetic import cue_contexts, valenced_adjectives
+
+    words = valenced_adjectives(num_domains)
+    held_out = held_out_adjectives(words)
+    split = {
+        held: {d: tuple(i for i, w in enumerate(ws) if (w in held_out) == held) for d, ws in words.items()}
+        for held in (True, False)
+    }
+
+    def sentences(seed: int, adjectives: dict, n: int) -> datasets.Dataset:
+        texts, labels = [], []
+        for text, sign in itertools.islice(cue_contexts(seed, adjectives), n):
+            texts.append(text)
+            labels.append(int(sign > 0))
+        return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+    train_adjectives = split[False] if held_out_only else {d: tuple(range(len(ws))) for d, ws in words.items()}
+    return sentences(2, train_adjectives, num_train), sentences(1, split[True], num_val)
+
+
 def _load_file(path: str, cfg: TaskConfig) -> datasets.Dataset:
     kwargs = {}
     if cfg.format == "csv":
@@ -92,9 +139,13 @@ def fact_verification(num_people: int, num_train: int, num_val: int) -> tuple[da
     return table(train), table(val)
 
 
-def load_task(cfg: TaskConfig, cache_dir: str, num_people: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+def load_task(
+    cfg: TaskConfig, cache_dir: str, num_people: int = 0, num_domains: int = 4
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, validation) datasets with the task's columns; `num_people`: the pretraining corpus's people, which
-    a facts task asks about."""
+    a facts task asks about; `num_domains`: its domains, whose adjectives a polarity task uses."""
+    if cfg.source == "polarity":
+        return polarity_task(cfg.synthetic_train, cfg.synthetic_val, num_domains, cfg.held_out_only)
     if cfg.source == "facts":
         if not num_people:
             raise ValueError(
@@ -113,7 +164,9 @@ def load_task(cfg: TaskConfig, cache_dir: str, num_people: int = 0) -> tuple[dat
         require_hub(f"dataset {cfg.hub_name!r}", hint)
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_subset)
         return ds["train"], ds["validation"]
-    raise ValueError(f"task.source={cfg.source!r} is not one of ['synthetic', 'facts', 'cb', 'sst2', 'local', 'hub']")
+    raise ValueError(
+        f"task.source={cfg.source!r} is not one of ['polarity', 'synthetic', 'facts', 'cb', 'sst2', 'local', 'hub']"
+    )
 
 
 def _label_names(cfg: TaskConfig, train: datasets.Dataset, val: datasets.Dataset) -> tuple[list[str], bool]:
@@ -141,10 +194,10 @@ def _label_names(cfg: TaskConfig, train: datasets.Dataset, val: datasets.Dataset
 
 
 def build_classification_data(
-    cfg: TaskConfig, tokenizer, cache_dir: str, seed: int, num_people: int = 0
+    cfg: TaskConfig, tokenizer, cache_dir: str, seed: int, num_people: int = 0, num_domains: int = 4
 ) -> ClassificationData:
     """Load, label-map, tokenize and truncate a task's train and validation examples."""
-    train, val = load_task(cfg, cache_dir, num_people)
+    train, val = load_task(cfg, cache_dir, num_people, num_domains)
     for split, ds in (("train", train), ("validation", val)):
         missing = [c for c in [*cfg.text_columns, cfg.label_column] if c not in ds.column_names]
         if missing:

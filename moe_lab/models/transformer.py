@@ -211,21 +211,30 @@ class LanguageModel(nn.Module):
 
 
 class ClassifierModel(nn.Module):
-    """The Transformer (causal as pretrained, or bidirectional) with a mean-pooled classification head."""
+    """The Transformer (causal as pretrained, or bidirectional) with a classification head on its pooled output:
+    the mean over the real tokens, or the last real token (a causal model's summary of the whole text, the
+    position that predicts what comes next: how GPT-style models classify, and how a cloze task is read)."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int, num_classes: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, moe: MoEConfig, vocab_size: int, num_classes: int, pooling: str = "mean"
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling={pooling!r} is not one of ['mean', 'last']")
+        self.cfg, self.pooling = cfg, pooling
         self.transformer = Transformer(cfg, moe, vocab_size)
         self.head = nn.Linear(cfg.d_model, num_classes)
 
     def forward(self, ids_BS: torch.Tensor, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits [B, C]."""
-        h = self.transformer(ids_BS, pad_mask_BS)
+        h_BSD = self.transformer(ids_BS, pad_mask_BS)
         if pad_mask_BS is None:
-            return self.head(h.mean(1))
-        weights = pad_mask_BS.to(h.dtype)[..., None]
-        return self.head((h * weights).sum(1) / weights.sum(1).clamp(min=1))
+            pad_mask_BS = torch.ones(ids_BS.shape, dtype=torch.bool, device=ids_BS.device)
+        if self.pooling == "last":  # padding is on the right: the last real token is at length - 1
+            last_B = (pad_mask_BS.sum(1) - 1).clamp(min=0)
+            return self.head(h_BSD[torch.arange(h_BSD.shape[0], device=h_BSD.device), last_B])
+        weights = pad_mask_BS.to(h_BSD.dtype)[..., None]
+        return self.head((h_BSD * weights).sum(1) / weights.sum(1).clamp(min=1))
 
     def losses(self, ids_BS: torch.Tensor, labels_B: torch.Tensor, pad_mask_BS: torch.Tensor | None = None):
         """Cross-entropy of the labels plus the MoE losses."""

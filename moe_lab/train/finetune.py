@@ -181,13 +181,22 @@ def run_finetune(
     # examples longer than the model's context are cut to it
     task_cfg = replace(run.task, max_len=min(run.task.max_len, model_cfg.max_seq_len))
     num_people = pre.data.num_people if pre.data.source == "synthetic" and pre.data.fact_fraction else 0
-    data = build_classification_data(task_cfg, tokenizer, pre.data.cache_dir, run.seed, num_people)
-    model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes)
-    state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
-    missing = model.transformer.load_state_dict(
-        {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    if run.task.source == "polarity" and not (pre.data.source == "synthetic" and pre.data.valence_cues):
+        raise ValueError(
+            f"task {run.task.name!r} asks what the embedded corpus's cue sentences teach about adjectives, but the "
+            f"pretrained model read data.source={pre.data.source!r} with data.valence_cues={pre.data.valence_cues}: "
+            "pretrain on data.source=synthetic with data.valence_cues=true"
+        )
+    data = build_classification_data(
+        task_cfg, tokenizer, pre.data.cache_dir, run.seed, num_people, pre.data.num_domains
     )
-    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes, run.task.pooling)
+    if run.finetune.init == "pretrained":  # else the checkpoint's architecture from the seed's initialisation
+        state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
+        missing = model.transformer.load_state_dict(
+            {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+        )
+        assert not missing.missing_keys and not missing.unexpected_keys, missing
     counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
 
     start = claim(start, identity, cfg, overrides, console, wait)
