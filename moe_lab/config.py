@@ -254,6 +254,9 @@ class StudyConfig:
     paper: str = ""  # the paper's table or figure the study mirrors
     command: str = "pretrain"  # pretrain | finetune
     pretrained: str | None = None  # fine-tuning studies: the pretraining preset of their checkpoint
+    # fine-tuning studies: shared (every seed fine-tunes one pretraining) or per_seed (seed S fine-tunes the
+    # pretraining of seed S, results/pretrain/PRESET/seed<S>, so the seeds measure pretraining noise too)
+    pretraining: str = bounded("shared", choices=("shared", "per_seed"))
     description: str = ""
     # what counts as "about equal" for each part of the study's claim, fixed before its runs are judged
     # (moe-lab report reads them from experiments/NAME.yaml)

@@ -141,6 +141,28 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     assert pretrained.stat().st_mtime_ns == written  # the checkpoint is not pretrained again
 
 
+def test_a_per_seed_study_fine_tunes_each_seed_from_the_pretraining_of_that_seed(tmp_path: Path) -> None:
+    env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
+    args = ("sweep", "freeze", "finetune.pretrained=tiny", "study.pretraining=per_seed", "train.max_steps=4",
+            "train.eval_every=4", "task.synthetic_val=100", "logger.progress=false",
+            f"data.cache_dir={tmp_path / 'cache'}", "finetune.freeze=all", "seed=0,1", "--launcher", "joblib",
+            "train.threads=1")  # fmt: skip
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    root = tmp_path / "results"
+    assert not (root / "pretrained").exists()
+    pretrained = {s: json.loads((root / "pretrain" / "tiny" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)}
+    assert [pretrained[s]["config"]["seed"] for s in (0, 1)] == [0, 1]
+    assert pretrained[0]["final_val_loss"] != pretrained[1]["final_val_loss"]
+    for seed in (0, 1):  # each fine-tuning names the pretraining of its own seed, by path and by identity
+        run = root / "freeze" / "runs" / f"finetune.freeze=all,seed={seed}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["pretrained"] == str(root / "pretrain" / "tiny" / f"seed{seed}")
+        record = json.loads((run / "run.json").read_text())
+        assert record["config"]["checkpoint"] == pretrained[seed]["identity"]
+    assert run_cli(*args, env=env).returncode == 0  # a second sweep finds every run, pretraining included, done
+
+
 def test_make_reproduce_runs_a_study_with_its_default_arguments_and_reports(tmp_path: Path) -> None:
     """`make reproduce` as committed: joblib grid points with one thread each, then the report."""
     repo = Path(__file__).resolve().parents[1]

@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> None:
         cfg.run_dir = str(run_dir)
         cfg.resume = True  # continue a killed run; a completed or diverged one is returned as it is
         if cfg.get("checkpoint") is None and cfg.finetune.pretrained:
-            cfg.checkpoint = str(pretrained_dir(results_root(), cfg.finetune.pretrained))
+            seed = cfg.seed if cfg.study.pretraining == "per_seed" else None
+            cfg.checkpoint = str(pretrained_dir(results_root(), cfg.finetune.pretrained, seed))
     console = Console()
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if main_task and not overrides_file.exists():  # what runs.csv reads the point's values from, even if it fails

@@ -6,7 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,7 @@ class Study:
     params: dict[str, str]  # hydra.sweeper.params: key -> comma-separated values
     pretrained: str | None  # fine-tuning studies: the pretraining preset their checkpoint comes from
     path: Path
+    pretraining: str = "shared"  # fine-tuning studies: one pretraining for every seed, or per_seed
 
 
 def studies() -> list[str]:
@@ -49,6 +51,9 @@ def load_study(name: str) -> Study:
     command = study.get("command", "pretrain")
     if command not in ("pretrain", "finetune"):
         raise ValueError(f"{path}: study.command={command!r} is not one of ['pretrain', 'finetune']")
+    pretraining = study.get("pretraining", "shared")
+    if pretraining not in ("shared", "per_seed"):
+        raise ValueError(f"{path}: study.pretraining={pretraining!r} is not one of ['shared', 'per_seed']")
     params = ((raw.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
     return Study(
         name=name,
@@ -58,6 +63,7 @@ def load_study(name: str) -> Study:
         params={str(k): str(v) for k, v in params.items()},
         pretrained=study.get("pretrained"),
         path=path,
+        pretraining=pretraining,
     )
 
 
@@ -115,32 +121,22 @@ def results_dir(study: Study, root: Path) -> Path:
     return root / study.name
 
 
-def pretrained_dir(root: Path, preset: str) -> Path:
-    return root / "pretrained" / preset
+def pretrained_dir(root: Path, preset: str, seed: int | None = None) -> Path:
+    """Where a fine-tuning study's pretrained model lives: one shared by every seed, ROOT/pretrained/PRESET, or with
+    `seed` (study.pretraining=per_seed) the pretraining of that seed, ROOT/pretrain/PRESET/seed<S>, which is also
+    where the main job's records are (`moe-lab pretrain small seed=S`)."""
+    return root / "pretrained" / preset if seed is None else root / "pretrain" / preset / f"seed{seed}"
 
 
-def pretrained_presets(study: Study, points: list[list[str]]) -> list[str]:
-    """The pretraining presets a fine-tuning study needs: study.pretrained and any swept finetune.pretrained."""
-    if study.command != "finetune":
-        return []
-    presets: list[str] = []
-    for point in points:
-        for item in point:
-            key, _, value = item.partition("=")
-            if key == "finetune.pretrained" and value not in presets:
-                presets.append(value)
-    return presets or ([study.pretrained] if study.pretrained else [])
-
-
-def ensure_pretrained(root: Path, preset: str, extra: list[str]) -> Path:
-    """Pretrain a fine-tuning study's checkpoint once (resumable), under ROOT/pretrained/PRESET; another sweep
+def ensure_pretrained(root: Path, preset: str, seed: int | None, extra: list[str]) -> Path:
+    """Pretrain a fine-tuning study's model once (resumable) for every study that stands on it; another sweep
     pretraining it at the same time is waited for."""
-    run_dir = pretrained_dir(root, preset)
+    run_dir = pretrained_dir(root, preset, seed)
     summary = run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
         return run_dir
     cmd = [sys.executable, "-m", "moe_lab.cli", "pretrain", preset, f"run_dir={run_dir}", "resume=true", "--wait"]
-    code = subprocess.run([*cmd, *extra]).returncode
+    code = subprocess.run([*cmd, *([f"seed={seed}"] if seed is not None else []), *extra]).returncode
     if code != 0:
         raise SweepError(f"pretraining {preset} into {run_dir} failed (exit {code}); its error is above")
     return run_dir
@@ -164,7 +160,7 @@ class PointCheck:
 def shared_overrides(overrides: list[str]) -> list[str]:
     """The overrides a fine-tuning study's pretraining shares with it: data, tokenizer, logging, the training
     length `scale`, and where and how it runs. Not `seed`: every seed of a study fine-tunes the same pretrained
-    model (a sweep over seeds would otherwise ask one pretraining to take several)."""
+    model, or with study.pretraining=per_seed the pretraining of its own seed, which the plan passes itself."""
     shared = ("data.", "data=", "tokenizer", "logger", "scale=", "train.threads=", "train.device=")
     return [o for o in overrides if o.lstrip("+").startswith(shared)]
 
@@ -182,21 +178,29 @@ def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[Poi
         diffs = identity_diff(record["config"], identity, record.get("unknown")) if record else []
         return PointCheck(point, run_dir, identity, record is not None, diffs)
 
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("study.pretraining=")]
+    study = replace(study, pretraining=given[-1]) if given else study  # the command line may choose it too
     points = grid(study, overrides)
     # the jobs of a study that fine-tunes its own preset get finetune.pretrained from hydra_command
     extra = [f"finetune.pretrained={study.pretrained}"] if _default_pretrained(study, overrides) else []
     runs = check_points(study, [[*point, *extra] for point in points])
     pretrainings, expected = [], {}
-    for preset in pretrained_presets(study, points):
-        shared = shared_overrides(overrides)
+    per_seed = study.pretraining == "per_seed"
+    # each pretrained model the grid stands on: (preset, its seed or None when one is shared by every seed)
+    needed = dict.fromkeys(
+        (run.finetune.pretrained or study.pretrained, run.seed if per_seed else None)
+        for run in (runs if study.command == "finetune" else [])
+    )
+    for preset, seed in (key for key in needed if key[0]):
+        shared = [*([f"seed={seed}"] if per_seed else []), *shared_overrides(overrides)]
         identity = identity_config(to_run_config(compose(preset, shared)))
-        pretrainings.append(check([preset, *shared], pretrained_dir(root, preset), identity))
-        expected[preset] = identity_hash(identity)
+        pretrainings.append(check([preset, *shared], pretrained_dir(root, preset, seed), identity))
+        expected[(preset, seed)] = identity_hash(identity)
     checks = []
     for point, run in zip(points, runs, strict=True):
         given = next((i.split("=", 1)[1] for i in point if i.startswith("checkpoint=")), None)
         preset = run.finetune.pretrained or study.pretrained
-        checkpoint = record_hash(Path(given)) if given else expected.get(preset)
+        checkpoint = record_hash(Path(given)) if given else expected.get((preset, run.seed if per_seed else None))
         identity = identity_config(run, checkpoint)
         checks.append(
             check(point, results_dir(study, root) / "runs" / point_dirname(study, point, overrides), identity)
@@ -257,9 +261,13 @@ def run_study(
     pretrainings, checks = plan_study(study, overrides, root)
     _refuse_or_move(pretrainings, "shared pretrainings", rerun, console)
     _refuse_or_move(checks, "grid points", rerun, console)
-    # the pretraining a fine-tuning study stands on shares the study's data and logging overrides
-    for pre in pretrainings:
-        ensure_pretrained(root, pre.point[0], pre.point[1:])
+    # the pretraining a fine-tuning study stands on shares the study's data and logging overrides; with a parallel
+    # launcher, as many pretrain at once as the grid points would run
+    jobs = [(pre.point[0], _seed_of(pre.point), pre.point[1:]) for pre in pretrainings]
+    workers = min(len(jobs), os.cpu_count() or 1) if launcher == "joblib" else 1
+    with ThreadPoolExecutor(max(workers, 1)) as pool:
+        for done in [pool.submit(ensure_pretrained, root, preset, seed, extra) for preset, seed, extra in jobs]:
+            done.result()
     env = {**os.environ, "MOE_LAB_RESULTS": str(root)}
     if launcher.startswith("submitit"):  # a job's console goes to its log, not here
         console.print(
@@ -272,6 +280,11 @@ def run_study(
             f"the multirun of {name} exited with {code}; runs.csv has the runs so far; the same command resumes it"
         )
     return frame
+
+
+def _seed_of(point: list[str]) -> int | None:
+    """The seed a pretraining's overrides name (a per-seed pretraining), None for a shared one."""
+    return next((int(item.split("=", 1)[1]) for item in point if item.startswith("seed=")), None)
 
 
 def _default_pretrained(study: Study, overrides: list[str]) -> bool:
