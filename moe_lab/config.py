@@ -262,6 +262,10 @@ class StudyConfig:
     # (moe-lab report reads them from experiments/NAME.yaml)
     margins: dict[str, float] = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        check_fields(self, "study")
+
 
 @dataclass
 class ParallelConfig:
@@ -303,7 +307,10 @@ class RunConfig:
         """Validate every group."""
         check_fields(self, "")
         self.moe.validate("moe")
-        groups = (self.model, self.data, self.tokenizer, self.optim, self.train, self.logger, self.task, self.parallel)
+        groups = (
+            self.model, self.data, self.tokenizer, self.optim, self.train, self.logger, self.task, self.parallel,
+            self.study,
+        )  # fmt: skip
         for group in groups:
             group.validate()
         self.finetune.validate()

@@ -24,12 +24,18 @@ from tests.conftest import SHARED, needs_shared, run_cli
 from tests.test_pretrain import pretrain
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pretrained")
-    result = pretrain("tiny", f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}", "train.max_steps=20")
+def tiny_pretraining(factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
+    """A tiny pretraining run directory (20 steps unless `overrides` say otherwise)."""
+    root = factory.mktemp(name)
+    result = pretrain("tiny", f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}", "train.max_steps=20",
+                      *overrides)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_pretraining(tmp_path_factory, "pretrained")
 
 
 def task_config(name: str, monkeypatch: pytest.MonkeyPatch) -> TaskConfig:
@@ -186,13 +192,7 @@ def test_finetune_errors(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def pretrained_eval_cf_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny pretraining whose eval capacity factor (1.0) differs from the fine-tuning studies' (2.0)."""
-    root = tmp_path_factory.mktemp("pretrained-cf1")
-    result = pretrain(
-        "tiny", f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}", "train.max_steps=4",
-        "moe.eval_capacity_factor=1.0",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    return root / "run"
+    return tiny_pretraining(tmp_path_factory, "pretrained-cf1", "train.max_steps=4", "moe.eval_capacity_factor=1.0")
 
 
 def test_a_study_yaml_moe_setting_applies_to_its_fine_tuning_runs(pretrained_eval_cf_1: Path, tmp_path: Path) -> None:
@@ -278,13 +278,7 @@ def test_a_facts_task_asks_about_the_pretrained_corpus_people_and_refuses_a_corp
 
 @pytest.fixture(scope="module")
 def pretrained_with_cues(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pretrained-cues")
-    result = pretrain(
-        "tiny", f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}", "train.max_steps=20",
-        "data.valence_cues=true",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    return root / "run"
+    return tiny_pretraining(tmp_path_factory, "pretrained-cues", "data.valence_cues=true")
 
 
 def test_the_polarity_task_fine_tunes_from_pretraining_or_from_scratch(
