@@ -1140,3 +1140,68 @@ def test_a_runs_csv_without_a_needed_column_is_no_data_not_a_crash(tmp_path: Pat
     assert report.verdict.reproduced == "no data" and "'moe.top_k'" in report.verdict.checked
     result = run_cli("report", "top-k", "--results", str(tmp_path), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the "Fine-tuning tasks" section: the overfit study's polarity runs beside the random-init sweep -------------
+
+
+def _stable_metrics(val: float, previous: float | None = None) -> pd.DataFrame:
+    """Evaluations ending at `val`, the one before at `previous` (val itself: a stable finish)."""
+    before = val if previous is None else previous
+    return pd.DataFrame({"step": [10, 20, 30], "val_accuracy": [0.5, before, val], "train_accuracy": [0.5, 0.8, 0.9]})
+
+
+def write_polarity(root: Path, small: float, large: float, scratch: float, unstable: str | None = None) -> None:
+    """overfit: small and dense-small on polarity-small (val `small`) and polarity-large (`large`); finetune-tasks:
+    both from random initialisation on polarity-small (`scratch`); the run `unstable` moves 3 points at the end."""
+    rows = []
+    for i, (preset, task, val) in enumerate(
+        [(p, t, v) for p in ("small", "dense-small") for t, v in (("polarity-small", small), ("polarity-large", large))]
+    ):
+        for s, acc in zip(SEEDS, per_seed(val, i), strict=True):
+            rows.append(row({"finetune.pretrained": preset, "task": task, "seed": s}, final_train_accuracy=0.9,
+                            final_val_accuracy=acc, best_val_accuracy=acc))  # fmt: skip
+    files = {r["run"]: {"metrics.csv": _stable_metrics(r["final_val_accuracy"])} for r in rows}
+    if unstable is not None:
+        files[unstable] = {"metrics.csv": _stable_metrics(0.7, 0.73)}
+    write_study(root, "overfit", rows, files)
+    cold = [
+        row({"finetune.pretrained": p, "finetune.init": "random", "seed": s}, final_val_accuracy=acc)
+        for i, p in enumerate(("small", "dense-small"))
+        for s, acc in zip(SEEDS, per_seed(scratch, i + 7), strict=True)
+    ]
+    write_study(root, "finetune-tasks", cold, {r["run"]: {"metrics.csv": _stable_metrics(0.5)} for r in cold})
+
+
+def tasks_table(root: Path) -> dict[str, list[str]]:
+    make_report(root, formats=("md",), console=Console(file=sys.stderr))
+    section = md_sections((root / "report.md").read_text()).get("Fine-tuning tasks")
+    assert section is not None
+    return {r[0]: r for r in md_table(section)[1:]}
+
+
+def test_the_tasks_section_checks_each_bar(tmp_path: Path) -> None:
+    write_polarity(tmp_path, small=0.72, large=0.95, scratch=0.52)
+    rows = tasks_table(tmp_path)
+    transfer = rows["polarity-small, sparse: pretrained - random init"]
+    assert transfer[1].startswith("+20.") and transfer[-1] == "**met**"
+    assert rows["polarity-small, dense pretrained"][-1] == "**met**"
+    assert rows["polarity-large, sparse pretrained"][-1] == "**met**"
+    assert rows["last two evaluations"][1].startswith("18 of 18 runs within a point")
+
+
+def test_the_tasks_section_says_which_bar_is_missed(tmp_path: Path) -> None:
+    unstable = "finetune.pretrained=small,task=polarity-large,seed=1"
+    write_polarity(tmp_path, small=0.95, large=0.80, scratch=0.90, unstable=unstable)
+    rows = tasks_table(tmp_path)
+    assert rows["polarity-small, sparse: pretrained - random init"][-1] == "**missed**"  # +5 points, bar +10
+    assert rows["polarity-small, sparse pretrained"][-1] == "**missed**"  # above 90%: no room to overfit
+    assert rows["polarity-large, dense pretrained"][-1] == "**missed**"  # below 85%
+    stability = rows["last two evaluations"]
+    assert stability[-1] == "**missed**" and "17 of 18" in stability[1] and unstable in stability[1]
+
+
+def test_no_tasks_section_without_polarity_runs(tmp_path: Path) -> None:
+    build_overfit(tmp_path)  # the synthetic word-list tasks
+    make_report(tmp_path, formats=("md",), console=Console(file=sys.stderr))
+    assert "Fine-tuning tasks" not in md_sections((tmp_path / "report.md").read_text())

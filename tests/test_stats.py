@@ -33,6 +33,7 @@ from moe_lab.report.stats import (
     mean_of,
     pooled_means,
     t_quantile,
+    trend,
 )
 
 # b's values at seeds 0..4: far apart, so only pairing by seed sees a small difference a - b
@@ -843,3 +844,21 @@ def test_intervals_agree_with_scipy(a: list[float], b: list[float]) -> None:
         assume(abs(ref.pvalue - 0.05) > 1e-6)
         # a direction claim is decided (yes or no from the 95% interval) exactly when scipy's p < 0.05
         assert (lo95 > 0 or hi95 < 0) == (ref.pvalue < 0.05)
+
+
+def test_trend_is_the_per_seed_least_squares_slope_judged_over_seeds() -> None:
+    # three x, four seeds; each seed's slope by numpy's own fit, then a one-sample t over the four slopes
+    xs = (0.1, 0.25, 0.5)
+    ys = {0: (1.90, 1.91, 1.94), 1: (1.95, 1.94, 1.97), 2: (1.88, 1.90, 1.91), 3: (1.92, 1.93, 1.96)}
+    points = {x: Estimate({s: ys[s][i] for s in ys}) for i, x in enumerate(xs)}
+    d = trend(points)
+    slopes = [np.polyfit(xs, ys[s], 1)[0] for s in ys]
+    assert d.value == pytest.approx(np.mean(slopes))
+    assert d.se == pytest.approx(scipy_stats.sem(slopes))
+    assert (d.df, d.n, d.method) == (3, 4, "slope per seed")
+    assert d.value / d.se == pytest.approx(scipy_stats.ttest_1samp(slopes, 0).statistic)
+    # a seed one x lacks is left out of every slope; fewer than two x or no shared seed: no trend
+    points[0.5] = Estimate({s: ys[s][2] for s in (0, 1, 2)})
+    assert trend(points).n == 3 and trend(points).value == pytest.approx(np.mean(slopes[:3]))
+    assert trend({0.1: points[0.1]}) is NO_DIFFERENCE
+    assert trend({0.1: Estimate({0: 1.0}), 0.5: Estimate({1: 2.0})}) is NO_DIFFERENCE

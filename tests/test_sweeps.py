@@ -58,14 +58,14 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
 def test_dry_run_lists_the_grid() -> None:
     result = run_cli("sweep", "capacity-factor", "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "12 runs" in " ".join(result.stdout.split())  # 4 train CFs x the study's 3 seeds (the title may wrap)
+    assert "20 runs" in " ".join(result.stdout.split())  # 4 train CFs x the study's 5 seeds (the title may wrap)
     rows = [ln for ln in result.stdout.splitlines() if ln.startswith("│")]
     cells = [[c.strip() for c in row.split("│")[1:-1]] for row in rows]
     assert cells == [[str(i), cf, seed] for i, (cf, seed) in enumerate(
-        (cf, seed) for cf in ("0.75", "1.0", "1.25", "2.0") for seed in ("0", "1", "2")
+        (cf, seed) for cf in ("0.75", "1.0", "1.25", "2.0") for seed in ("0", "1", "2", "3", "4")
     )]  # fmt: skip
     grid_2d = run_cli("sweep", "capacity-factor", "moe.eval_capacity_factor=1.0,2.0", "--dry-run")
-    assert "24 runs" in " ".join(grid_2d.stdout.split())
+    assert "40 runs" in " ".join(grid_2d.stdout.split())
     extra = run_cli("sweep", "top-k", "seed=0,1", "--dry-run")
     assert "6 runs" in extra.stdout and "seed" in extra.stdout
 

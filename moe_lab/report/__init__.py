@@ -13,6 +13,7 @@ from moe_lab.report.reference import REFERENCES
 from moe_lab.report.render import Document, print_summary, render_csv, render_html, render_markdown
 from moe_lab.report.results import ResultsError, load_study
 from moe_lab.report.studies import BUILDERS, StudyReport, Verdict, build
+from moe_lab.report.tasks import TasksCheck, check_tasks
 
 FORMATS = ("md", "html", "csv")
 
@@ -49,8 +50,9 @@ def make_report(
         figures[name] = draw(study, report, out / "plots") if {"md", "html"} & set(formats) else []
     written: list[Path] = []
     main = sparse_vs_dense(results_root) if studies is None else None
+    tasks = _tasks_check(results_root) if studies is None else None
     claims = claims_figure(reports, out / "plots") if {"md", "html"} & set(formats) else None
-    document = Document(reports, figures, out, str(results_root), main, claims)
+    document = Document(reports, figures, out, str(results_root), main, claims, tasks)
     if "md" in formats:
         written.append(render_markdown(document))
     if "html" in formats:
@@ -59,6 +61,14 @@ def make_report(
         written += render_csv(reports, out)
     print_summary(console, reports)
     return reports, written
+
+
+def _tasks_check(results_root: Path) -> TasksCheck | None:
+    """The "Fine-tuning tasks" section from the overfit study and the finetune-tasks sweep, where recorded."""
+    try:
+        return check_tasks(load_study(results_root, "overfit"), load_study(results_root, "finetune-tasks"))
+    except ResultsError:  # the overfit study reports its own problem
+        return None
 
 
 __all__ = ["FORMATS", "make_report"]

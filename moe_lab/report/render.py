@@ -18,6 +18,7 @@ from moe_lab.io import atomic_write
 from moe_lab.report.mainjob import MainJob
 from moe_lab.report.stats import RULE_TEXT
 from moe_lab.report.studies import StudyReport
+from moe_lab.report.tasks import TASKS, TasksCheck
 from moe_lab.report.verdict import parts_table
 
 VERDICT_COLOURS = {"yes": "green", "partly": "yellow", "inconclusive": "yellow", "no": "red", "no data": "dim"}
@@ -91,6 +92,7 @@ class Document:
     source: str
     main: MainJob | None = None
     claims: Path | None = None
+    tasks: TasksCheck | None = None
 
 
 def render_markdown(doc: Document) -> Path:
@@ -108,6 +110,8 @@ def render_markdown(doc: Document) -> Path:
     parts += ["## Summary\n", summary_table(reports), f"\n## {HOW}\n", f"{RULE_TEXT[0].upper()}{RULE_TEXT[1:]}.\n"]
     if main is not None:
         parts += [f"\n## {MAIN_JOB}\n", f"_Rule:_ {main.rule}.\n", markdown_table(main.table)]
+    if doc.tasks is not None:
+        parts += [f"\n## {TASKS}\n", f"_Rule:_ {doc.tasks.rule}.\n", markdown_table(doc.tasks.table)]
     for r in reports:
         parts += [
             f"\n## {r.name}\n",
@@ -184,6 +188,9 @@ def render_html(doc: Document) -> Path:
     ]
     if main is not None:
         body += [f"<h2>{MAIN_JOB}</h2>", f"<p><i>Rule:</i> {esc(main.rule)}.</p>", html_table(main.table)]
+    if doc.tasks is not None:
+        body += [f"<h2>{TASKS}</h2>", f"<p><i>Rule:</i> {inline_markdown(doc.tasks.rule)}.</p>"]
+        body.append(html_table(doc.tasks.table))
     for r in reports:
         css = r.verdict.reproduced.replace(" ", "-")
         body += [

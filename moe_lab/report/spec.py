@@ -22,6 +22,10 @@ class Margins:
     path: Path
     values: dict[str, float]
 
+    def __contains__(self, part: object) -> bool:
+        """Whether the file states a margin for `part` (an optional part is judged only then)."""
+        return part in self.values
+
     def __getitem__(self, part: str) -> float:
         if part not in self.values:
             raise StudySpecError(

@@ -208,6 +208,22 @@ def pooled_means(cells: dict) -> dict:
     return {k: Difference(est.mean, math.sqrt(mse / est.n), df, est.n, method) for k, est in done.items()}
 
 
+def trend(points: dict[float, Estimate]) -> Difference:
+    """The least-squares slope of the metric against x ({x: Estimate}), fitted per seed over the seeds every x
+    has, then its mean over seeds against zero (a one-sample t, n - 1 df): a trend paired by seed."""
+    seeds = set.intersection(*(set(est.by_seed) for est in points.values())) if points else set()
+    xs = sorted(points)
+    if len(xs) < 2 or not seeds:
+        return NO_DIFFERENCE
+    mean_x = sum(xs) / len(xs)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slopes = {
+        s: sum((x - mean_x) * points[x].by_seed[s] for x in xs) / sxx for s in sorted(seeds, key=str)
+    }  # fmt: skip
+    found = contrast([(1.0, Estimate(slopes))])
+    return Difference(found.value, found.se, found.df, found.n, "slope per seed")
+
+
 def difference(a: Estimate, b: Estimate) -> Difference:
     """a - b (see `contrast`)."""
     return contrast([(1.0, a), (-1.0, b)])
