@@ -124,9 +124,10 @@ def test_sweep_runs_resumes_and_records_failures(tmp_path: Path) -> None:
 
 def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
-    args = ("sweep", "freeze", "finetune.pretrained=tiny", "train.max_steps=4", "train.eval_every=4",
-            "task.synthetic_val=100", "logger.progress=false", f"data.cache_dir={tmp_path / 'cache'}",
-            "finetune.freeze=all,moe", "seed=0")  # fmt: skip
+    args = ("sweep", "freeze", "finetune.pretrained=tiny", "study.pretraining=shared", "train.max_steps=4",
+            "train.eval_every=4", "task.synthetic_val=100", "task.synthetic_train=200", "data.valence_cues=true",
+            "logger.progress=false", f"data.cache_dir={tmp_path / 'cache'}", "finetune.freeze=all,moe",
+            "seed=0")  # fmt: skip
     result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     pretrained = tmp_path / "results" / "pretrained" / "tiny" / "summary.json"
@@ -140,11 +141,23 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     assert run_cli(*args, env=env).returncode == 0
     assert pretrained.stat().st_mtime_ns == written  # the checkpoint is not pretrained again
 
+    # a fresh clone holds the committed record without its checkpoint (.gitignore): the sweep rebuilds it beside the
+    # record, checks that it reproduces the record's final loss, and leaves the record as it was
+    record = pretrained.read_bytes()
+    (pretrained.parent / "checkpoint.pt").unlink()
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "checkpoint rebuilt; its final val loss" in " ".join(result.stdout.split())
+    assert (pretrained.parent / "checkpoint.pt").exists()
+    assert pretrained.read_bytes() == record
+    assert sorted(p.name for p in pretrained.parent.parent.iterdir()) == ["tiny"]  # no tiny.rebuild, nothing aside
+
 
 def test_a_per_seed_study_fine_tunes_each_seed_from_the_pretraining_of_that_seed(tmp_path: Path) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     args = ("sweep", "freeze", "finetune.pretrained=tiny", "study.pretraining=per_seed", "train.max_steps=4",
-            "train.eval_every=4", "task.synthetic_val=100", "logger.progress=false",
+            "train.eval_every=4", "task.synthetic_val=100", "task.synthetic_train=200", "data.valence_cues=true",
+            "logger.progress=false",
             f"data.cache_dir={tmp_path / 'cache'}", "finetune.freeze=all", "seed=0,1", "--launcher", "joblib",
             "train.threads=1")  # fmt: skip
     result = run_cli(*args, env=env)

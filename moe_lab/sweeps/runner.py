@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,8 @@ import yaml
 
 from moe_lab.io import atomic_write
 from moe_lab.paths import EXPERIMENTS, results_root
+
+CHECKPOINT = "checkpoint.pt"  # moe_lab.train.loop.CHECKPOINT, named here so a sweep's plan does not import torch
 
 # Hydra finds the group `experiments` under a search-path root: the directory above it, which is the repository
 # in an editable install and site-packages/moe_lab in a wheel's. (pkg://moe_lab would miss it in an editable
@@ -128,17 +131,50 @@ def pretrained_dir(root: Path, preset: str, seed: int | None = None) -> Path:
     return root / "pretrained" / preset if seed is None else root / "pretrain" / preset / f"seed{seed}"
 
 
-def ensure_pretrained(root: Path, preset: str, seed: int | None, extra: list[str]) -> Path:
+def ensure_pretrained(root: Path, preset: str, seed: int | None, extra: list[str], console=None) -> Path:
     """Pretrain a fine-tuning study's model once (resumable) for every study that stands on it; another sweep
-    pretraining it at the same time is waited for."""
+    pretraining it at the same time is waited for. A completed record without its checkpoint (checkpoints are not
+    committed, so a fresh clone holds only the records) has its checkpoint rebuilt."""
     run_dir = pretrained_dir(root, preset, seed)
     summary = run_dir / "summary.json"
     if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
-        return run_dir
+        has_checkpoint = (run_dir / CHECKPOINT).exists()
+        return run_dir if has_checkpoint else rebuild_checkpoint(run_dir, preset, seed, extra, console)
+    _pretrain(run_dir, preset, seed, extra)
+    return run_dir
+
+
+def _pretrain(run_dir: Path, preset: str, seed: int | None, extra: list[str]) -> None:
     cmd = [sys.executable, "-m", "moe_lab.cli", "pretrain", preset, f"run_dir={run_dir}", "resume=true", "--wait"]
     code = subprocess.run([*cmd, *([f"seed={seed}"] if seed is not None else []), *extra]).returncode
     if code != 0:
         raise SweepError(f"pretraining {preset} into {run_dir} failed (exit {code}); its error is above")
+
+
+def rebuild_checkpoint(run_dir: Path, preset: str, seed: int | None, extra: list[str], console=None) -> Path:
+    """Pretrain a completed record's model again beside it (RUN_DIR.rebuild, resumable) and give the record its
+    checkpoint. A rebuild whose final validation loss differs from the record's (another machine or thread count)
+    replaces the record, which is moved aside, so the record always describes the checkpoint beside it."""
+    from rich.console import Console
+
+    from moe_lab.runs import move_aside
+
+    console = console or Console()
+    rebuild = run_dir.with_name(f"{run_dir.name}.rebuild")
+    console.print(f"{run_dir} holds a completed pretraining without its {CHECKPOINT}: pretraining again in {rebuild}")
+    _pretrain(rebuild, preset, seed, extra)
+    recorded, rebuilt = (json.loads((d / "summary.json").read_text()).get("final_val_loss") for d in (run_dir, rebuild))
+    if rebuilt == recorded:
+        (rebuild / CHECKPOINT).rename(run_dir / CHECKPOINT)
+        shutil.rmtree(rebuild)
+        console.print(f"{run_dir}: checkpoint rebuilt; its final val loss {rebuilt} equals the record's")
+    else:
+        old = move_aside(run_dir)
+        rebuild.rename(run_dir)
+        console.print(
+            f"[yellow]{run_dir}: the rebuilt model's final val loss {rebuilt} differs from the record's {recorded} "
+            f"(another machine or train.threads): it replaces the record, which moved to {old}[/yellow]"
+        )
     return run_dir
 
 
