@@ -152,6 +152,23 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     assert pretrained.read_bytes() == record
     assert sorted(p.name for p in pretrained.parent.parent.iterdir()) == ["tiny"]  # no tiny.rebuild, nothing aside
 
+    # a rebuild that does not reproduce its record (here a record edited to another loss) becomes the record, and
+    # the old one is moved aside, so the record always describes the checkpoint beside it
+    edited = json.loads(record)
+    original_dir = edited["run_dir"]
+    edited["final_val_loss"] += 0.5
+    pretrained.write_text(json.dumps(edited))
+    (pretrained.parent / "checkpoint.pt").unlink()
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "differs from the record's" in " ".join(result.stdout.split())
+    rebuilt = json.loads(pretrained.read_text())
+    assert rebuilt["final_val_loss"] == json.loads(record)["final_val_loss"] and rebuilt["run_dir"] == original_dir
+    assert (pretrained.parent / "checkpoint.pt").exists()
+    assert "tiny.rebuild" not in (pretrained.parent / ".hydra" / "overrides.yaml").read_text()
+    (moved,) = (pretrained.parent.parent / "replaced").glob("*/tiny/summary.json")
+    assert json.loads(moved.read_text())["final_val_loss"] == edited["final_val_loss"]
+
 
 def test_a_per_seed_study_fine_tunes_each_seed_from_the_pretraining_of_that_seed(tmp_path: Path) -> None:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
