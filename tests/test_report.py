@@ -494,11 +494,12 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
     # baseline mean(2.498, 3, 3) - 2.498 = 0.3347 and mean(2.500, 3, 3) - 2.500 = 0.3333, so 0.334 +- 0.0007;
     # z-loss (2.500, 2.452, 2.902) -> 0.1660 and (2.502, 2.448, 2.900) -> 0.1687, so 0.167 +- 0.0013
     assert tables["z-loss-stability"][:3] == [
-        ["setting", "lr 0.01", "lr 0.1", "lr 1", "stable lrs", "LR sensitivity", "paper stable", "paper quality"],
+        ["setting", "lr 0.01", "lr 0.1", "lr 1", "stable lrs", "LR sensitivity", "max router logit (best lr)",
+         "paper stable", "paper quality"],
         ["baseline", "2.499 ± 0.001 (n=2) [2/2 stable]", "- [0/2 stable]", "- [0/2 stable]", "0.01",
-         "0.334 ± 0.001 (n=2)", "4/6", "-1.755"],
+         "0.334 ± 0.001 (n=2)", "30.000", "4/6", "-1.755"],
         ["z-loss", "2.501 ± 0.001 (n=2) [2/2 stable]", "2.450 ± 0.002 (n=2) [2/2 stable]",
-         "2.901 ± 0.001 (n=2) [2/2 stable]", "0.01, 0.1, 1", "0.167 ± 0.001 (n=2)", "3/3", "-1.741"],
+         "2.901 ± 0.001 (n=2) [2/2 stable]", "0.01, 0.1, 1", "0.167 ± 0.001 (n=2)", "2.000", "3/3", "-1.741"],
     ]  # fmt: skip
     assert tables["stablemoe"][4][:2] == ["stage 1 only", "20.000 ± 0.023 (n=3)"]
     assert tables["freeze"][1][:3] == ["all", "0.620 ± 0.001 (n=3)", "0.630 ± 0.001 (n=3)"]
@@ -897,9 +898,9 @@ def test_z_loss_diverged_baseline_seeds_are_counted_not_averaged(tmp_path: Path)
     # 0.130, std 0.104, error 0.060; z-loss 0.020, 0.025, 0.030: 0.025 +- 0.003
     assert report.table.values.tolist() == [
         ["baseline", "2.620 ± 0.012 (n=3) [3/3 stable]", "2.600 (n=1) [1/3 stable]", "0.01", "0.130 ± 0.060 (n=3)",
-         "4/6", "-1.755"],
+         "30.000", "4/6", "-1.755"],
         ["z-loss", "2.520 ± 0.012 (n=3) [3/3 stable]", "2.470 ± 0.006 (n=3) [3/3 stable]", "0.01, 0.1",
-         "0.025 ± 0.003 (n=3)", "3/3", "-1.741"],
+         "0.025 ± 0.003 (n=3)", "2.000", "3/3", "-1.741"],
     ]  # fmt: skip
     assert report.notes == ["+stability=baseline, optim.lr=0.1: 2 diverged, 0 failed of 3 runs (left out of the means)"]
     baseline = report.data.set_index(["+stability", "optim.lr"]).loc[("baseline", 0.1)]
@@ -917,7 +918,8 @@ def test_z_loss_diverged_baseline_seeds_are_counted_not_averaged(tmp_path: Path)
     )
     section = md_sections((out / "report.md").read_text())["z-loss-stability"]
     baseline_row = (
-        "| 2.620 ± 0.012 (n=3) [3/3 stable] | 2.600 (n=1) [1/3 stable] | 0.01 | 0.130 ± 0.060 (n=3) | 4/6 | -1.755 |"
+        "| 2.620 ± 0.012 (n=3) [3/3 stable] | 2.600 (n=1) [1/3 stable] | 0.01 | 0.130 ± 0.060 (n=3) | 30.000 | 4/6 | "
+        "-1.755 |"
     )
     assert f"| baseline {baseline_row}" in section
     assert "\n- +stability=baseline, optim.lr=0.1: 2 diverged, 0 failed of 3 runs" in section
@@ -932,7 +934,7 @@ def test_z_loss_sweep_still_running_leaves_out_the_lrs_not_run(tmp_path: Path) -
     # mean(2.50, 2.45) - 2.45 = 0.025 for each, not mean(2.50, 2.45, 3.0) - 2.45 = 0.200 as if lr 1 had diverged
     assert report.table.iloc[1].tolist() == [
         "z-loss", "2.500 ± 0.001 (n=6) [6/6 stable]", "2.450 ± 0.001 (n=6) [6/6 stable]", "-", "0.01, 0.1",
-        "0.025 ± 0.001 (n=6)", "3/3", "-1.741",
+        "0.025 ± 0.001 (n=6)", "2.000", "3/3", "-1.741",
     ]  # fmt: skip
     assert report.table.iloc[0]["LR sensitivity"] == "0.0250 ± 0.0004 (n=6)"
     assert report.verdict.ours.startswith("diverged by lr: baseline 0.01: 0/6, 0.1: 0/6; z-loss 0.01: 0/6, 0.1: 0/6")
@@ -954,8 +956,8 @@ def test_z_loss_runs_without_an_lr_column_are_one_learning_rate(tmp_path: Path) 
     # z-loss: std sqrt(4e-4 / 5) = 0.0089 over 6 seeds, an error of 0.004; one lr is its own best, so each
     # completed seed's LR sensitivity is 0 (baseline's diverged seeds have none)
     assert report.table.values.tolist() == [
-        ["baseline", "2.510 ± 0.010 (n=2) [2/6 stable]", "none", "0.000 ± 0.000 (n=2)", "4/6", "-1.755"],
-        ["z-loss", "2.490 ± 0.004 (n=6) [6/6 stable]", "not swept", "0.000 ± 0.000 (n=6)", "3/3", "-1.741"],
+        ["baseline", "2.510 ± 0.010 (n=2) [2/6 stable]", "none", "0.000 ± 0.000 (n=2)", "-", "4/6", "-1.755"],
+        ["z-loss", "2.490 ± 0.004 (n=6) [6/6 stable]", "not swept", "0.000 ± 0.000 (n=6)", "2.000", "3/3", "-1.741"],
     ]
     assert list(report.table.columns)[1] == "lr not swept"
     # (1) one learning rate has no LR sensitivity to compare (the counts, 0/6 against 4/6, give Fisher p = 0.03);
@@ -1187,7 +1189,9 @@ def test_the_tasks_section_checks_each_bar(tmp_path: Path) -> None:
     assert transfer[1].startswith("+20.") and transfer[-1] == "**met**"
     assert rows["polarity-small, dense pretrained"][-1] == "**met**"
     assert rows["polarity-large, sparse pretrained"][-1] == "**met**"
-    assert rows["last two evaluations"][1].startswith("18 of 18 runs within a point")
+    assert rows["last two evaluations, the studies' runs"][1].startswith("12 of 12 runs within a point")
+    assert rows["last two evaluations, the studies' runs"][-1] == "**met**"
+    assert rows["last two evaluations, random initialisation"][1].startswith("6 of 6 runs within a point")
 
 
 def test_the_tasks_section_says_which_bar_is_missed(tmp_path: Path) -> None:
@@ -1197,8 +1201,8 @@ def test_the_tasks_section_says_which_bar_is_missed(tmp_path: Path) -> None:
     assert rows["polarity-small, sparse: pretrained - random init"][-1] == "**missed**"  # +5 points, bar +10
     assert rows["polarity-small, sparse pretrained"][-1] == "**missed**"  # above 90%: no room to overfit
     assert rows["polarity-large, dense pretrained"][-1] == "**missed**"  # below 85%
-    stability = rows["last two evaluations"]
-    assert stability[-1] == "**missed**" and "17 of 18" in stability[1] and unstable in stability[1]
+    stability = rows["last two evaluations, the studies' runs"]
+    assert stability[-1] == "**missed**" and "11 of 12" in stability[1] and unstable in stability[1]
 
 
 def test_no_tasks_section_without_polarity_runs(tmp_path: Path) -> None:
