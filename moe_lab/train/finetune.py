@@ -11,11 +11,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from moe_lab.config import FINETUNE_MOE_KEYS, RunConfig, to_run_config
+from moe_lab.config import FINETUNE_MOE_KEYS, FinetuneConfig, ModelConfig, RunConfig, to_run_config
 from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel, count_parameters
-from moe_lab.models.transformer import ModelLosses
+from moe_lab.models.transformer import ModelLosses, is_moe_position
 from moe_lab.paths import EXPERIMENTS
 from moe_lab.runs import identity_config, record_hash
 from moe_lab.train.checkpoint import load_checkpoint
@@ -117,6 +117,32 @@ def pretrained_run(checkpoint: str) -> tuple[Path, RunConfig]:
     return run_dir, to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
 
 
+def has_moe_layers(model: ModelConfig) -> bool:
+    """Whether a model of this config has an MoE layer (not the dense twin, and some block at an MoE position)."""
+    return model.sparse and any(is_moe_position(i, model.moe_every) for i in range(model.num_layers))
+
+
+def check_dense_settings(model: ModelConfig, moe_keys: set[str], finetune: FinetuneConfig, where: Path) -> None:
+    """Raise ValueError naming a setting that would change nothing on a pretrained model without MoE layers: a
+    changed moe.* key, finetune.freeze=moe (only the new head would train) or finetune.freeze_router=true."""
+    if has_moe_layers(model):
+        return
+    dense = (
+        f"the pretrained model {where} has no MoE layer (model.sparse={str(model.sparse).lower()}, "
+        f"model.moe_every={model.moe_every})"
+    )
+    if moe_keys:
+        keys = ", ".join(f"moe.{k}" for k in sorted(moe_keys))
+        raise ValueError(f"{keys}: {dense}, so it would change nothing; leave it out, or fine-tune a sparse model")
+    if finetune.freeze == "moe":
+        raise ValueError(
+            f"finetune.freeze=moe: {dense}, so only the new classification head would train; use finetune.freeze="
+            "all, non_moe, attention or ffn"
+        )
+    if finetune.freeze_router:
+        raise ValueError(f"finetune.freeze_router=true: {dense}, so there is no router to freeze; leave it out")
+
+
 def _overridden(overrides: list[str], prefix: str) -> set[str]:
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
     return {k[len(prefix) :] for k in keys if k.startswith(prefix)}
@@ -167,6 +193,7 @@ def run_finetune(
         raise ValueError("fine-tuning needs checkpoint=RUN_DIR (a `moe-lab pretrain` run directory)")
     moe_keys, model_keys = finetune_changes(overrides)
     pre_dir, pre = pretrained_run(run.checkpoint)
+    check_dense_settings(pre.model, moe_keys, run.finetune, pre_dir)
     run = replace(run, name=f"finetune-{run.task.name}")
     identity = identity_config(run, record_hash(pre_dir))
     start = begin_run(run, identity, console, rerun)
