@@ -140,8 +140,13 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
     if summary.is_file():
         with contextlib.suppress(json.JSONDecodeError):
             saved = json.loads(summary.read_text()).get("config")
-    if saved is None and (run_dir / ".hydra" / "config.yaml").is_file():
-        saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if saved is None and hydra_config.is_file():
+        try:
+            saved = yaml.safe_load(hydra_config.read_text())
+        except yaml.YAMLError as err:
+            problem = str(err).strip().splitlines()[0]
+            raise RunConflictError(f"{hydra_config} is not valid YAML ({problem}); move the run away") from None
     if not isinstance(saved, dict):
         return None
     from omegaconf import OmegaConf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -348,3 +349,29 @@ def test_a_dense_model_fine_tunes_in_a_study_with_the_default_moe_settings(
     ]  # fmt: skip
     summary = run_finetune(compose_point(study, point), [f"+experiments={study.name}", *point], Console(quiet=True))
     assert summary["status"] == "completed" and summary["pretrained"] == str(dense_pretrained)
+
+
+# a checkpoint= that is no pretraining run: one line naming it (issue #26 §6)
+
+
+def test_finetune_from_a_run_whose_config_is_not_yaml_names_the_file(pretrained: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "pre"
+    shutil.copytree(pretrained, broken)
+    config = broken / ".hydra" / "config.yaml"
+    config.write_text("model: [d_model: 64\n")
+    result = run_cli("finetune", "synth-small", f"checkpoint={broken}", f"runs_root={tmp_path / 'runs'}")
+    assert_one_line_error(result, f"{config} is not valid YAML", "line 2 column 1", "expected a pretraining run")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_finetune_from_a_fine_tuning_run_names_it_and_its_pretraining(pretrained: Path, tmp_path: Path) -> None:
+    ft = tmp_path / "ft"
+    first = run_cli("finetune", "synth-small", f"checkpoint={pretrained}", f"run_dir={ft}", "train.max_steps=2",
+                    "train.eval_every=2", "task.synthetic_val=50", "logger.progress=false")  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    result = run_cli("finetune", "synth-small", f"checkpoint={ft}", f"runs_root={tmp_path / 'runs'}")
+    assert_one_line_error(
+        result, f"{ft} is a fine-tuning run (of {pretrained})", "expected a pretraining run directory",
+        f"fine-tune from checkpoint={pretrained}",
+    )  # fmt: skip
+    assert not (tmp_path / "runs").exists()

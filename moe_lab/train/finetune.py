@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from moe_lab.config import FINETUNE_MOE_KEYS, FinetuneConfig, ModelConfig, RunConfig, to_run_config
@@ -105,16 +107,55 @@ class ClassificationTask:
 
 
 def pretrained_run(checkpoint: str) -> tuple[Path, RunConfig]:
-    """The pretraining run directory and its config; a missing file names the path."""
+    """The pretraining run directory and its config; a missing or unreadable file, or a fine-tuning run, names
+    the path and what is expected."""
     path = Path(checkpoint)
     run_dir = path.parent if path.is_file() else path
     config = run_dir / ".hydra" / "config.yaml"
+    expected = (
+        f"a pretraining run directory with {CHECKPOINT} and .hydra/config.yaml (e.g. results/runs/small/<timestamp>)"
+    )
     if not (run_dir / CHECKPOINT).is_file() or not config.is_file():
-        raise FileNotFoundError(
-            f"checkpoint={checkpoint!r}: expected a pretraining run directory with {CHECKPOINT} and "
-            f".hydra/config.yaml (e.g. results/runs/small/<timestamp>)"
+        raise FileNotFoundError(f"checkpoint={checkpoint!r}: expected {expected}")
+    try:
+        pre = to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
+    except yaml.YAMLError as err:
+        raise ValueError(f"checkpoint={checkpoint!r}: {config} is not valid YAML ({_yaml_problem(err)}); expected "
+                         f"{expected}") from None  # fmt: skip
+    except (OmegaConfBaseException, ValueError) as err:
+        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint={checkpoint!r}: {config} is not the config `moe-lab pretrain` writes ({problem}); "
+            f"expected {expected}"
+        ) from None
+    if pre.checkpoint:  # its weights are a classifier's, fine-tuned from another run
+        raise ValueError(
+            f"checkpoint={checkpoint!r}: {run_dir} is a fine-tuning run (of {pre.checkpoint}); expected {expected}: "
+            f"fine-tune from checkpoint={pre.checkpoint}"
         )
-    return run_dir, to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
+    return run_dir, pre
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong, and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    return f"{problem} at line {mark.line + 1} column {mark.column + 1}" if mark else problem
+
+
+def load_pretrained(model: ClassifierModel, pre_dir: Path) -> None:
+    """The pretrained transformer's weights into `model`; a checkpoint that does not fit the model its config
+    describes is a ValueError naming both files."""
+    state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
+    weights = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    try:
+        model.transformer.load_state_dict(weights)
+    except RuntimeError as err:  # missing, unexpected or misshapen weights, one per line after torch's heading
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(
+            f"{pre_dir / CHECKPOINT} does not hold the model that {pre_dir / '.hydra' / 'config.yaml'} describes "
+            f"({(lines[1:] or lines or [type(err).__name__])[0]}); expected the two files of one `moe-lab pretrain` run"
+        ) from None
 
 
 def has_moe_layers(model: ModelConfig) -> bool:
@@ -219,11 +260,7 @@ def run_finetune(
     )
     model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes, run.task.pooling)
     if run.finetune.init == "pretrained":  # else the checkpoint's architecture from the seed's initialisation
-        state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
-        missing = model.transformer.load_state_dict(
-            {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
-        )
-        assert not missing.missing_keys and not missing.unexpected_keys, missing
+        load_pretrained(model, pre_dir)
     counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
 
     start = claim(start, identity, cfg, overrides, console, wait)
