@@ -252,6 +252,23 @@ def test_runs_csv_is_replaced_whole_or_not_at_all(finished_sweep: Path, tmp_path
     assert not [p.name for p in (root / "top-k").iterdir() if p.name.startswith(".runs.csv")]
 
 
+def test_a_sweep_over_a_garbled_point_summary_names_it_and_changes_nothing(
+    finished_sweep: Path, tmp_path: Path, cache: str
+) -> None:
+    root = tmp_path / "results"
+    shutil.copytree(finished_sweep, root)
+    run_dir = root / "top-k" / "runs" / "moe.top_k=1,seed=0"
+    summary = run_dir / "summary.json"
+    summary.write_text(summary.read_text()[:100])  # cut short
+    before = tree(root)
+    result = run_cli("sweep", "top-k", *TINY, cache, "seed=0", env={"MOE_LAB_RESULTS": str(root)})
+    assert_one_line_error(result, f"{summary} is not valid JSON", f"move {run_dir} aside")
+    # Hydra rewrites its multirun.yaml; the runs and runs.csv stay as they were
+    assert {k: v for k, v in tree(root).items() if not k.endswith("multirun.yaml")} == {
+        k: v for k, v in before.items() if not k.endswith("multirun.yaml")
+    }
+
+
 # 4. a sweep with a failed point exits non-zero, after writing runs.csv
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from moe_lab.io import atomic_write
+from moe_lab.io import CorruptFileError, atomic_write, read_csv, read_json
 from moe_lab.paths import EXPERIMENTS, results_root
 
 # Hydra finds the group `experiments` under a search-path root: the directory above it, which is the repository
@@ -133,7 +132,7 @@ def ensure_pretrained(root: Path, preset: str, seed: int | None, extra: list[str
     pretraining it at the same time is waited for."""
     run_dir = pretrained_dir(root, preset, seed)
     summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+    if summary.exists() and read_json(summary).get("status") == "completed":
         return run_dir
     cmd = [sys.executable, "-m", "moe_lab.cli", "pretrain", preset, f"run_dir={run_dir}", "resume=true", "--wait"]
     code = subprocess.run([*cmd, *([f"seed={seed}"] if seed is not None else []), *extra]).returncode
@@ -348,7 +347,10 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
     varied = {k for v in values for k in v if len({str(w.get(k)) for w in values}) > 1}
     for summary_path, point in zip(paths, values, strict=True):
         run_dir = summary_path.parent
-        summary = json.loads(summary_path.read_text())
+        try:
+            summary, moe_metrics = read_json(summary_path), _last_moe_metrics(run_dir)
+        except CorruptFileError as err:
+            raise err.hint(f"move {run_dir} aside and the same command runs that point again") from None
         row: dict = {"run": run_dir.name}
         for key, value in point.items():
             if key in study.params or key in varied or key.split(".")[0] in ("task",):
@@ -360,7 +362,7 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
                 "trainable_parameters",
             ):  # fmt: skip
                 row[key] = value
-        row.update(_last_moe_metrics(run_dir))
+        row.update(moe_metrics)
         rows.append(row)
     frame = pd.DataFrame(rows)
     with atomic_write(results_dir(study, root) / "runs.csv", suffix=".csv") as tmp:
@@ -384,7 +386,7 @@ def _last_moe_metrics(run_dir: Path) -> dict[str, float]:
     path = run_dir / "metrics.csv"
     if not path.exists():
         return {}
-    frame = pd.read_csv(path)
+    frame = read_csv(path)
     out = {}
     for prefix in ("moe", "eval_moe"):
         for metric in ("dropped_frac", "load_imbalance", "router_entropy", "max_logit", "z_loss", "distill_loss"):

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_lab.config import RunConfig
+from moe_lab.io import CorruptFileError
 from moe_lab.parallel import World, from_main, init_from_env, world
 from moe_lab.runs import (
     RECORD,
@@ -162,11 +163,19 @@ def _begin_on_main(run: RunConfig, identity: dict[str, Any], console: Console, r
     if rerun and run_dir.is_dir() and any(run_dir.iterdir()):
         console.print(f"moved {run_dir} aside to {move_aside(run_dir)}")
     same_run(run_dir, identity, run.resume)
-    previous = read_summary(run_dir)
+    previous = _previous_summary(run_dir)
     if run.resume and previous and previous.get("status") in FINISHED:
         console.print(f"{run_dir} already {previous['status']}; nothing to resume")
         return RunStart(run_dir, run.resume, previous=previous)
     return RunStart(run_dir, run.resume)
+
+
+def _previous_summary(run_dir: Path) -> dict | None:
+    """The summary.json of the run in run_dir, None if it has none; one cut short or garbled names the file."""
+    try:
+        return read_summary(run_dir)
+    except CorruptFileError as err:
+        raise err.hint("move the run away, or add --rerun to move it aside and start again") from None
 
 
 def claim(
@@ -207,7 +216,7 @@ def _claim_on_main(
     lock.acquire(wait, lambda message: console.print(message, soft_wrap=True))
     try:
         record = same_run(run_dir, identity, start.resume)  # another process may have started or ended it
-        previous = read_summary(run_dir)
+        previous = _previous_summary(run_dir)
         if start.resume and previous and previous.get("status") in FINISHED:
             console.print(f"{run_dir} already {previous['status']}; nothing to resume")
             lock.release()
