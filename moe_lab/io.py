@@ -1,8 +1,9 @@
-"""Files: atomic writes (a killed process leaves the old file or the new one, never half of one), and readers of
-the records that name a file that cannot be read."""
+"""Files: atomic writes (a killed process leaves the old file or the new one, never half of one), readers of the
+records that name a file that cannot be read, and write errors of the machine (a full disk) that name the file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -23,10 +24,33 @@ def _umask() -> int:
 
 _FILE_MODE = 0o666 & ~_umask()
 
+# a write that fails with these is the machine's doing (full disk, quota, file size limit, failing device), not
+# the input's: the CLI exits 1 for them, not 2
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+class StorageError(OSError):
+    """Writing a file failed for a reason of the machine (a full disk, a quota, a file size limit, an I/O error):
+    names the file being written."""
+
+    def __str__(self) -> str:
+        where = f"cannot write {self.filename}" if self.filename else "cannot write a file"
+        return f"{where}: {self.strerror} ({errno.errorcode.get(self.errno or 0, '?')})"
+
+
+def storage_error(err: BaseException, path: str | Path | None = None) -> StorageError | None:
+    """`err` as a StorageError naming `path` (or the file it names) if it is a write error of the machine, else None."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        return StorageError(err.errno, err.strerror, str(path or err.filename or "") or None)
+    return None
+
 
 @contextmanager
 def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; when the block succeeds, rename it over `path`."""
+    """Yield a temporary path beside `path`; when the block succeeds, rename it over `path`. A write error of
+    the machine (a full disk) is a StorageError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # ".<name>.tmp.<random>": the next start of a run removes such files that a kill left (moe_lab.runs)
@@ -36,6 +60,12 @@ def atomic_write(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; results should be as readable as any other file
         os.replace(tmp, path)
+    except OSError as err:
+        # the temporary file's name means nothing to a user: name the file being written
+        machine = storage_error(err, path)
+        if machine is None:
+            raise
+        raise machine from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
