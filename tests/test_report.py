@@ -1164,6 +1164,15 @@ def test_a_run_record_cut_short_is_named_and_the_rest_is_reported(tmp_path: Path
     assert "**Reproduced: yes.**" in sections["stablemoe"]  # the other studies are still reported
 
 
+@pytest.mark.parametrize("studies", [[], ["top-k"]], ids=["all", "one"])
+def test_the_report_on_a_results_directory_without_results_is_one_line(tmp_path: Path, studies: list[str]) -> None:
+    results = tmp_path / "results"
+    (results / "top-k" / "runs").mkdir(parents=True)  # a sweep that never wrote its runs.csv
+    result = run_cli("report", *studies, "--results", str(results))
+    assert_one_line_error(result, f"results directory {results} holds no study results", "moe-lab sweep STUDY")
+    assert [p.relative_to(results).as_posix() for p in results.rglob("*")] == ["top-k", "top-k/runs"]
+
+
 # --- the "Fine-tuning tasks" section: the overfit study's polarity runs beside the random-init sweep -------------
 
 

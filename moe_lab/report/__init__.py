@@ -37,14 +37,21 @@ def make_report(
     results_root = Path(results_root)
     if not results_root.is_dir():
         raise FileNotFoundError(f"results directory {results_root} does not exist")
+    names = studies or list(BUILDERS)
+    main = sparse_vs_dense(results_root) if studies is None else None
+    if main is None and not any((results_root / name / "runs.csv").is_file() for name in names):
+        raise FileNotFoundError(
+            f"results directory {results_root} holds no study results (no <study>/runs.csv for "
+            f"{', '.join(names) if studies else 'any study'}): run `moe-lab sweep STUDY` first, or point --results "
+            "(or $MOE_LAB_RESULTS) at the directory the sweeps wrote"
+        )
     out = Path(out or results_root)
     reports, figures = [], {}
-    for name in studies or list(BUILDERS):
+    for name in names:
         study, report = _study_report(results_root, name)
         reports.append(report)
         figures[name] = _figures(study, report, out / "plots") if {"md", "html"} & set(formats) else []
     written: list[Path] = []
-    main = sparse_vs_dense(results_root) if studies is None else None
     tasks = _tasks_check(results_root) if studies is None else None
     claims = claims_figure(reports, out / "plots") if {"md", "html"} & set(formats) else None
     document = Document(reports, figures, out, str(results_root), main, claims, tasks)
