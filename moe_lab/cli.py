@@ -35,6 +35,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code=code)
 
 
+def fail_on(err: BaseException) -> NoReturn:
+    """`fail` for a caught error: exit 1 for a write error of the machine (a full disk, naming the file), else 2
+    (bad input)."""
+    from moe_lab.io import storage_error
+
+    machine = storage_error(err)
+    if machine is not None:
+        fail(f"{machine}; free space (or raise the limit) and run the command again", code=1)
+    fail(str(err))
+
+
 INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
@@ -103,8 +114,9 @@ def _torchrun(kind: str, name: str, overrides: list[str], rerun: bool, wait: boo
 def _compose_and_run(
     kind: str, name: str, overrides: list[str], show_config: bool, rerun: bool, wait: bool, nproc: int = 1
 ) -> None:
-    """Compose, then print the config or run. Exit 0: completed or diverged; 1: the run failed while training;
-    2: bad input (one line naming the key, file or directory); 130: interrupted."""
+    """Compose, then print the config or run. Exit 0: completed or diverged; 1: the run failed while training, or
+    the machine refused a write (a full disk; the line names the file); 2: bad input (one line naming the key, file
+    or directory); 130: interrupted."""
     from omegaconf import OmegaConf
 
     cfg = _compose(kind, name, overrides)  # a bad config fails here, before any process starts
@@ -135,7 +147,7 @@ def _compose_and_run(
     except RunFailedError as err:
         fail(str(err), code=1)
     except _user_errors() as err:
-        fail(str(err))
+        fail_on(err)
     except KeyboardInterrupt:
         fail("interrupted; the same command with resume=true continues from the last checkpoint", INTERRUPTED)
     finally:
@@ -210,7 +222,7 @@ def sweep(
     except SweepError as err:
         fail(str(err), code=1)
     except _user_errors() as err:
-        fail(str(err))
+        fail_on(err)
     except KeyboardInterrupt:
         fail("interrupted; the same command resumes the sweep (finished points are skipped)", INTERRUPTED)
     statuses = frame["status"].value_counts().to_dict() if len(frame) else {}
@@ -241,7 +253,7 @@ def report(
     try:
         reports, written = make_report(results or results_root(), studies or None, formats, out, console)
     except (ValueError, OSError) as err:
-        fail(str(err))
+        fail_on(err)
     for path in written:
         console.print(f"wrote {path}")
     problems = [r.problem for r in reports if r.problem]

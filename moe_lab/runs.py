@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from moe_lab.io import CorruptFileError, read_json
 from moe_lab.paths import EVAL_DIR
 
 RECORD = "run.json"
@@ -132,16 +133,22 @@ def read_record(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / RECORD
     if path.is_file():
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunConflictError(f"{path} is not valid JSON ({err}); move the run away or add --rerun") from None
+            return read_json(path)
+        except CorruptFileError as err:
+            raise RunConflictError(f"{err}; move the run away or add --rerun") from None
     saved = None
     summary = run_dir / "summary.json"
     if summary.is_file():
-        with contextlib.suppress(json.JSONDecodeError):
-            saved = json.loads(summary.read_text()).get("config")
-    if saved is None and (run_dir / ".hydra" / "config.yaml").is_file():
-        saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+        with contextlib.suppress(CorruptFileError):  # a summary cut short: the saved Hydra config may still say
+            values = read_json(summary)
+            saved = values.get("config") if isinstance(values, dict) else None
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if saved is None and hydra_config.is_file():
+        try:
+            saved = yaml.safe_load(hydra_config.read_text())
+        except yaml.YAMLError as err:
+            problem = str(err).strip().splitlines()[0]
+            raise RunConflictError(f"{hydra_config} is not valid YAML ({problem}); move the run away") from None
     if not isinstance(saved, dict):
         return None
     from omegaconf import OmegaConf

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from moe_lab.train.finetune import macro_f1
 from moe_lab.train.freeze import PRESETS, apply_freeze, parameter_kinds
 from tests.conftest import SHARED, needs_shared, run_cli
 from tests.test_pretrain import pretrain
+from tests.test_run_safety import assert_one_line_error
 
 
 def tiny_pretraining(factory: pytest.TempPathFactory, name: str, *overrides: str) -> Path:
@@ -305,3 +307,71 @@ def test_the_polarity_task_refuses_a_model_whose_corpus_taught_no_valence(pretra
     assert result.returncode == 2, result.stdout + result.stderr
     assert "data.valence_cues=False" in result.stderr and "pretrain on data.source=synthetic with" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+# settings that change nothing on a dense checkpoint are refused, not ignored (issue #26 §4)
+
+
+@pytest.fixture(scope="module")
+def dense_pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretraining of the dense twin: no MoE layer, no router."""
+    return tiny_pretraining(tmp_path_factory, "dense", "model.sparse=false", "train.max_steps=4")
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("moe.train_capacity_factor=0.5", ["moe.train_capacity_factor: ", "would change nothing"]),
+        ("moe.aux_loss_coef=0", ["moe.aux_loss_coef: ", "would change nothing"]),
+        ("finetune.freeze=moe", ["finetune.freeze=moe: ", "only the new classification head would train"]),
+        ("finetune.freeze_router=true", ["finetune.freeze_router=true: ", "no router to freeze"]),
+    ],
+)
+def test_a_setting_that_does_nothing_on_a_dense_model_is_refused(
+    dense_pretrained: Path, tmp_path: Path, override: str, needles: list[str]
+) -> None:
+    result = run_cli("finetune", "synth-small", f"checkpoint={dense_pretrained}", f"runs_root={tmp_path}", override)
+    assert_one_line_error(result, *needles, f"the pretrained model {dense_pretrained} has no MoE layer")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dense_model_fine_tunes_in_a_study_with_the_default_moe_settings(
+    dense_pretrained: Path, tmp_path: Path
+) -> None:
+    from moe_lab.sweeps.runner import compose_point, load_study
+    from moe_lab.train.finetune import run_finetune
+
+    study = load_study("finetune-grid")  # sweeps finetune.pretrained over mini and its dense twin
+    point = [
+        f"checkpoint={dense_pretrained}", "finetune.pretrained=dense-mini", f"run_dir={tmp_path / 'ft'}",
+        "task=synth-small", "train.batch_size=8", "optim.lr=1.0e-3", "train.max_steps=2", "train.eval_every=2",
+        "task.synthetic_val=50", "logger=csv", "logger.progress=false",
+    ]  # fmt: skip
+    summary = run_finetune(compose_point(study, point), [f"+experiments={study.name}", *point], Console(quiet=True))
+    assert summary["status"] == "completed" and summary["pretrained"] == str(dense_pretrained)
+
+
+# a checkpoint= that is no pretraining run: one line naming it (issue #26 §6)
+
+
+def test_finetune_from_a_run_whose_config_is_not_yaml_names_the_file(pretrained: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "pre"
+    shutil.copytree(pretrained, broken)
+    config = broken / ".hydra" / "config.yaml"
+    config.write_text("model: [d_model: 64\n")
+    result = run_cli("finetune", "synth-small", f"checkpoint={broken}", f"runs_root={tmp_path / 'runs'}")
+    assert_one_line_error(result, f"{config} is not valid YAML", "line 2 column 1", "expected a pretraining run")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_finetune_from_a_fine_tuning_run_names_it_and_its_pretraining(pretrained: Path, tmp_path: Path) -> None:
+    ft = tmp_path / "ft"
+    first = run_cli("finetune", "synth-small", f"checkpoint={pretrained}", f"run_dir={ft}", "train.max_steps=2",
+                    "train.eval_every=2", "task.synthetic_val=50", "logger.progress=false")  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    result = run_cli("finetune", "synth-small", f"checkpoint={ft}", f"runs_root={tmp_path / 'runs'}")
+    assert_one_line_error(
+        result, f"{ft} is a fine-tuning run (of {pretrained})", "expected a pretraining run directory",
+        f"fine-tune from checkpoint={pretrained}",
+    )  # fmt: skip
+    assert not (tmp_path / "runs").exists()

@@ -23,6 +23,7 @@ from moe_lab.report.results import aggregate, load_study
 from moe_lab.report.stats import estimates
 from moe_lab.report.studies import BUILDERS, build
 from tests.conftest import run_cli
+from tests.test_run_safety import assert_one_line_error
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -1136,12 +1137,42 @@ def test_diverged_groups_are_missing_evidence_not_evidence_against(tmp_path: Pat
     assert verdict(tmp_path, "overfit") == "no data"
 
 
-def test_a_runs_csv_without_a_needed_column_is_no_data_not_a_crash(tmp_path: Path) -> None:
+def test_a_runs_csv_without_its_swept_column_names_the_column_and_the_file(tmp_path: Path) -> None:
     write_study(tmp_path, "top-k", [row({"moe.topk": 1}, final_val_loss=1.9), row({"moe.topk": 2}, final_val_loss=1.8)])
     report = build("top-k", load_study(tmp_path, "top-k"))
     assert report.verdict.reproduced == "no data" and "'moe.top_k'" in report.verdict.checked
-    result = run_cli("report", "top-k", "--results", str(tmp_path), "--out", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_cli("report", "top-k", "--results", str(tmp_path), "--out", str(tmp_path / "out"), "--format", "md")
+    assert_one_line_error(result, f"{tmp_path / 'top-k' / 'runs.csv'} has no column 'moe.top_k'", "moe-lab sweep top-k")
+    assert "**Reproduced: no data.**" in md_sections((tmp_path / "out" / "report.md").read_text())["top-k"]
+
+
+@pytest.mark.parametrize(
+    ("file", "cut", "needle"),
+    [("summary.json", lambda text: text[: len(text) // 2], "is not valid JSON"),
+     ("metrics.csv", lambda text: text[:-3], "ends in the middle of a line")],
+    ids=["summary", "metrics"],
+)  # fmt: skip
+def test_a_run_record_cut_short_is_named_and_the_rest_is_reported(tmp_path: Path, file: str, cut, needle: str) -> None:
+    root, out = tmp_path / "results", tmp_path / "out"
+    build_top_k(root)
+    build_stablemoe(root)
+    run_dir = root / "top-k" / "runs" / "moe.top_k=2,seed=1"
+    path = run_dir / file
+    path.write_text(cut(path.read_text()))
+    result = run_cli("report", "--results", str(root), "--out", str(out), "--format", "md")
+    assert_one_line_error(result, f"{path} {needle}", f"move {run_dir} aside", "moe-lab sweep top-k")
+    sections = md_sections((out / "report.md").read_text())
+    assert "**Reproduced: no data.**" in sections["top-k"] and str(path) in sections["top-k"]
+    assert "**Reproduced: yes.**" in sections["stablemoe"]  # the other studies are still reported
+
+
+@pytest.mark.parametrize("studies", [[], ["top-k"]], ids=["all", "one"])
+def test_the_report_on_a_results_directory_without_results_is_one_line(tmp_path: Path, studies: list[str]) -> None:
+    results = tmp_path / "results"
+    (results / "top-k" / "runs").mkdir(parents=True)  # a sweep that never wrote its runs.csv
+    result = run_cli("report", *studies, "--results", str(results))
+    assert_one_line_error(result, f"results directory {results} holds no study results", "moe-lab sweep STUDY")
+    assert [p.relative_to(results).as_posix() for p in results.rglob("*")] == ["top-k", "top-k/runs"]
 
 
 # --- the "Fine-tuning tasks" section: the overfit study's polarity runs beside the random-init sweep -------------

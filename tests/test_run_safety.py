@@ -5,8 +5,10 @@ error is one line on stderr naming the key or file, and that nothing was written
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -252,6 +254,23 @@ def test_runs_csv_is_replaced_whole_or_not_at_all(finished_sweep: Path, tmp_path
     assert not [p.name for p in (root / "top-k").iterdir() if p.name.startswith(".runs.csv")]
 
 
+def test_a_sweep_over_a_garbled_point_summary_names_it_and_changes_nothing(
+    finished_sweep: Path, tmp_path: Path, cache: str
+) -> None:
+    root = tmp_path / "results"
+    shutil.copytree(finished_sweep, root)
+    run_dir = root / "top-k" / "runs" / "moe.top_k=1,seed=0"
+    summary = run_dir / "summary.json"
+    summary.write_text(summary.read_text()[:100])  # cut short
+    before = tree(root)
+    result = run_cli("sweep", "top-k", *TINY, cache, "seed=0", env={"MOE_LAB_RESULTS": str(root)})
+    assert_one_line_error(result, f"{summary} is not valid JSON", f"move {run_dir} aside")
+    # Hydra rewrites its multirun.yaml; the runs and runs.csv stay as they were
+    assert {k: v for k, v in tree(root).items() if not k.endswith("multirun.yaml")} == {
+        k: v for k, v in before.items() if not k.endswith("multirun.yaml")
+    }
+
+
 # 4. a sweep with a failed point exits non-zero, after writing runs.csv
 
 
@@ -422,6 +441,74 @@ def test_a_read_only_results_directory_is_one_line(tmp_path: Path, cache: str) -
         assert_one_line_error(result, f"cannot write under {results}", "is not writable")
     os.chmod(results, 0o755)
     assert list(results.iterdir()) == []
+
+
+def limit_file_size(limit: int):
+    """A preexec_fn: the process may write files of up to `limit` bytes; a write past it fails with EFBIG, as on a
+    full disk (SIGXFSZ, which would kill it instead, is ignored)."""
+
+    def limit_writes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_writes
+
+
+@pytest.mark.parametrize(
+    ("limit", "file"), [(64 * 1024, "checkpoint.pt"), (2000, "run.json")], ids=["while-training", "at-the-start"]
+)
+def test_a_full_disk_is_one_line_naming_the_file_and_exit_1(
+    bad_files: dict[str, Path], tmp_path: Path, cache: str, limit: int, file: str
+) -> None:
+    # bad_files' pretraining has built the data cache, which a process this limited could not write
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, *TINY[1:], "resume=true"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200"}
+    result = subprocess.run(
+        [MOE_LAB, *args], capture_output=True, text=True, env=env, timeout=300, preexec_fn=limit_file_size(limit)
+    )
+    assert_one_line_error(result, f"cannot write {run_dir / file}: File too large (EFBIG)", code=1)
+    assert not list(run_dir.glob(".*.tmp.*"))
+    if file == "checkpoint.pt":  # the run had started: it is recorded as failed, naming the file
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "failed" and f"cannot write {run_dir / file}" in summary["reason"]
+    else:  # nothing of the run was written yet
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    resumed = run_cli(*args)  # with room, the same command completes it
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_summary_the_disk_will_not_take_still_records_the_run_as_failed(
+    tmp_path: Path, cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from moe_lab.config import compose
+    from moe_lab.io import atomic_write
+    from moe_lab.track import loggers
+    from moe_lab.train.lifecycle import RunFailedError
+    from moe_lab.train.pretrain import run_pretrain
+
+    write = loggers.write_json_atomic
+
+    def nearly_full(path: Path, data: dict) -> None:  # room for a few hundred bytes, not for the whole summary
+        if len(json.dumps(data, default=str)) > 1000:
+            with atomic_write(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, data)
+
+    monkeypatch.setattr(loggers, "write_json_atomic", nearly_full)
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", cache, "train.max_steps=2", "logger=csv", "logger.progress=false"]
+    with pytest.raises(RunFailedError, match=f"cannot write {run_dir / 'summary.json'}: No space left"):
+        run_pretrain(compose("tiny", overrides), overrides, Console(quiet=True))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["step"] == 2 and "ENOSPC" in summary["reason"]
+
+    monkeypatch.setattr(loggers, "write_json_atomic", write)  # room again: resume=true records it
+    resumed = run_pretrain(compose("tiny", [*overrides, "resume=true"]), overrides, Console(quiet=True))
+    assert resumed["status"] == "completed" and resumed["step"] == 2
 
 
 # 6 and 7. a resumed run continues its W&B run; the next start removes what a kill left

@@ -7,11 +7,12 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
+from moe_lab.io import CorruptFileError
 from moe_lab.report.mainjob import sparse_vs_dense
 from moe_lab.report.plots import claims_figure, draw
 from moe_lab.report.reference import REFERENCES
 from moe_lab.report.render import Document, print_summary, render_csv, render_html, render_markdown
-from moe_lab.report.results import ResultsError, load_study
+from moe_lab.report.results import ResultsError, StudyResults, load_study
 from moe_lab.report.studies import BUILDERS, StudyReport, Verdict, build
 from moe_lab.report.tasks import TasksCheck, check_tasks
 
@@ -36,20 +37,21 @@ def make_report(
     results_root = Path(results_root)
     if not results_root.is_dir():
         raise FileNotFoundError(f"results directory {results_root} does not exist")
+    names = studies or list(BUILDERS)
+    main = sparse_vs_dense(results_root) if studies is None else None
+    if main is None and not any((results_root / name / "runs.csv").is_file() for name in names):
+        raise FileNotFoundError(
+            f"results directory {results_root} holds no study results (no <study>/runs.csv for "
+            f"{', '.join(names) if studies else 'any study'}): run `moe-lab sweep STUDY` first, or point --results "
+            "(or $MOE_LAB_RESULTS) at the directory the sweeps wrote"
+        )
     out = Path(out or results_root)
     reports, figures = [], {}
-    for name in studies or list(BUILDERS):
-        try:
-            study = load_study(results_root, name)
-        except ResultsError as err:  # the other studies are still reported; the CLI exits 2 after writing
-            study, report = None, StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", str(err)))
-            report.problem = str(err)
-        else:
-            report = build(name, study)
+    for name in names:
+        study, report = _study_report(results_root, name)
         reports.append(report)
-        figures[name] = draw(study, report, out / "plots") if {"md", "html"} & set(formats) else []
+        figures[name] = _figures(study, report, out / "plots") if {"md", "html"} & set(formats) else []
     written: list[Path] = []
-    main = sparse_vs_dense(results_root) if studies is None else None
     tasks = _tasks_check(results_root) if studies is None else None
     claims = claims_figure(reports, out / "plots") if {"md", "html"} & set(formats) else None
     document = Document(reports, figures, out, str(results_root), main, claims, tasks)
@@ -63,11 +65,32 @@ def make_report(
     return reports, written
 
 
+def _study_report(results_root: Path, name: str) -> tuple[StudyResults | None, StudyReport]:
+    """A study's results and report. Results that cannot be read (a broken runs.csv, a run's record cut short)
+    make its report "no data" with the problem named: the other studies are still reported, and the CLI exits 2
+    after writing."""
+    try:
+        study = load_study(results_root, name)
+        return study, build(name, study)
+    except (ResultsError, CorruptFileError) as err:
+        verdict = Verdict("no data", "-", str(err))
+        return None, StudyReport(name, REFERENCES[name], pd.DataFrame(), verdict, problem=str(err))
+
+
+def _figures(study: StudyResults | None, report: StudyReport, out: Path) -> list[Path]:
+    """The study's figures; a run's record that cannot be read leaves them out and names it as the problem."""
+    try:
+        return draw(study, report, out)
+    except CorruptFileError as err:
+        report.problem = str(err)
+        return []
+
+
 def _tasks_check(results_root: Path) -> TasksCheck | None:
     """The "Fine-tuning tasks" section from the overfit study and the finetune-tasks sweep, where recorded."""
     try:
         return check_tasks(load_study(results_root, "overfit"), load_study(results_root, "finetune-tasks"))
-    except ResultsError:  # the overfit study reports its own problem
+    except (ResultsError, CorruptFileError):  # the overfit study reports its own problem
         return None
 
 

@@ -7,13 +7,13 @@ fact query where the runs recorded them), Student's t at n - 1 degrees of freedo
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from moe_lab.io import read_json
 from moe_lab.report import stats
 from moe_lab.report.results import final_examples
 
@@ -41,7 +41,7 @@ def _summaries(root: Path, name: str) -> dict[int, dict]:
     out = {}
     for path in sorted((root / name).glob("seed*/summary.json")):
         match = _SEED_DIR.match(path.parent.name)
-        summary = json.loads(path.read_text())
+        summary = read_json(path)
         if match and summary.get("status") == "completed":
             out[int(match.group(1))] = summary
     return out

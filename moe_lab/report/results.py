@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from moe_lab.io import CorruptFileError, check_whole_lines, read_csv, read_json
 from moe_lab.paths import records_path
 
 # runs.csv columns that are results, not swept values
@@ -37,18 +37,19 @@ class StudyResults:
         return self.root / "runs" / run
 
     def metrics(self, run: str) -> pd.DataFrame | None:
-        """A run's metrics.csv, or None if it is not there."""
+        """A run's metrics.csv, or None if it is not there; one cut short is a CorruptFileError naming it."""
         path = self.run_dir(run) / "metrics.csv"
-        return pd.read_csv(path) if path.exists() else None
+        return read_csv(path) if path.exists() else None
 
     def fluctuation(self, run: str) -> pd.DataFrame | None:
-        """A run's fluctuation.csv, or None."""
+        """A run's fluctuation.csv, or None; one cut short is a CorruptFileError naming it."""
         path = self.run_dir(run) / "fluctuation.csv"
-        return pd.read_csv(path) if path.exists() else None
+        return read_csv(path) if path.exists() else None
 
     def summary(self, run: str) -> dict | None:
+        """A run's summary.json, or None; one that is not valid JSON is a CorruptFileError naming it."""
         path = self.run_dir(run) / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(path) if path.exists() else None
 
     def examples(self, run: str, metric: str) -> pd.Series | None:
         """`metric`'s per-example values at the run's final evaluation (see `final_examples`), read once."""
@@ -109,14 +110,19 @@ def load_study(results_root: Path, name: str) -> StudyResults | None:
     if not path.read_bytes().endswith(b"\n"):
         raise ResultsError(f"{path} ends in the middle of a line (cut short, or written by a killed process); {fix}")
     study = StudyResults(name, root, runs)
-    problem = _disagreement(study)
+    try:
+        problem = _disagreement(study)
+    except CorruptFileError as err:  # a run's own record: that run is to be run again, not the runs.csv rewritten
+        run_dir = err.path.parent
+        raise ResultsError(f"{err}; move {run_dir} aside and `moe-lab sweep {name}` runs that point again") from None
     if problem:
         raise ResultsError(f"{path} {problem}; {fix}")
     return study
 
 
 def _disagreement(study: StudyResults) -> str | None:
-    """How runs.csv differs from the run directories' summary.json files, or None if it agrees with them."""
+    """How runs.csv differs from the run directories' summary.json files, or None if it agrees with them; a run's
+    record that cannot be read (cut short, garbled) raises CorruptFileError naming it."""
     listed = [str(r) for r in study.runs["run"]]
     on_disk = {p.parent.name for p in (study.root / "runs").glob("*/summary.json")}
     repeated = sorted({r for r in listed if listed.count(r) > 1})
@@ -128,6 +134,9 @@ def _disagreement(study: StudyResults) -> str | None:
         unlisted = sorted(on_disk - set(listed))
         return f"has {len(listed)} rows but {study.root / 'runs'} has {len(on_disk)} runs (not listed: {unlisted})"
     for record in study.runs.to_dict("records"):
+        for table in ("metrics.csv", "fluctuation.csv"):  # written whole by a run: a cut line was cut since
+            if (study.run_dir(str(record["run"])) / table).exists():
+                check_whole_lines(study.run_dir(str(record["run"])) / table)
         summary = study.summary(str(record["run"])) or {}
         for key, value in record.items():
             if key in summary and not isinstance(summary[key], (dict, list)) and not _same(value, summary[key]):

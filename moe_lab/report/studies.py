@@ -44,5 +44,8 @@ def build(name: str, study: StudyResults | None) -> StudyReport:
     except StudySpecError as err:  # the study file lacks a margin: the claim cannot be judged
         return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", str(err)))
     except KeyError as err:  # runs.csv without a column the study's table needs (an older or edited sweep)
-        why = f"results/{name}/runs.csv has no column {err}; columns: {list(study.runs.columns)}"
-        return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", why))
+        why = (
+            f"{study.root / 'runs.csv'} has no column {err}, which the study's table needs (columns: "
+            f"{list(study.runs.columns)}); `moe-lab sweep {name}` with the study's arguments rewrites it"
+        )
+        return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", why), problem=why)

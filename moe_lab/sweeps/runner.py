@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from moe_lab.io import atomic_write
+from moe_lab.io import CorruptFileError, atomic_write, read_csv, read_json
 from moe_lab.paths import EXPERIMENTS, results_root
 
 CHECKPOINT = "checkpoint.pt"  # moe_lab.train.loop.CHECKPOINT, named here so a sweep's plan does not import torch
@@ -139,7 +138,7 @@ def ensure_pretrained(root: Path, preset: str, seed: int | None, extra: list[str
     committed, so a fresh clone holds only the records) has its checkpoint rebuilt."""
     run_dir = pretrained_dir(root, preset, seed)
     summary = run_dir / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+    if summary.exists() and read_json(summary).get("status") == "completed":
         has_checkpoint = (run_dir / CHECKPOINT).exists()
         return run_dir if has_checkpoint else rebuild_checkpoint(run_dir, preset, seed, extra, console)
     _pretrain(run_dir, preset, seed, extra)
@@ -165,7 +164,7 @@ def rebuild_checkpoint(run_dir: Path, preset: str, seed: int | None, extra: list
     rebuild = run_dir.with_name(f"{run_dir.name}.rebuild")
     console.print(f"{run_dir} holds a completed pretraining without its {CHECKPOINT}: pretraining again in {rebuild}")
     _pretrain(rebuild, preset, seed, extra)
-    recorded, rebuilt = (json.loads((d / "summary.json").read_text()).get("final_val_loss") for d in (run_dir, rebuild))
+    recorded, rebuilt = (read_json(d / "summary.json").get("final_val_loss") for d in (run_dir, rebuild))
     # float summation order varies between processes, so a rebuild is not bit for bit its record: measured on the
     # main job's seed 0, dense-small ended 6e-8 nats from its record, and small, whose routing turns rounding into
     # other expert choices, 2.8e-4 away (0.48823 vs 0.48851): that is a new record
@@ -393,7 +392,10 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
     varied = {k for v in values for k in v if len({str(w.get(k)) for w in values}) > 1}
     for summary_path, point in zip(paths, values, strict=True):
         run_dir = summary_path.parent
-        summary = json.loads(summary_path.read_text())
+        try:
+            summary, moe_metrics = read_json(summary_path), _last_moe_metrics(run_dir)
+        except CorruptFileError as err:
+            raise err.hint(f"move {run_dir} aside and the same command runs that point again") from None
         row: dict = {"run": run_dir.name}
         for key, value in point.items():
             if key in study.params or key in varied or key.split(".")[0] in ("task",):
@@ -405,7 +407,7 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
                 "trainable_parameters",
             ):  # fmt: skip
                 row[key] = value
-        row.update(_last_moe_metrics(run_dir))
+        row.update(moe_metrics)
         rows.append(row)
     frame = pd.DataFrame(rows)
     with atomic_write(results_dir(study, root) / "runs.csv", suffix=".csv") as tmp:
@@ -429,7 +431,7 @@ def _last_moe_metrics(run_dir: Path) -> dict[str, float]:
     path = run_dir / "metrics.csv"
     if not path.exists():
         return {}
-    frame = pd.read_csv(path)
+    frame = read_csv(path)
     out = {}
     for prefix in ("moe", "eval_moe"):
         for metric in ("dropped_frac", "load_imbalance", "router_entropy", "max_logit", "z_loss", "distill_loss"):

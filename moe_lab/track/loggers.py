@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moe_lab.io import atomic_write
+from moe_lab.io import atomic_write, read_json
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -27,9 +27,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_summary(run_dir: Path) -> dict | None:
-    """A run's summary.json, or None if it has none."""
+    """A run's summary.json, or None if it has none; one that cannot be read is a CorruptFileError naming it."""
     path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 class CSVSink:

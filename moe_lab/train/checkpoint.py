@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a checkpoint."""
+    """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a checkpoint; a full
+    disk is a StorageError naming `path`."""
+    # serialised in memory and written by Python: torch's own file writer turns a full disk into a RuntimeError
+    # that names neither the file nor the cause
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from moe_lab.config import FINETUNE_MOE_KEYS, RunConfig, to_run_config
+from moe_lab.config import FINETUNE_MOE_KEYS, FinetuneConfig, ModelConfig, RunConfig, to_run_config
 from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel, count_parameters
-from moe_lab.models.transformer import ModelLosses
+from moe_lab.models.transformer import ModelLosses, is_moe_position
 from moe_lab.paths import EXPERIMENTS
 from moe_lab.runs import identity_config, record_hash
 from moe_lab.train.checkpoint import load_checkpoint
@@ -105,16 +107,81 @@ class ClassificationTask:
 
 
 def pretrained_run(checkpoint: str) -> tuple[Path, RunConfig]:
-    """The pretraining run directory and its config; a missing file names the path."""
+    """The pretraining run directory and its config; a missing or unreadable file, or a fine-tuning run, names
+    the path and what is expected."""
     path = Path(checkpoint)
     run_dir = path.parent if path.is_file() else path
     config = run_dir / ".hydra" / "config.yaml"
+    expected = (
+        f"a pretraining run directory with {CHECKPOINT} and .hydra/config.yaml (e.g. results/runs/small/<timestamp>)"
+    )
     if not (run_dir / CHECKPOINT).is_file() or not config.is_file():
-        raise FileNotFoundError(
-            f"checkpoint={checkpoint!r}: expected a pretraining run directory with {CHECKPOINT} and "
-            f".hydra/config.yaml (e.g. results/runs/small/<timestamp>)"
+        raise FileNotFoundError(f"checkpoint={checkpoint!r}: expected {expected}")
+    try:
+        pre = to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
+    except yaml.YAMLError as err:
+        raise ValueError(f"checkpoint={checkpoint!r}: {config} is not valid YAML ({_yaml_problem(err)}); expected "
+                         f"{expected}") from None  # fmt: skip
+    except (OmegaConfBaseException, ValueError) as err:
+        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint={checkpoint!r}: {config} is not the config `moe-lab pretrain` writes ({problem}); "
+            f"expected {expected}"
+        ) from None
+    if pre.checkpoint:  # its weights are a classifier's, fine-tuned from another run
+        raise ValueError(
+            f"checkpoint={checkpoint!r}: {run_dir} is a fine-tuning run (of {pre.checkpoint}); expected {expected}: "
+            f"fine-tune from checkpoint={pre.checkpoint}"
         )
-    return run_dir, to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
+    return run_dir, pre
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong, and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    return f"{problem} at line {mark.line + 1} column {mark.column + 1}" if mark else problem
+
+
+def load_pretrained(model: ClassifierModel, pre_dir: Path) -> None:
+    """The pretrained transformer's weights into `model`; a checkpoint that does not fit the model its config
+    describes is a ValueError naming both files."""
+    state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
+    weights = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    try:
+        model.transformer.load_state_dict(weights)
+    except RuntimeError as err:  # missing, unexpected or misshapen weights, one per line after torch's heading
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(
+            f"{pre_dir / CHECKPOINT} does not hold the model that {pre_dir / '.hydra' / 'config.yaml'} describes "
+            f"({(lines[1:] or lines or [type(err).__name__])[0]}); expected the two files of one `moe-lab pretrain` run"
+        ) from None
+
+
+def has_moe_layers(model: ModelConfig) -> bool:
+    """Whether a model of this config has an MoE layer (not the dense twin, and some block at an MoE position)."""
+    return model.sparse and any(is_moe_position(i, model.moe_every) for i in range(model.num_layers))
+
+
+def check_dense_settings(model: ModelConfig, moe_keys: set[str], finetune: FinetuneConfig, where: Path) -> None:
+    """Raise ValueError naming a setting that would change nothing on a pretrained model without MoE layers: a
+    changed moe.* key, finetune.freeze=moe (only the new head would train) or finetune.freeze_router=true."""
+    if has_moe_layers(model):
+        return
+    dense = (
+        f"the pretrained model {where} has no MoE layer (model.sparse={str(model.sparse).lower()}, "
+        f"model.moe_every={model.moe_every})"
+    )
+    if moe_keys:
+        keys = ", ".join(f"moe.{k}" for k in sorted(moe_keys))
+        raise ValueError(f"{keys}: {dense}, so it would change nothing; leave it out, or fine-tune a sparse model")
+    if finetune.freeze == "moe":
+        raise ValueError(
+            f"finetune.freeze=moe: {dense}, so only the new classification head would train; use finetune.freeze="
+            "all, non_moe, attention or ffn"
+        )
+    if finetune.freeze_router:
+        raise ValueError(f"finetune.freeze_router=true: {dense}, so there is no router to freeze; leave it out")
 
 
 def _overridden(overrides: list[str], prefix: str) -> set[str]:
@@ -167,6 +234,7 @@ def run_finetune(
         raise ValueError("fine-tuning needs checkpoint=RUN_DIR (a `moe-lab pretrain` run directory)")
     moe_keys, model_keys = finetune_changes(overrides)
     pre_dir, pre = pretrained_run(run.checkpoint)
+    check_dense_settings(pre.model, moe_keys, run.finetune, pre_dir)
     run = replace(run, name=f"finetune-{run.task.name}")
     identity = identity_config(run, record_hash(pre_dir))
     start = begin_run(run, identity, console, rerun)
@@ -192,11 +260,7 @@ def run_finetune(
     )
     model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes, run.task.pooling)
     if run.finetune.init == "pretrained":  # else the checkpoint's architecture from the seed's initialisation
-        state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
-        missing = model.transformer.load_state_dict(
-            {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
-        )
-        assert not missing.missing_keys and not missing.unexpected_keys, missing
+        load_pretrained(model, pre_dir)
     counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
 
     start = claim(start, identity, cfg, overrides, console, wait)

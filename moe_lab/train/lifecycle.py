@@ -5,6 +5,7 @@ one, seeding and the thread count, the lock, resuming from the checkpoint, loggi
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import traceback
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_lab.config import RunConfig
+from moe_lab.io import CorruptFileError, StorageError, atomic_write
 from moe_lab.parallel import World, from_main, init_from_env, world
 from moe_lab.runs import (
     RECORD,
@@ -77,9 +79,10 @@ def resolve_run_dir(run: RunConfig) -> Path:
 def write_hydra_snapshot(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> None:
     """.hydra/config.yaml (resolved) and .hydra/overrides.yaml, as a Hydra app run would leave them."""
     hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    with atomic_write(hydra_dir / "config.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with atomic_write(hydra_dir / "overrides.yaml") as tmp:
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
 def check_device(name: str) -> None:
@@ -162,11 +165,19 @@ def _begin_on_main(run: RunConfig, identity: dict[str, Any], console: Console, r
     if rerun and run_dir.is_dir() and any(run_dir.iterdir()):
         console.print(f"moved {run_dir} aside to {move_aside(run_dir)}")
     same_run(run_dir, identity, run.resume)
-    previous = read_summary(run_dir)
+    previous = _previous_summary(run_dir)
     if run.resume and previous and previous.get("status") in FINISHED:
         console.print(f"{run_dir} already {previous['status']}; nothing to resume")
         return RunStart(run_dir, run.resume, previous=previous)
     return RunStart(run_dir, run.resume)
+
+
+def _previous_summary(run_dir: Path) -> dict | None:
+    """The summary.json of the run in run_dir, None if it has none; one cut short or garbled names the file."""
+    try:
+        return read_summary(run_dir)
+    except CorruptFileError as err:
+        raise err.hint("move the run away, or add --rerun to move it aside and start again") from None
 
 
 def claim(
@@ -207,7 +218,7 @@ def _claim_on_main(
     lock.acquire(wait, lambda message: console.print(message, soft_wrap=True))
     try:
         record = same_run(run_dir, identity, start.resume)  # another process may have started or ended it
-        previous = read_summary(run_dir)
+        previous = _previous_summary(run_dir)
         if start.resume and previous and previous.get("status") in FINISHED:
             console.print(f"{run_dir} already {previous['status']}; nothing to resume")
             lock.release()
@@ -263,7 +274,8 @@ def train_and_record(
     console: Console,
 ) -> dict:
     """Train with logging to CSV (and W&B), and write summary.json however the run ends; returns the summary.
-    Releases the run directory's lock at the end."""
+    A summary.json the machine will not take (a full disk) leaves a short one recording the run as failed, and
+    raises RunFailedError. Releases the run directory's lock at the end."""
     run_dir = start.run_dir
     try:
         resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
@@ -319,12 +331,31 @@ def train_and_record(
             raise  # Ctrl-C or SystemExit: recorded as failed, resumable
         finally:
             summary["wall_seconds"] = time.time() - started
-            logger.summary(summary)
-            logger.finish(failed=failed)
+            unwritten = _record(logger, summary)
+            logger.finish(failed=failed or unwritten is not None)
+        if unwritten is not None:
+            raise RunFailedError(
+                f"{run_dir} trained to step {summary.get('step')} but its record could not be written ({unwritten}); "
+                "it is recorded as failed: free space, and resume=true records it from the last checkpoint"
+            ) from unwritten
         report_run(console, summary)
         return summary
     finally:
         start.release()
+
+
+def _record(logger: RunLogger | SilentLogger, summary: dict[str, Any]) -> StorageError | None:
+    """Write summary.json; where the machine refuses it (a full disk), write the few lines that record the run as
+    failed instead (they may fit where the whole summary did not), and return why."""
+    try:
+        logger.summary(summary)
+        return None
+    except StorageError as err:
+        short = {key: summary.get(key) for key in ("name", "run_dir", "identity", "step", "wall_seconds")}
+        short.update(status="failed", reason=f"StorageError: {err}")
+        with contextlib.suppress(OSError):
+            logger.summary(short)
+        return err
 
 
 class RunFailedError(RuntimeError):
