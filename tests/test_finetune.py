@@ -204,6 +204,7 @@ def test_a_study_yaml_moe_setting_applies_to_its_fine_tuning_runs(pretrained_eva
     study = load_study("token-drop")  # sets moe.eval_capacity_factor: 2.0 in its YAML, not on the command line
     point = [
         f"checkpoint={pretrained_eval_cf_1}", f"run_dir={tmp_path / 'ft'}", "moe.train_capacity_factor=0.5",
+        "task=synth-small",  # the study's polarity-large asks what a corpus with valence cues teaches
         "train.max_steps=2", "train.eval_every=2", "task.synthetic_val=50", "task.synthetic_train=50",
         "logger=csv", "logger.progress=false",
     ]  # fmt: skip
@@ -245,15 +246,19 @@ def test_text_labels_are_named_by_the_data_when_no_names_are_given(pretrained: P
     assert summary["val_examples"] == 18
 
 
-def test_a_fine_tuning_study_sweeps_seeds_over_one_pretraining_and_passes_it_scale(tmp_path: Path) -> None:
+def test_a_fine_tuning_study_plans_one_pretraining_or_one_per_seed_and_passes_it_scale(tmp_path: Path) -> None:
     from moe_lab.sweeps.runner import load_study, plan_study, shared_overrides
 
     overrides = ["seed=0,1,2", "scale=0.5", "train.threads=1", "data.num_docs=300"]
-    assert shared_overrides(overrides) == ["scale=0.5", "train.threads=1", "data.num_docs=300"]
-    pretrainings, points = plan_study(load_study("freeze"), overrides, tmp_path)
-    assert [p.point for p in pretrainings] == [["mini", "scale=0.5", "train.threads=1", "data.num_docs=300"]]
+    shared = ["scale=0.5", "train.threads=1", "data.num_docs=300"]
+    assert shared_overrides([*overrides, "study.pretraining=shared"]) == shared
+    pretrainings, points = plan_study(load_study("freeze"), [*overrides, "study.pretraining=shared"], tmp_path)
+    assert [p.point for p in pretrainings] == [["small", *shared]]
     seeds = sorted(item for p in points for item in p.point if item.startswith("seed="))
     assert seeds == sorted(["seed=0", "seed=1", "seed=2"] * 5)  # 5 freeze settings x 3 seeds
+    # the study's own choice, one pretraining per seed, each with the shared overrides
+    pretrainings, _ = plan_study(load_study("freeze"), overrides, tmp_path)
+    assert [p.point for p in pretrainings] == [["small", f"seed={s}", *shared] for s in (0, 1, 2)]
 
 
 def test_a_facts_task_asks_about_the_pretrained_corpus_people_and_refuses_a_corpus_without_them(
