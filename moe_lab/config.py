@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.moe.config import ACTIVATIONS, MoEConfig, bounded, check_fields
+from moe_lab.paths import check_name
 
 # conf/ ships as the package moe_lab.conf (pyproject's package-dir): the repository's conf/ in an editable
 # install, site-packages/moe_lab/conf in a wheel's. Hydra reads it as pkg://moe_lab.conf; the listings glob it.
@@ -209,6 +210,7 @@ class TaskConfig:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         check_fields(self, "task")
+        check_name(self.name, "task.name")  # a fine-tuning run's folder is named after its task
 
 
 @dataclass
@@ -285,7 +287,7 @@ class RunConfig:
 
     name: str = "small"
     seed: int = bounded(0, ge=0)
-    runs_root: str = "results/runs"
+    runs_root: str | None = None  # null: $MOE_LAB_RESULTS/runs, else results/runs (moe_lab.paths.runs_root)
     run_dir: str | None = None  # null: runs_root/NAME/TIMESTAMP (resume: the latest one)
     resume: bool = False
     # multiplies the training length (max_steps, eval_every, ckpt_every): `scale=4` runs a study 4x longer
@@ -306,6 +308,7 @@ class RunConfig:
     def validate(self) -> None:
         """Validate every group."""
         check_fields(self, "")
+        check_name(self.name)
         self.moe.validate("moe")
         groups = (
             self.model, self.data, self.tokenizer, self.optim, self.train, self.logger, self.task, self.parallel,

@@ -484,3 +484,63 @@ def test_a_field_added_to_the_identity_at_its_old_value_keeps_the_hash() -> None
         other = {**now, key: "something else"}
         assert identity_hash(other) != identity_hash(before), key
     assert identity_hash({**now, "data.num_docs": 7}) != identity_hash(now)
+
+
+# 8. runs stay in the results directory they are given
+
+
+def test_pretrain_and_finetune_write_under_moe_lab_results(tmp_path: Path, cache: str) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    env = {"MOE_LAB_RESULTS": str(results)}
+    pre = run_cli("pretrain", "tiny", cache, "train.max_steps=2", "logger.progress=false", env=env, cwd=work)
+    assert pre.returncode == 0, pre.stdout + pre.stderr
+    (run,) = (results / "runs" / "tiny").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    ft = run_cli(
+        "finetune", "synth-small", f"checkpoint={run}", "train.max_steps=2", "train.eval_every=2",
+        "task.synthetic_val=50", cache, "logger.progress=false", env=env, cwd=work,
+    )  # fmt: skip
+    assert ft.returncode == 0, ft.stdout + ft.stderr
+    (ft_run,) = (results / "runs" / "finetune-synth-small").iterdir()
+    assert (ft_run / "summary.json").is_file()
+    assert list(work.iterdir()) == []  # nothing in the working directory
+
+    # without the variable (or with it empty), results/ in the working directory
+    plain = run_cli("pretrain", "tiny", cache, "train.max_steps=2", env={"MOE_LAB_RESULTS": ""}, cwd=work)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert [p.name for p in (work / "results" / "runs").iterdir()] == ["tiny"]
+
+
+OUTSIDE = "{tmp}/outside"
+ESCAPES = {
+    "name-dotdot": (["pretrain", "tiny", "name=abc/../../../x"], ["name='abc/../../../x' contains '/'"]),
+    "name-parent": (["pretrain", "tiny", "name=.."], ["name='..' is not a folder's name"]),
+    "name-absolute": (["pretrain", "tiny", f"name={OUTSIDE}"], ["name=", "contains '/'"]),
+    "name-backslash": (["pretrain", "tiny", "name=a\\b"], ["name='a\\\\b' contains '\\\\'"]),
+    "name-long": (["pretrain", "tiny", "name=" + "x" * 101], ["name='xxx", "is 101 characters"]),
+    "task-name": (["finetune", "synth-small", "task.name=../../x"], ["task.name='../../x' contains '/'"]),
+    "sweep-dir": (["sweep", "top-k", *TINY, f"hydra.sweep.dir={OUTSIDE}"], ["hydra.sweep.dir=", "MOE_LAB_RESULTS=DIR"]),
+    "sweep-subdir": (["sweep", "top-k", *TINY, "hydra.sweep.subdir=../../x"], ["hydra.sweep.subdir=../../x"]),
+    "run-dir": (["sweep", "top-k", *TINY, f"hydra.run.dir={OUTSIDE}", "--dry-run"], ["hydra.run.dir="]),
+    "chdir": (["sweep", "top-k", *TINY, "hydra.job.chdir=true"], ["hydra.job.chdir=true", "MOE_LAB_RESULTS"]),
+    "swept-path": (
+        ["sweep", "top-k", *TINY, "data=local", "data.path=a/../../../../x,b"],
+        ["grid point 0", "a swept value holds '/'", "{tmp}/results/top-k/runs"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_a_run_cannot_escape_the_results_directory(case: str, tmp_path: Path, cache: str) -> None:
+    """A run's name is one folder, and a study's folder is fixed: anything else is one line, exit 2, no file."""
+    args, needles = ESCAPES[case]
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    before = tree(tmp_path)
+    # one short grid point, or two steps: what would run if the input were accepted
+    extra = ["moe.top_k=1", "seed=0"] if args[0] == "sweep" else ["train.max_steps=2", "logger.progress=false"]
+    args = [a.format(tmp=tmp_path) for a in [*args, *extra]]
+    result = run_cli(*args, cache, env={"MOE_LAB_RESULTS": str(results)}, cwd=work)
+    assert_one_line_error(result, *(n.format(tmp=tmp_path) for n in needles))
+    assert tree(tmp_path) == before
