@@ -93,9 +93,14 @@ def _torchrun(kind: str, name: str, overrides: list[str], rerun: bool, wait: boo
     import subprocess
     import sys
 
+    from moe_lab.orphans import LAUNCHER_ENV, child_dies_with_us
+
     flags = [*(["--rerun"] if rerun else []), *(["--wait"] if wait else [])]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    code = subprocess.run([*launch, "-m", "moe_lab", kind, name, *flags, *overrides]).returncode
+    # torchrun ends with this process, and its workers with it (moe_lab.orphans), however this process ends
+    env = {**os.environ, LAUNCHER_ENV: str(os.getpid())}
+    command = [*launch, "-m", "moe_lab", kind, name, *flags, *overrides]
+    code = subprocess.run(command, env=env, preexec_fn=child_dies_with_us()).returncode
     if code:
         raise typer.Exit(code=code)
 
@@ -107,6 +112,10 @@ def _compose_and_run(
     2: bad input (one line naming the key, file or directory); 130: interrupted."""
     from omegaconf import OmegaConf
 
+    from moe_lab.orphans import die_with_torchrun, under_torchrun
+
+    if under_torchrun():  # a worker: torchrun started it in a session of its own, so end it with torchrun
+        die_with_torchrun()
     cfg = _compose(kind, name, overrides)  # a bad config fails here, before any process starts
     if show_config:
         console.print(OmegaConf.to_yaml(cfg, resolve=True))
