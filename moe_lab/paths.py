@@ -16,6 +16,12 @@ def results_root() -> Path:
     return Path(os.environ.get("MOE_LAB_RESULTS") or "results")
 
 
+def shared_root() -> Path:
+    """Where the real corpora and tasks (data/...) are looked up: $MOE_LAB_SHARED, else ../shared from the working
+    directory (what conf/data/*.yaml and conf/task/*.yaml say with ${oc.env:MOE_LAB_SHARED,../shared})."""
+    return Path(os.environ.get("MOE_LAB_SHARED", "../shared"))
+
+
 def runs_root(configured: str | None = None) -> Path:
     """Where single runs go: `runs_root=` if set, else $MOE_LAB_RESULTS/runs (results/runs without it)."""
     return Path(configured) if configured else results_root() / "runs"

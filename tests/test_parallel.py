@@ -151,10 +151,11 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's (prctl(2))")
-@pytest.mark.parametrize("kill", ["process-group", "launcher"])
+@pytest.mark.parametrize("kill", ["process-group", "launcher", "sigterm"])
 def test_torchrun_workers_end_with_their_killed_launcher(tmp_path: Path, kill: str) -> None:
     """kill -9 of `moe-lab pretrain --nproc 2` (its process group, or the launcher alone) ends torchrun and both
-    workers, though torchrun starts each worker in a session of its own."""
+    workers, though torchrun starts each worker in a session of its own; SIGTERM (a scheduler's) does too, and
+    the run is recorded as failed, said once."""
     run_dir = tmp_path / "run"
     args = [MOE_LAB, "pretrain", *COMMON, f"run_dir={run_dir}", "train.max_steps=100000", "train.ckpt_every=2"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -175,12 +176,17 @@ def test_torchrun_workers_end_with_their_killed_launcher(tmp_path: Path, kill: s
         if kill == "process-group":
             os.killpg(launcher.pid, signal.SIGKILL)
         else:
-            os.kill(launcher.pid, signal.SIGKILL)
+            os.kill(launcher.pid, signal.SIGTERM if kill == "sigterm" else signal.SIGKILL)
         launcher.wait()
         deadline = time.time() + 60  # a bound for a hang, not a speed: they end within a second or so
         while (alive := [pid for pid in processes if _running(pid)]) and time.time() < deadline:
             time.sleep(0.1)
         assert alive == [], f"still running after the launcher was killed: {alive} of {processes}"
+        if kill == "sigterm":
+            errors = [ln for ln in (tmp_path / "stderr.txt").read_text().splitlines() if ln.startswith("error:")]
+            assert launcher.returncode == 143 and len(errors) == 1 and "terminated (SIGTERM)" in errors[0], errors
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert summary["status"] == "failed" and summary["reason"] == "Terminated: SIGTERM"
     finally:  # what the test started and left running (old code left both workers training)
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)

@@ -307,6 +307,7 @@ BAD_INPUTS = {
     "local-binary": (["data=local", "data.path={binary}"], ["{binary}", "looks binary"]),
     "local-not-utf8": (["data=local", "data.path={latin1}"], ["{latin1}", "not UTF-8", "offset 3"]),
     "eval-batches-0": (["train.eval_batches=0"], ["train.eval_batches must be >= 1, got 0"]),
+    "max-tokens-50": (["data.max_tokens=50"], ["data.max_tokens=50 leaves only 5 validation tokens", "too few"]),
 }
 # config errors stop before any data or model is built: the same CLI, run in this process (quicker)
 BAD_CONFIGS = {
@@ -319,6 +320,8 @@ BAD_CONFIGS = {
     "added-key": (["+model.foo=1"], ["unknown key 'model.foo'"]),
     "not-an-int": (["model.d_model=abc"], ["model.d_model=abc", "could not be converted to Integer"]),
     "no-such-option": (["optim=sgd"], ["optim/sgd", "available options in 'optim': adafactor, adamw"]),
+    "unquoted-unicode": (["name=é"], ["cannot parse the override 'name=é' at 'é'", "put it in quotes, name='é'"]),
+    "unquoted-path": (["data.path=/d/é.txt"], ["cannot parse the override 'data.path=/d/é.txt'", "quotes"]),
 }
 
 
@@ -347,6 +350,23 @@ def test_a_bad_pretraining_input_is_one_line_and_leaves_nothing(
     )
     assert_one_line_error(result, *(n.format(**names) for n in needles))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("lookup", ["default", "variable"])
+def test_a_missing_shared_data_set_names_its_absolute_path_and_where_it_is_looked_up(
+    lookup: str, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    # ../shared from the working directory (tmp_path/shared, not there), or $MOE_LAB_SHARED
+    shared = tmp_path / ("shared" if lookup == "default" else "elsewhere")
+    env = {"MOE_LAB_SHARED": None if lookup == "default" else str(shared)}
+    result = run_cli("pretrain", "tiny", "data=tinyshakespeare", f"runs_root={tmp_path / 'runs'}", env=env, cwd=work)
+    missing = shared / "data" / "tinyshakespeare" / "input.txt"
+    source = "../shared" if lookup == "default" else "$MOE_LAB_SHARED"
+    assert_one_line_error(result, f"data.path: no such file '{missing}'", "looked up in $MOE_LAB_SHARED",
+                          f"here {source}: {shared}", "MOE_LAB_SHARED=DIR")  # fmt: skip
+    assert list(tmp_path.iterdir()) == [work] and list(work.iterdir()) == []
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
@@ -387,6 +407,13 @@ def test_sweeping_a_key_that_does_not_exist_is_one_line(tmp_path: Path, dry_run:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     result = run_cli("sweep", "top-k", "model.foo=1,2", *(["--dry-run"] if dry_run else []), env=env)
     assert_one_line_error(result, "grid point 0", "unknown key 'model.foo'", "valid keys of model")
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_unquoted_non_ascii_override_of_a_sweep_is_one_line(tmp_path: Path) -> None:
+    env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
+    result = run_cli("sweep", "top-k", *TINY, "data.path=é.txt", env=env)
+    assert_one_line_error(result, "cannot parse the override 'data.path=é.txt'", "put it in quotes")
     assert not (tmp_path / "results").exists()
 
 
@@ -466,6 +493,24 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path: Path, cach
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert_one_line_error(result, "interrupted", "resume=true", code=130)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    resumed = run_cli(*args, "resume=true", timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+def test_sigterm_is_recorded_like_ctrl_c_and_exits_143(tmp_path: Path, cache: str) -> None:
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=150", "train.ckpt_every=2"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200"}
+    proc = subprocess.Popen([MOE_LAB, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends
+    out, err = proc.communicate(timeout=60)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_one_line_error(result, "terminated (SIGTERM)", "resume=true", code=143)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == "Terminated: SIGTERM", summary["reason"]
     resumed = run_cli(*args, "resume=true", timeout=600)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
 

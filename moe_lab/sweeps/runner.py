@@ -89,14 +89,15 @@ def check_hydra_overrides(study: Study, overrides: list[str]) -> None:
 def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
     """Every grid point's overrides, expanded by Hydra's own BasicSweeper rules (user overrides may sweep too)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moe_lab.config import parse_overrides
 
     check_hydra_overrides(study, overrides or [])
     sweep = [f"{k}={v}" for k, v in study.params.items()]
     # hydra.* overrides (hydra.launcher.partition=...) set up the launcher, not a run: Hydra gets them from
     # hydra_command, the points do not carry them
     runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
-    parsed = OverridesParser.create().parse_overrides([*sweep, *runs])
+    parsed = parse_overrides([*sweep, *runs])
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
