@@ -2,7 +2,8 @@
 their own: killing the launcher's process group (kill -9, a scheduler's cancel) would leave them training.
 
 Linux only (prctl(2) PR_SET_PDEATHSIG, <linux/prctl.h>); elsewhere these are no-ops. The signal is SIGTERM, which a
-run handles like Ctrl-C: it records itself as failed and stays resumable (moe_lab.cli)."""
+run handles like Ctrl-C: it records itself as failed and stays resumable; a worker then exits at once, without
+waiting on its peers (moe_lab.cli)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -25,7 +27,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
 
 
-def child_dies_with_us(sig: int = signal.SIGTERM):
+def child_dies_with_us(sig: int = signal.SIGTERM) -> Callable[[], None]:
     """A `preexec_fn` for subprocess: the child gets `sig` when this process ends, also if it ended before the
     child could ask (between fork and prctl)."""
     parent = os.getpid()
