@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -47,6 +48,38 @@ def fail_on(err: BaseException) -> NoReturn:
 
 
 INTERRUPTED = 130  # the shell's code for Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM: what a scheduler (SLURM, Kubernetes, systemd) sends to stop a job
+RESUME = "the same command with resume=true continues from the last checkpoint"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt: a run records itself as failed and stays resumable."""
+
+
+def _raise_terminated(signum: int, frame: object) -> NoReturn:
+    raise Terminated("SIGTERM")
+
+
+def _terminated() -> NoReturn:
+    """Exit 143 saying so once: a torchrun worker leaves the line to its `--nproc` launcher, or to rank 0."""
+    from moe_lab.orphans import LAUNCHER_ENV, under_torchrun
+
+    if not under_torchrun():
+        fail(f"terminated (SIGTERM); {RESUME}", TERMINATED)
+    if LAUNCHER_ENV not in os.environ and os.environ.get("RANK", "0") == "0":
+        err_console.print(f"[red]error:[/red] terminated (SIGTERM); {RESUME}")
+    # the run is recorded; leaving the process group would wait for a peer that may be blocked in a collective
+    # with this rank (gloo waits 30 minutes), so end here: the peers' collectives then fail at once
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(TERMINATED)
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM raises Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -102,11 +135,15 @@ def pretrain(
 def _torchrun(kind: str, name: str, overrides: list[str], rerun: bool, wait: bool, nproc: int) -> None:
     """`moe-lab KIND NAME ... --nproc N` is `torchrun --standalone --nproc-per-node N -m moe_lab KIND NAME ...`."""
     import subprocess
-    import sys
+
+    from moe_lab.orphans import LAUNCHER_ENV, child_dies_with_us
 
     flags = [*(["--rerun"] if rerun else []), *(["--wait"] if wait else [])]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    code = subprocess.run([*launch, "-m", "moe_lab", kind, name, *flags, *overrides]).returncode
+    # torchrun ends with this process, and its workers with it (moe_lab.orphans), however this process ends
+    env = {**os.environ, LAUNCHER_ENV: str(os.getpid())}
+    command = [*launch, "-m", "moe_lab", kind, name, *flags, *overrides]
+    code = subprocess.run(command, env=env, preexec_fn=child_dies_with_us()).returncode
     if code:
         raise typer.Exit(code=code)
 
@@ -116,9 +153,13 @@ def _compose_and_run(
 ) -> None:
     """Compose, then print the config or run. Exit 0: completed or diverged; 1: the run failed while training, or
     the machine refused a write (a full disk; the line names the file); 2: bad input (one line naming the key, file
-    or directory); 130: interrupted."""
+    or directory); 130: interrupted; 143: terminated (SIGTERM)."""
     from omegaconf import OmegaConf
 
+    from moe_lab.orphans import die_with_torchrun, under_torchrun
+
+    if under_torchrun():  # a worker: torchrun started it in a session of its own, so end it with torchrun
+        die_with_torchrun()
     cfg = _compose(kind, name, overrides)  # a bad config fails here, before any process starts
     if show_config:
         console.print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -131,10 +172,14 @@ def _compose_and_run(
         )
     except ValueError as err:
         fail(str(err))
+    handle_sigterm()
     if nproc > 1:
         if cfg.train.batch_size % nproc:
             fail(f"--nproc {nproc}: train.batch_size={cfg.train.batch_size} must be a multiple of it")
-        _torchrun(kind, name, overrides, rerun, wait, nproc)
+        try:  # torchrun and its workers end with this process (moe_lab.orphans); rank 0 records the run
+            _torchrun(kind, name, overrides, rerun, wait, nproc)
+        except Terminated:
+            _terminated()
         return
     if kind == "pretrain":
         from moe_lab.train.pretrain import run_pretrain as runner
@@ -148,8 +193,10 @@ def _compose_and_run(
         fail(str(err), code=1)
     except _user_errors() as err:
         fail_on(err)
+    except Terminated:
+        _terminated()
     except KeyboardInterrupt:
-        fail("interrupted; the same command with resume=true continues from the last checkpoint", INTERRUPTED)
+        fail(f"interrupted; {RESUME}", INTERRUPTED)
     finally:
         from moe_lab.parallel import leave
 
@@ -217,12 +264,15 @@ def sweep(
     console.print(table)
     if dry_run:
         return
+    handle_sigterm()
     try:
         frame = run_study(name, overrides, launcher, rerun=rerun, console=console)
     except SweepError as err:
         fail(str(err), code=1)
     except _user_errors() as err:
         fail_on(err)
+    except Terminated:
+        fail("terminated (SIGTERM); the same command resumes the sweep (finished points are skipped)", TERMINATED)
     except KeyboardInterrupt:
         fail("interrupted; the same command resumes the sweep (finished points are skipped)", INTERRUPTED)
     statuses = frame["status"].value_counts().to_dict() if len(frame) else {}

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.moe.config import ACTIVATIONS, MoEConfig, bounded, check_fields
+from moe_lab.paths import check_name
 
 # conf/ ships as the package moe_lab.conf (pyproject's package-dir): the repository's conf/ in an editable
 # install, site-packages/moe_lab/conf in a wheel's. Hydra reads it as pkg://moe_lab.conf; the listings glob it.
@@ -209,6 +210,7 @@ class TaskConfig:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         check_fields(self, "task")
+        check_name(self.name, "task.name")  # a fine-tuning run's folder is named after its task
 
 
 @dataclass
@@ -285,7 +287,7 @@ class RunConfig:
 
     name: str = "small"
     seed: int = bounded(0, ge=0)
-    runs_root: str = "results/runs"
+    runs_root: str | None = None  # null: $MOE_LAB_RESULTS/runs, else results/runs (moe_lab.paths.runs_root)
     run_dir: str | None = None  # null: runs_root/NAME/TIMESTAMP (resume: the latest one)
     resume: bool = False
     # multiplies the training length (max_steps, eval_every, ckpt_every): `scale=4` runs a study 4x longer
@@ -306,6 +308,7 @@ class RunConfig:
     def validate(self) -> None:
         """Validate every group."""
         check_fields(self, "")
+        check_name(self.name)
         self.moe.validate("moe")
         groups = (
             self.model, self.data, self.tokenizer, self.optim, self.train, self.logger, self.task, self.parallel,
@@ -431,9 +434,43 @@ def _reject_unknown_keys(cfg: DictConfig, schema: type, path: str) -> None:
             _reject_unknown_keys(cfg[key], factory, full)  # type: ignore[arg-type]
 
 
+def parse_overrides(overrides: list[str]) -> list:
+    """Hydra's parse of command-line overrides; one it cannot parse is a ConfigError saying how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ConfigError(_explain(err)) from None
+
+
+LEXER_ERROR = "LexerNoViableAltException: "
+
+
+def _unparsable(override: str, text: str) -> str:
+    """Hydra's lexer error as what to do. Unquoted, a value is read in Hydra's override grammar, which has no
+    non-ASCII letters and no `;` or `"`; quoted, it is a plain string."""
+    lines = text.splitlines()
+    caret = next((ln for ln in lines[1:] if ln.strip() == "^"), "")
+    at = len(caret) - len(caret.lstrip()) - len(LEXER_ERROR)  # the caret stands under the character
+    char = f" at {override[at]!r}" if 0 <= at < len(override) else ""
+    key, equals, value = override.partition("=")
+    if not equals or 0 <= at < len(key):
+        return f"cannot parse the override {override!r}{char}: a key is a dotted name such as model.d_model"
+    if "'" in value:
+        quoted, shell = f'{key}="{value}"', ""
+    else:
+        quoted, shell = f"{key}='{value}'", f": \"{key}='{value}'\""
+    shell = f" (in a shell, quote it once more{shell})"
+    return f"cannot parse the override {override!r}{char}: put it in quotes, {quoted}{shell}"
+
+
 def _explain(err: Exception) -> str:
     """Hydra's message on one line: the options of a group, or the valid keys where a key was not found."""
     text = str(err).strip()
+    if LEXER_ERROR in text and getattr(err, "override", None):
+        return _unparsable(err.override, text[text.index(LEXER_ERROR) :])
     if err.__cause__ is not None:
         text += f"\n{str(err.__cause__).strip().splitlines()[0]}"
     parts: list[str] = []

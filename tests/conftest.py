@@ -35,10 +35,14 @@ needs_shared = pytest.mark.skipif(
 MOE_LAB = shutil.which("moe-lab", path=str(Path(sys.executable).parent)) or "moe-lab"
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the installed `moe-lab` as a user would (W&B disabled unless env says otherwise)."""
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """Run the installed `moe-lab` as a user would (W&B disabled unless env says otherwise), in `cwd` if given;
+    a variable set to None in `env` is unset."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
-    return subprocess.run([MOE_LAB, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    return subprocess.run([MOE_LAB, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from moe_lab.config import CONF_DIR, ConfigError, RunConfig, compose, presets, to_run_config
@@ -148,3 +148,48 @@ def test_a_bad_value_for_any_field_is_one_line_and_exit_2(data, tmp_path: Path) 
     lines = [ln for ln in output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: config: ") and key.split(".")[-1] in lines[0], lines
     assert "Traceback" not in output and not runs.exists()
+
+
+# the parts of a run's name a user (or a script) might type: '..', '/', an absolute path, unicode and control
+# characters, very long components
+NAME_PARTS = st.one_of(
+    st.sampled_from(["..", ".", "", "~", "-x", "a b", "a\nb", "nul\x00", "back\\slash", "$HOME"]),
+    st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12),
+    st.text(alphabet="abcé字🙂", min_size=90, max_size=300),
+)
+# one folder's name as often as a path of several
+NAMES = st.one_of(NAME_PARTS.map(lambda part: [part]), st.lists(NAME_PARTS, min_size=2, max_size=4))
+DEPTH = 6  # the results directory sits this deep in the example's folder: deeper than a drawn name climbs (4)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=NAMES, absolute=st.booleans(), quoted=st.booleans())
+def test_any_run_name_is_refused_in_one_line_or_runs_inside_the_results_directory(
+    parts: list[str], absolute: bool, quoted: bool, tmp_path_factory: pytest.TempPathFactory, monkeypatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from moe_lab.cli import app
+
+    root = tmp_path_factory.mktemp("names")
+    monkeypatch.chdir(root)  # a run that ignored $MOE_LAB_RESULTS would land in ./results, outside it
+    results = root.joinpath(*[f"d{i}" for i in range(DEPTH)], "results")
+    name = "/".join([str(root / "outside"), *parts] if absolute else parts)
+    # Hydra reads an unquoted value as a primitive (non-ASCII is a parse error); quoted, as this string
+    value = "'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'" if quoted else name
+    short = ["train.max_steps=1", "train.eval_batches=1", "train.fluctuation_every=0", "logger=csv"]
+    cache = f"data.cache_dir={tmp_path_factory.getbasetemp() / 'names-cache'}"
+    args = ["pretrain", "tiny", f"name={value}", *short, "logger.progress=false", cache]
+    result = CliRunner().invoke(app, args, env={"MOE_LAB_RESULTS": str(results)})
+    output = result.output  # stdout and stderr together
+    event(f"exit {result.exit_code}")  # pytest --hypothesis-show-statistics: how many ran, how many were refused
+    assert "Traceback" not in output and result.exit_code in (0, 2), (name, result.exit_code, output)
+    written = [p for p in root.rglob("*") if p.is_file()]
+    if result.exit_code == 2:
+        lines = [ln for ln in output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
+        assert written == [], (name, written)
+    else:
+        (run,) = (results / "runs").iterdir()  # one folder, named as asked
+        assert run.name == name and (run / next(run.iterdir()).name / "summary.json").is_file(), name
+    assert all(results in p.parents for p in written), (name, [p for p in written if results not in p.parents])

@@ -106,6 +106,23 @@ def test_metrics_average_over_forwards_and_reset() -> None:
         layer.metrics("test")
 
 
+def test_metrics_continue_from_their_state() -> None:
+    """A layer that loads another's metrics state (a resumed run's) averages as if it had seen its forwards."""
+    layer = MoELayer(MoEConfig(d_model=8, d_ff=8, num_experts=4, top_k=2))
+    xs = [torch.randn(2, 8, 8) for _ in range(4)]
+    for x in xs[:2]:
+        layer(x)
+    state = layer.metrics_state()
+    resumed = MoELayer(layer.config)
+    resumed.load_state_dict(layer.state_dict())
+    resumed.load_metrics_state(state)
+    for x in xs[2:]:
+        layer(x)
+        resumed(x)
+    assert resumed.metrics("train") == layer.metrics("train") != {}
+    assert resumed.metrics_state()["train"]["num_forwards"] == 0  # read and reset like any other
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "geglu", "swiglu"])
 def test_expert_ffn_formula(activation: str) -> None:
     experts = Experts(2, 4, 6, activation)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moe_lab.parallel import World, shard
-from tests.conftest import run_cli
+from tests.conftest import MOE_LAB, run_cli
 
 COMMON = ["tiny", "moe.group_size=128", "train.threads=1", "logger=csv", "logger.progress=false"]
 COMPARED = ["loss", "task_loss", "aux_loss", "z_loss", "grad_norm", "val_loss", "moe/1/dropped_frac"]
@@ -139,6 +139,60 @@ def _killed_after_first_checkpoint(run_dir: Path, steps: list[str], layout: list
     summary = run_dir / "summary.json"
     assert not summary.exists() or json.loads(summary.read_text())["status"] != "completed"
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)["result"].step
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's (prctl(2))")
+@pytest.mark.parametrize("kill", ["process-group", "launcher", "sigterm"])
+def test_torchrun_workers_end_with_their_killed_launcher(tmp_path: Path, kill: str) -> None:
+    """kill -9 of `moe-lab pretrain --nproc 2` (its process group, or the launcher alone) ends torchrun and both
+    workers, though torchrun starts each worker in a session of its own; SIGTERM (a scheduler's) does too, and
+    the run is recorded as failed, said once."""
+    run_dir = tmp_path / "run"
+    args = [MOE_LAB, "pretrain", *COMMON, f"run_dir={run_dir}", "train.max_steps=100000", "train.ckpt_every=2"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    with (tmp_path / "stderr.txt").open("w") as err:
+        launcher = subprocess.Popen(
+            [*args, "--nproc", "2"], env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+    processes: list[int] = []
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoint.pt").exists():  # both workers are training
+            assert launcher.poll() is None and time.time() < deadline, (tmp_path / "stderr.txt").read_text()
+            time.sleep(0.05)
+        (torchrun,) = map(int, subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                              text=True).stdout.split())  # fmt: skip
+        processes = [torchrun, *(_rank_pid(torchrun, rank) for rank in (0, 1))]
+        assert None not in processes, processes
+        if kill == "process-group":
+            os.killpg(launcher.pid, signal.SIGKILL)
+        else:
+            os.kill(launcher.pid, signal.SIGTERM if kill == "sigterm" else signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 60  # a bound for a hang, not a speed: they end within a second or so
+        while (alive := [pid for pid in processes if _running(pid)]) and time.time() < deadline:
+            time.sleep(0.1)
+        assert alive == [], f"still running after the launcher was killed: {alive} of {processes}"
+        if kill == "sigterm":
+            errors = [ln for ln in (tmp_path / "stderr.txt").read_text().splitlines() if ln.startswith("error:")]
+            assert launcher.returncode == 143 and len(errors) == 1 and "terminated (SIGTERM)" in errors[0], errors
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert summary["status"] == "failed" and summary["reason"] == "Terminated: SIGTERM"
+    finally:  # what the test started and left running (old code left both workers training)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in processes:
+            if pid is not None and _running(pid) and b"moe_lab" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
 
 
 RESUME_STEPS = ["train.max_steps=100", "train.ckpt_every=10", "train.log_every=5", "train.eval_every=50"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from moe_lab.config import presets
 from moe_lab.paths import records_path
@@ -132,6 +133,39 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path: Path, ca
     # resuming a finished run does nothing
     again = pretrain(*common, f"run_dir={killed}", "resume=true")
     assert again.returncode == 0 and "already completed" in again.stdout
+
+
+def test_moe_metrics_logged_after_a_resume_are_those_of_the_uninterrupted_run(tmp_path: Path, cache_dir: Path) -> None:
+    """The `moe/<layer>/*` columns average over the steps since the last logged one; a checkpoint between two
+    logged steps keeps those sums, so the first row after the resume is exact, cell for cell."""
+    # checkpoints at steps 7, 14, 21, logs every 4: a checkpoint never falls on a logged step before the end
+    common = (
+        "tiny", f"data.cache_dir={cache_dir}", "train.max_steps=27", "train.ckpt_every=7", "train.log_every=4",
+        "logger=csv", "logger.progress=false",
+    )  # fmt: skip
+    straight = tmp_path / "straight"
+    assert pretrain(*common, f"run_dir={straight}").returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([MOE_LAB, "pretrain", *common, f"run_dir={killed}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["result"].step
+    assert step % 4, step  # the metrics of steps after the last logged one are in the checkpoint alone
+
+    result = pretrain(*common, f"run_dir={killed}", "resume=true")
+    assert result.returncode == 0 and "resumed from" in result.stdout, result.stdout + result.stderr
+    a, b = pd.read_csv(straight / "metrics.csv"), pd.read_csv(killed / "metrics.csv")
+    moe = [c for c in a.columns if c.startswith(("moe/", "eval_moe/"))]
+    assert any(c.startswith("moe/1/tokens_per_expert/") for c in moe) and list(b.columns) == list(a.columns)
+    compared = [c for c in a.columns if c != "tokens_per_s"]  # the only column that depends on the clock
+    pd.testing.assert_frame_equal(a[compared], b[compared], check_exact=True)
 
 
 def test_divergence_is_recorded_not_raised(tmp_path: Path, cache_dir: Path) -> None:

@@ -326,6 +326,7 @@ BAD_INPUTS = {
     "local-binary": (["data=local", "data.path={binary}"], ["{binary}", "looks binary"]),
     "local-not-utf8": (["data=local", "data.path={latin1}"], ["{latin1}", "not UTF-8", "offset 3"]),
     "eval-batches-0": (["train.eval_batches=0"], ["train.eval_batches must be >= 1, got 0"]),
+    "max-tokens-50": (["data.max_tokens=50"], ["data.max_tokens=50 leaves only 5 validation tokens", "too few"]),
 }
 # config errors stop before any data or model is built: the same CLI, run in this process (quicker)
 BAD_CONFIGS = {
@@ -338,6 +339,8 @@ BAD_CONFIGS = {
     "added-key": (["+model.foo=1"], ["unknown key 'model.foo'"]),
     "not-an-int": (["model.d_model=abc"], ["model.d_model=abc", "could not be converted to Integer"]),
     "no-such-option": (["optim=sgd"], ["optim/sgd", "available options in 'optim': adafactor, adamw"]),
+    "unquoted-unicode": (["name=é"], ["cannot parse the override 'name=é' at 'é'", "put it in quotes, name='é'"]),
+    "unquoted-path": (["data.path=/d/é.txt"], ["cannot parse the override 'data.path=/d/é.txt'", "quotes"]),
 }
 
 
@@ -366,6 +369,23 @@ def test_a_bad_pretraining_input_is_one_line_and_leaves_nothing(
     )
     assert_one_line_error(result, *(n.format(**names) for n in needles))
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("lookup", ["default", "variable"])
+def test_a_missing_shared_data_set_names_its_absolute_path_and_where_it_is_looked_up(
+    lookup: str, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    # ../shared from the working directory (tmp_path/shared, not there), or $MOE_LAB_SHARED
+    shared = tmp_path / ("shared" if lookup == "default" else "elsewhere")
+    env = {"MOE_LAB_SHARED": None if lookup == "default" else str(shared)}
+    result = run_cli("pretrain", "tiny", "data=tinyshakespeare", f"runs_root={tmp_path / 'runs'}", env=env, cwd=work)
+    missing = shared / "data" / "tinyshakespeare" / "input.txt"
+    source = "../shared" if lookup == "default" else "$MOE_LAB_SHARED"
+    assert_one_line_error(result, f"data.path: no such file '{missing}'", "looked up in $MOE_LAB_SHARED",
+                          f"here {source}: {shared}", "MOE_LAB_SHARED=DIR")  # fmt: skip
+    assert list(tmp_path.iterdir()) == [work] and list(work.iterdir()) == []
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
@@ -406,6 +426,13 @@ def test_sweeping_a_key_that_does_not_exist_is_one_line(tmp_path: Path, dry_run:
     env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
     result = run_cli("sweep", "top-k", "model.foo=1,2", *(["--dry-run"] if dry_run else []), env=env)
     assert_one_line_error(result, "grid point 0", "unknown key 'model.foo'", "valid keys of model")
+    assert not (tmp_path / "results").exists()
+
+
+def test_an_unquoted_non_ascii_override_of_a_sweep_is_one_line(tmp_path: Path) -> None:
+    env = {"MOE_LAB_RESULTS": str(tmp_path / "results")}
+    result = run_cli("sweep", "top-k", *TINY, "data.path=é.txt", env=env)
+    assert_one_line_error(result, "cannot parse the override 'data.path=é.txt'", "put it in quotes")
     assert not (tmp_path / "results").exists()
 
 
@@ -557,6 +584,24 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path: Path, cach
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
 
 
+def test_sigterm_is_recorded_like_ctrl_c_and_exits_143(tmp_path: Path, cache: str) -> None:
+    run_dir = tmp_path / "run"
+    args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=150", "train.ckpt_every=2"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200"}
+    proc = subprocess.Popen([MOE_LAB, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends
+    out, err = proc.communicate(timeout=60)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert_one_line_error(result, "terminated (SIGTERM)", "resume=true", code=143)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == "Terminated: SIGTERM", summary["reason"]
+    resumed = run_cli(*args, "resume=true", timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
 def test_a_field_added_to_the_identity_at_its_old_value_keeps_the_hash() -> None:
     """A fine-tuning run names its pretrained model by the pretraining's identity hash: a field the schema gains
     (ADDED_KEYS) must not change that hash at the value every earlier run had, and must change it at another."""
@@ -571,3 +616,63 @@ def test_a_field_added_to_the_identity_at_its_old_value_keeps_the_hash() -> None
         other = {**now, key: "something else"}
         assert identity_hash(other) != identity_hash(before), key
     assert identity_hash({**now, "data.num_docs": 7}) != identity_hash(now)
+
+
+# 8. runs stay in the results directory they are given
+
+
+def test_pretrain_and_finetune_write_under_moe_lab_results(tmp_path: Path, cache: str) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    env = {"MOE_LAB_RESULTS": str(results)}
+    pre = run_cli("pretrain", "tiny", cache, "train.max_steps=2", "logger.progress=false", env=env, cwd=work)
+    assert pre.returncode == 0, pre.stdout + pre.stderr
+    (run,) = (results / "runs" / "tiny").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    ft = run_cli(
+        "finetune", "synth-small", f"checkpoint={run}", "train.max_steps=2", "train.eval_every=2",
+        "task.synthetic_val=50", cache, "logger.progress=false", env=env, cwd=work,
+    )  # fmt: skip
+    assert ft.returncode == 0, ft.stdout + ft.stderr
+    (ft_run,) = (results / "runs" / "finetune-synth-small").iterdir()
+    assert (ft_run / "summary.json").is_file()
+    assert list(work.iterdir()) == []  # nothing in the working directory
+
+    # without the variable (or with it empty), results/ in the working directory
+    plain = run_cli("pretrain", "tiny", cache, "train.max_steps=2", env={"MOE_LAB_RESULTS": ""}, cwd=work)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert [p.name for p in (work / "results" / "runs").iterdir()] == ["tiny"]
+
+
+OUTSIDE = "{tmp}/outside"
+ESCAPES = {
+    "name-dotdot": (["pretrain", "tiny", "name=abc/../../../x"], ["name='abc/../../../x' contains '/'"]),
+    "name-parent": (["pretrain", "tiny", "name=.."], ["name='..' is not a folder's name"]),
+    "name-absolute": (["pretrain", "tiny", f"name={OUTSIDE}"], ["name=", "contains '/'"]),
+    "name-backslash": (["pretrain", "tiny", "name=a\\b"], ["name='a\\\\b' contains '\\\\'"]),
+    "name-long": (["pretrain", "tiny", "name=" + "x" * 101], ["name='xxx", "is 101 characters"]),
+    "task-name": (["finetune", "synth-small", "task.name=../../x"], ["task.name='../../x' contains '/'"]),
+    "sweep-dir": (["sweep", "top-k", *TINY, f"hydra.sweep.dir={OUTSIDE}"], ["hydra.sweep.dir=", "MOE_LAB_RESULTS=DIR"]),
+    "sweep-subdir": (["sweep", "top-k", *TINY, "hydra.sweep.subdir=../../x"], ["hydra.sweep.subdir=../../x"]),
+    "run-dir": (["sweep", "top-k", *TINY, f"hydra.run.dir={OUTSIDE}", "--dry-run"], ["hydra.run.dir="]),
+    "chdir": (["sweep", "top-k", *TINY, "hydra.job.chdir=true"], ["hydra.job.chdir=true", "MOE_LAB_RESULTS"]),
+    "swept-path": (
+        ["sweep", "top-k", *TINY, "data=local", "data.path=a/../../../../x,b"],
+        ["grid point 0", "a swept value holds '/'", "{tmp}/results/top-k/runs"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_a_run_cannot_escape_the_results_directory(case: str, tmp_path: Path, cache: str) -> None:
+    """A run's name is one folder, and a study's folder is fixed: anything else is one line, exit 2, no file."""
+    args, needles = ESCAPES[case]
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    before = tree(tmp_path)
+    # one short grid point, or two steps: what would run if the input were accepted
+    extra = ["moe.top_k=1", "seed=0"] if args[0] == "sweep" else ["train.max_steps=2", "logger.progress=false"]
+    args = [a.format(tmp=tmp_path) for a in [*args, *extra]]
+    result = run_cli(*args, cache, env={"MOE_LAB_RESULTS": str(results)}, cwd=work)
+    assert_one_line_error(result, *(n.format(tmp=tmp_path) for n in needles))
+    assert tree(tmp_path) == before

@@ -89,6 +89,18 @@ def _sequences(ids: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(ids[idx])
 
 
+def _too_few(split: str, num_tokens: int, seq_len: int, data: DataConfig) -> str:
+    """The error for a split shorter than one sequence, naming the key that made it so."""
+    need = f"too few for one sequence of {seq_len + 1} (train.seq_len={seq_len} + 1)"
+    if data.max_tokens is not None:
+        return (
+            f"data.max_tokens={data.max_tokens} leaves only {num_tokens} {split} tokens: {need}; raise "
+            "data.max_tokens or lower train.seq_len"
+        )
+    more = " or raise data.val_fraction" if split == "validation" and data.val_path is None else ""
+    return f"the corpus has only {num_tokens} {split} tokens: {need}; lower train.seq_len{more}"
+
+
 def lm_tokenizer(data: DataConfig, tok: TokenizerConfig, docs=None):
     """The tokenizer of a corpus: byte, a transformers one, or a BPE trained on it (cached beside the data)."""
     cache_dir = Path(os.path.expanduser(data.cache_dir))
@@ -135,6 +147,9 @@ def build_lm_data(data: DataConfig, tok: TokenizerConfig, seq_len: int) -> LMDat
         train_ids, val_ids = train_ids[:cut], train_ids[cut:]
         if train_cats is not None:
             train_cats, val_cats = train_cats[:cut], train_cats[cut:]
+    for split, ids in (("training", train_ids), ("validation", val_ids)):
+        if len(ids) < seq_len + 1:
+            raise ValueError(_too_few(split, len(ids), seq_len, data))
     return LMData(
         train_BS=_sequences(train_ids, seq_len),
         val_BS=_sequences(val_ids, seq_len),

@@ -12,6 +12,7 @@ from datasets.exceptions import DatasetGenerationError
 
 from moe_lab.config import DataConfig
 from moe_lab.hub import require_hub
+from moe_lab.paths import shared_root
 
 LOCAL_FORMATS = ("text", "json", "csv", "parquet")
 
@@ -25,9 +26,24 @@ def _files(path, what: str) -> list[str]:
         matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
         missing = [m for m in matches if not Path(m).is_file()]
         if not matches or missing:
-            raise FileNotFoundError(f"{what}: no such file {missing[0] if missing else p!r}")
+            raise FileNotFoundError(_missing(missing[0] if missing else p, what))
         files.extend(matches)
     return files
+
+
+def _missing(path: str, what: str) -> str:
+    """What to say of a file that is not there: its absolute path, and for the shared data sets where they are
+    looked up."""
+    full = os.path.abspath(path)
+    message = f"{what}: no such file {full!r}" + ("" if os.path.isabs(path) else f" ({path!r} from {os.getcwd()})")
+    shared = os.path.abspath(shared_root())
+    if full.startswith(shared + os.sep):
+        source = "$MOE_LAB_SHARED" if "MOE_LAB_SHARED" in os.environ else "../shared"
+        message += (
+            "; shared data sets are looked up in $MOE_LAB_SHARED, else in ../shared from the working directory "
+            f"(here {source}: {shared}); set MOE_LAB_SHARED=DIR, the folder that holds data/"
+        )
+    return message
 
 
 def check_text_files(files: list[str], what: str, fmt: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -129,6 +131,15 @@ class MoELayer(nn.Module):
         if reset:
             self._metrics[mode].reset()
         return values
+
+    def metrics_state(self) -> dict[str, dict[str, Any]]:
+        """The train and eval metrics accumulated since their last read, for a checkpoint."""
+        return {mode: metrics.state_dict() for mode, metrics in self._metrics.items()}
+
+    def load_metrics_state(self, state: dict[str, dict[str, Any]]) -> None:
+        """Continue the metrics from `metrics_state()`."""
+        for mode, values in state.items():
+            self._metrics[mode].load_state_dict(values)
 
     def extra_repr(self) -> str:
         c = self.config

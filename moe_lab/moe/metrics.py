@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from moe_lab.moe.router import count
@@ -19,6 +21,17 @@ class RouterMetrics:
         self.num_forwards = 0
         self.num_tokens = 0
         self._sums: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What has accumulated since the last reset, on the CPU: a checkpoint keeps it, so that the averages a
+        resumed run logs are those of the uninterrupted run."""
+        sums = {k: v.detach().cpu().clone() for k, v in self._sums.items()}
+        return {"num_forwards": self.num_forwards, "num_tokens": self.num_tokens, "sums": sums}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s sums (they follow the layer to its device at the next forward)."""
+        self.num_forwards, self.num_tokens = state["num_forwards"], state["num_tokens"]
+        self._sums = {k: v.clone() for k, v in state["sums"].items()}
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach()

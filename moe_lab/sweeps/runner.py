@@ -71,16 +71,37 @@ def load_study(name: str) -> Study:
     )
 
 
+# Hydra keys that move or rename the folders of a study's points: the sweep and the report read the runs back from
+# RESULTS/STUDY/runs/<the point's values>, so these are fixed (MOE_LAB_RESULTS moves the whole results directory)
+FIXED_HYDRA_KEYS = (
+    "hydra.sweep", "hydra.run", "hydra.job.chdir", "hydra.job.config.override_dirname", "hydra.output_subdir",
+)  # fmt: skip
+
+
+def check_hydra_overrides(study: Study, overrides: list[str]) -> None:
+    """Raise ValueError naming an override of one of FIXED_HYDRA_KEYS, which would train the points where the
+    study never looks for them."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if any(key == fixed or key.startswith(f"{fixed}.") for fixed in FIXED_HYDRA_KEYS):
+            raise ValueError(
+                f"{override}: a study's folder is fixed (RESULTS/{study.name}/runs/<each point's values>, where the "
+                "sweep and the report read its runs back); to write elsewhere, set MOE_LAB_RESULTS=DIR"
+            )
+
+
 def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
     """Every grid point's overrides, expanded by Hydra's own BasicSweeper rules (user overrides may sweep too)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from moe_lab.config import parse_overrides
+
+    check_hydra_overrides(study, overrides or [])
     sweep = [f"{k}={v}" for k, v in study.params.items()]
     # hydra.* overrides (hydra.launcher.partition=...) set up the launcher, not a run: Hydra gets them from
     # hydra_command, the points do not carry them
     runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
-    parsed = OverridesParser.create().parse_overrides([*sweep, *runs])
+    parsed = parse_overrides([*sweep, *runs])
     return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
 
 
@@ -246,9 +267,13 @@ def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[Poi
         preset = run.finetune.pretrained or study.pretrained
         checkpoint = record_hash(Path(given)) if given else expected.get((preset, run.seed if per_seed else None))
         identity = identity_config(run, checkpoint)
-        checks.append(
-            check(point, results_dir(study, root) / "runs" / point_dirname(study, point, overrides), identity)
-        )
+        folder = point_dirname(study, point, overrides)
+        if "/" in folder or "\0" in folder:  # Hydra would nest the run (or, with '..', put it outside the study)
+            raise ValueError(
+                f"grid point {len(checks)} ({' '.join(point)}): a swept value holds '/', so its run would not be one "
+                f"folder in {results_dir(study, root) / 'runs'}; sweep over values without '/'"
+            )
+        checks.append(check(point, results_dir(study, root) / "runs" / folder, identity))
     return pretrainings, checks
 
 

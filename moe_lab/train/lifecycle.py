@@ -23,6 +23,7 @@ from rich.table import Table
 from moe_lab.config import RunConfig
 from moe_lab.io import CorruptFileError, StorageError, atomic_write
 from moe_lab.parallel import World, from_main, init_from_env, world
+from moe_lab.paths import runs_root
 from moe_lab.runs import (
     RECORD,
     RunConflictError,
@@ -63,7 +64,7 @@ def resolve_run_dir(run: RunConfig) -> Path:
     """The run's directory: run_dir if given; on resume the newest run of this name; else a new timestamped one."""
     if run.run_dir:
         return Path(run.run_dir)
-    root = Path(run.runs_root) / run.name
+    root = runs_root(run.runs_root) / run.name
     if run.resume:
         previous = sorted(p.parent for p in root.glob(f"*/{CHECKPOINT}"))
         if previous:

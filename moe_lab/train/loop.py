@@ -160,6 +160,8 @@ class Trainer:
             logger.resume(self.result.step)
             self.console.print(f"resumed from {self.ckpt_path} at step {self.result.step}")
         self.layers = [layer for _, layer in moe_layers(model)]
+        if resume_state is not None:
+            self._restore_router_metrics(resume_state.get("router_metrics_by_rank"))
         self.set_progress(self.result.step)
         self.ddp = None
         if self.world.size > 1:  # built after the resume: it broadcasts rank 0's parameters to every rank
@@ -199,6 +201,15 @@ class Trainer:
         sharding = ExpertSharding(self.model, group)
         sharding.shard()
         return sharding
+
+    def _restore_router_metrics(self, by_rank: list[list[dict]] | None) -> None:
+        """Continue each MoE layer's running averages from the checkpoint, so the first row logged after a resume
+        is the uninterrupted run's. Each rank averaged its own tokens: under another number of ranks (or from a
+        checkpoint without them) the layers start afresh, and that row averages only the steps after the resume."""
+        if by_rank is None or len(by_rank) != self.world.size:
+            return
+        for layer, state in zip(self.layers, by_rank[self.world.rank], strict=True):
+            layer.load_metrics_state(state)
 
     def set_progress(self, steps_done: int) -> None:
         """Routers with a schedule (StableMoE's stage 2) see how much training is done."""
@@ -297,9 +308,12 @@ class Trainer:
                 frame.to_csv(tmp, index=False, compression={"method": "gzip", "mtime": 0})
 
     def checkpoint(self) -> None:
-        """Everything a resume needs, written atomically by rank 0 (with every rank's RNG state), in the
-        one-process layout (every expert), so that any number of ranks may resume it."""
+        """Everything a resume needs, written atomically by rank 0 (with every rank's RNG state and MoE metrics
+        since the last logged step), in the one-process layout (every expert), so that any number of ranks may
+        resume it."""
         by_rank = gather(rng_state(), self.world)
+        # what each rank's MoE layers have averaged since the last logged step (moe_lab.moe.metrics)
+        metrics_by_rank = gather([layer.metrics_state() for layer in self.layers], self.world)
         if self.experts is not None:  # the full layout, whatever the number of ranks (expert_state)
             model_state = self.experts.full_model_state()
             optimizer_state = self.experts.full_optimizer_state(self.optimizer)
@@ -315,6 +329,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "rng": by_rank[0],
                 "rng_by_rank": by_rank,
+                "router_metrics_by_rank": metrics_by_rank,
                 "result": self.result,
             },
         )

@@ -44,7 +44,9 @@ class LMTask:
         self.eval_batches = eval_batches
         self.batches_per_epoch = data.train_BS.shape[0] // batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{data.train_BS.shape[0]} training sequences: too few for one batch of {batch_size}")
+            raise ValueError(
+                f"{data.train_BS.shape[0]} training sequences: too few for one batch of train.batch_size={batch_size}"
+            )
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
