@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,30 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run the installed `moe-lab` as a user would (W&B disabled unless env says otherwise), in `cwd` if given;
     a variable set to None in `env` is unset."""
+    return subprocess.run([MOE_LAB, *args], capture_output=True, text=True, env=_cli_env(env), timeout=timeout, cwd=cwd)
+
+
+def _cli_env(env: dict | None) -> dict:
     full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
-    full_env = {k: v for k, v in full_env.items() if v is not None}
-    return subprocess.run([MOE_LAB, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+    return {k: v for k, v in full_env.items() if v is not None}
+
+
+def signal_at_first_checkpoint(
+    args: list[str] | tuple[str, ...], run_dir: Path, sig: int, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Start `moe-lab ARGS` as run_cli does, send it `sig` once RUN_DIR/checkpoint.pt exists (at most 120 s on),
+    and wait for it to end: a run stopped mid-training, as kill -9, Ctrl-C or a scheduler stops it. Its output goes
+    to files, not pipes, so a chatty run cannot block on a full pipe before its first checkpoint."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([MOE_LAB, *args], env=_cli_env(env), stdout=out, stderr=err, text=True)
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ import torch
 from moe_lab.config import presets
 from moe_lab.paths import records_path
 from moe_lab.report.results import final_examples
-from tests.conftest import MOE_LAB, run_cli
+from tests.conftest import run_cli, signal_at_first_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +100,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path: Path, ca
     assert pretrain(*common, f"run_dir={straight}").returncode == 0
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([MOE_LAB, "pretrain", *common, f"run_dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_at_first_checkpoint(["pretrain", *common, f"run_dir={killed}"], killed, signal.SIGKILL)
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     logged_before_resume = len(read_metrics(killed))
 
@@ -147,14 +139,7 @@ def test_moe_metrics_logged_after_a_resume_are_those_of_the_uninterrupted_run(tm
     assert pretrain(*common, f"run_dir={straight}").returncode == 0
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([MOE_LAB, "pretrain", *common, f"run_dir={killed}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_at_first_checkpoint(["pretrain", *common, f"run_dir={killed}"], killed, signal.SIGKILL)
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     step = torch.load(killed / "checkpoint.pt", weights_only=False)["result"].step
     assert step % 4, step  # the metrics of steps after the last logged one are in the checkpoint alone

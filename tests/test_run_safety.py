@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from moe_lab.runs import RunLock
-from tests.conftest import MOE_LAB, run_cli
+from tests.conftest import MOE_LAB, run_cli, signal_at_first_checkpoint
 
 TINY = ("preset=tiny", "train.max_steps=8", "train.eval_every=4", "logger.progress=false")
 
@@ -544,13 +544,7 @@ def test_a_summary_the_disk_will_not_take_still_records_the_run_as_failed(
 def test_a_killed_run_resumes_its_wandb_run_and_removes_its_temporary_files(tmp_path: Path, cache: str) -> None:
     run_dir = tmp_path / "run"
     args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=150", "train.ckpt_every=2"]
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.Popen([MOE_LAB, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    signal_at_first_checkpoint(args, run_dir, signal.SIGKILL, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert not (run_dir / "summary.json").exists(), "the run ended before it was killed"
     orphans = [run_dir / ".checkpoint.pt.tmp.k1ll3d", run_dir / ".metrics.csv.tmp.abc", run_dir / ".summary.json.x"]
     for path in orphans:
@@ -570,14 +564,7 @@ def test_a_killed_run_resumes_its_wandb_run_and_removes_its_temporary_files(tmp_
 def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path: Path, cache: str) -> None:
     run_dir = tmp_path / "run"
     args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=150", "train.ckpt_every=2"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200"}
-    proc = subprocess.Popen([MOE_LAB, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result = signal_at_first_checkpoint(args, run_dir, signal.SIGINT)
     assert_one_line_error(result, "interrupted", "resume=true", code=130)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     resumed = run_cli(*args, "resume=true", timeout=600)
@@ -587,14 +574,7 @@ def test_ctrl_c_exits_130_with_one_line_and_the_run_resumes(tmp_path: Path, cach
 def test_sigterm_is_recorded_like_ctrl_c_and_exits_143(tmp_path: Path, cache: str) -> None:
     run_dir = tmp_path / "run"
     args = ["pretrain", "tiny", f"run_dir={run_dir}", cache, "train.max_steps=150", "train.ckpt_every=2"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "COLUMNS": "200"}
-    proc = subprocess.Popen([MOE_LAB, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # what a scheduler sends
-    out, err = proc.communicate(timeout=60)
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result = signal_at_first_checkpoint(args, run_dir, signal.SIGTERM)  # what a scheduler sends
     assert_one_line_error(result, "terminated (SIGTERM)", "resume=true", code=143)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["reason"] == "Terminated: SIGTERM", summary["reason"]
