@@ -52,6 +52,8 @@ def check_name(value: str, key: str = "name") -> None:
 
 # per-example records of each evaluation (moe_lab.train.loop writes them, moe_lab.report pairs runs by them)
 EVAL_DIR = "eval"
+# a run's checkpoint (moe_lab.train.loop writes it; a sweep checks for it without importing torch)
+CHECKPOINT = "checkpoint.pt"
 
 
 def records_path(run_dir: str | Path, name: str, step: int, capacity_factor: float | None = None) -> Path:

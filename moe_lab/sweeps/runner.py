@@ -15,9 +15,8 @@ import pandas as pd
 import yaml
 
 from moe_lab.io import CorruptFileError, atomic_write, read_csv, read_json
-from moe_lab.paths import EXPERIMENTS, results_root
+from moe_lab.paths import CHECKPOINT, EXPERIMENTS, results_root
 
-CHECKPOINT = "checkpoint.pt"  # moe_lab.train.loop.CHECKPOINT, named here so a sweep's plan does not import torch
 REBUILD_RTOL = 1e-6  # a rebuilt checkpoint whose final val loss is this close to its record's keeps the record
 
 # Hydra finds the group `experiments` under a search-path root: the directory above it, which is the repository

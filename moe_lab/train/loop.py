@@ -23,14 +23,12 @@ from moe_lab.io import atomic_write
 from moe_lab.models.transformer import ModelLosses, moe_layers
 from moe_lab.moe.expert_parallel import ExpertGroup
 from moe_lab.parallel import gather, mean_over_ranks, shard, world
-from moe_lab.paths import records_path
+from moe_lab.paths import CHECKPOINT, records_path
 from moe_lab.track import RunLogger
 from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from moe_lab.train.expert_state import ExpertSharding, check_expert_parallel
 from moe_lab.train.fluctuation import RoutingProbe
 from moe_lab.train.optim import UpdateClipper, build_optimizer, build_scheduler
-
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
