@@ -253,16 +253,32 @@ def sweep(
         check_points(study, points)
     except ValueError as err:
         fail(str(err))
+    states, plan = [""] * len(points), []
+    if dry_run:  # what the sweep would do with what is on disk
+        from moe_lab.paths import results_root
+        from moe_lab.sweeps.runner import plan_study, point_state, pretraining_plan
+
+        try:
+            pretrainings, checks = plan_study(study, overrides, results_root())
+        except _user_errors() as err:
+            fail_on(err)
+        states, plan = [point_state(c) for c in checks], pretraining_plan(pretrainings, checks)
     keys = swept_keys(points) or [p.split("=")[0] for p in points[0]]
     table = Table(title=f"{study.name}: {study.paper} ({len(points)} runs, moe-lab {study.command})")
     table.add_column("#", justify="right")
     for key in keys:
         table.add_column(key)
+    if dry_run:
+        table.add_column("on disk")
     for i, point in enumerate(points):
         values = dict(item.split("=", 1) for item in point)
-        table.add_row(str(i), *(values.get(k, "") for k in keys))
+        table.add_row(str(i), *(values.get(k, "") for k in keys), *([states[i]] if dry_run else []))
     console.print(table)
     if dry_run:
+        counts = {state: states.count(state) for state in dict.fromkeys(states)}
+        console.print(f"{len(points)} points: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+        for line in plan:
+            console.print(f"before the grid, the sweep {line}")
         return
     handle_sigterm()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,10 +142,24 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     assert run_cli(*args, env=env).returncode == 0
     assert pretrained.stat().st_mtime_ns == written  # the checkpoint is not pretrained again
 
-    # a fresh clone holds the committed record without its checkpoint (.gitignore): the sweep rebuilds it beside the
-    # record, checks that it reproduces the record's final loss, and leaves the record as it was
+    # a fresh clone holds the committed records without the checkpoint (.gitignore): with every point finished there
+    # is nothing to fine-tune, so nothing is pretrained again
     record = pretrained.read_bytes()
     (pretrained.parent / "checkpoint.pt").unlink()
+    result = run_cli(*args, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not (pretrained.parent / "checkpoint.pt").exists() and "pretraining again" not in result.stdout
+    assert pd.read_csv(tmp_path / "results" / "freeze" / "runs.csv").equals(frame)
+    # a direct fine-tuning from that record names what is missing
+    result = run_cli("finetune", "synth-small", f"checkpoint={pretrained.parent}", f"runs_root={tmp_path / 'runs'}")
+    assert result.returncode == 2 and "is a pretraining record without its checkpoint.pt" in result.stderr
+    # a point still to train needs the weights: the sweep rebuilds them beside the record, checks that they reproduce
+    # the record's final loss, and leaves the record as it was
+    point = tmp_path / "results" / "freeze" / "runs" / "finetune.freeze=moe,seed=0"
+    shutil.rmtree(point)
+    dry = " ".join(run_cli(*args, "--dry-run", env=env).stdout.split())  # says so first, and changes nothing
+    assert "2 points: 1 finished, 1 to run" in dry and f"rebuilds the checkpoint of {pretrained.parent}" in dry
+    assert not point.exists() and not (pretrained.parent / "checkpoint.pt").exists()
     result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "checkpoint rebuilt; its final val loss" in " ".join(result.stdout.split())
@@ -159,6 +174,7 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     edited["final_val_loss"] += 0.5
     pretrained.write_text(json.dumps(edited))
     (pretrained.parent / "checkpoint.pt").unlink()
+    shutil.rmtree(point)
     result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "differs from the record's" in " ".join(result.stdout.split())

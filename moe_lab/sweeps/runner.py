@@ -219,6 +219,41 @@ class PointCheck:
     identity: dict
     on_disk: bool  # the directory holds a run
     diffs: list[str]  # how that run's config differs from this point's (on disk -> now); empty if the same
+    stands_on: tuple[str, int | None] | None = None  # a fine-tuning point's pretraining: (preset, seed or None)
+
+    def finished(self) -> bool:
+        """Whether the directory holds this point's run, completed or diverged: the multirun will not train it."""
+        summary = self.run_dir / "summary.json"
+        if not self.on_disk or self.diffs or not summary.is_file():
+            return False
+        try:
+            return read_json(summary).get("status") in ("completed", "diverged")
+        except CorruptFileError:  # the multirun names it
+            return False
+
+
+def point_state(check: PointCheck) -> str:
+    """What a sweep will do with a grid point: keep it, resume it, refuse it (another config) or run it."""
+    if check.finished():
+        return "finished"
+    if check.diffs:
+        return "another config"
+    return "resumes" if check.on_disk else "to run"
+
+
+def pretraining_plan(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
+    """The pretrainings a sweep will train before its grid: those that a point still to train stands on and that
+    have no checkpoint (a fresh clone's records have none)."""
+    waiting = {c.stands_on for c in checks if not c.finished()}
+    lines = []
+    for pre in pretrainings:
+        if (pre.point[0], _seed_of(pre.point)) not in waiting or (pre.run_dir / CHECKPOINT).exists():
+            continue
+        summary = pre.run_dir / "summary.json"
+        done = summary.is_file() and read_json(summary).get("status") == "completed"
+        what = "rebuilds the checkpoint of" if done else "resumes" if pre.on_disk else "pretrains"
+        lines.append(f"{what} {pre.run_dir} ({' '.join(pre.point)})")
+    return lines
 
 
 def shared_overrides(overrides: list[str]) -> list[str]:
@@ -237,10 +272,10 @@ def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[Poi
     from moe_lab.config import compose, to_run_config
     from moe_lab.runs import identity_config, identity_diff, identity_hash, read_record, record_hash
 
-    def check(point: list[str], run_dir: Path, identity: dict) -> PointCheck:
+    def check(point: list[str], run_dir: Path, identity: dict, stands_on=None) -> PointCheck:
         record = read_record(run_dir)
         diffs = identity_diff(record["config"], identity, record.get("unknown")) if record else []
-        return PointCheck(point, run_dir, identity, record is not None, diffs)
+        return PointCheck(point, run_dir, identity, record is not None, diffs, stands_on)
 
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("study.pretraining=")]
     study = replace(study, pretraining=given[-1]) if given else study  # the command line may choose it too
@@ -264,7 +299,8 @@ def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[Poi
     for point, run in zip(points, runs, strict=True):
         given = next((i.split("=", 1)[1] for i in point if i.startswith("checkpoint=")), None)
         preset = run.finetune.pretrained or study.pretrained
-        checkpoint = record_hash(Path(given)) if given else expected.get((preset, run.seed if per_seed else None))
+        stands_on = None if given else (preset, run.seed if per_seed else None)
+        checkpoint = record_hash(Path(given)) if given else expected.get(stands_on)
         identity = identity_config(run, checkpoint)
         folder = point_dirname(study, point, overrides)
         if "/" in folder or "\0" in folder:  # Hydra would nest the run (or, with '..', put it outside the study)
@@ -272,7 +308,7 @@ def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[Poi
                 f"grid point {len(checks)} ({' '.join(point)}): a swept value holds '/', so its run would not be one "
                 f"folder in {results_dir(study, root) / 'runs'}; sweep over values without '/'"
             )
-        checks.append(check(point, results_dir(study, root) / "runs" / folder, identity))
+        checks.append(check(point, results_dir(study, root) / "runs" / folder, identity, stands_on))
     return pretrainings, checks
 
 
@@ -331,7 +367,11 @@ def run_study(
     _refuse_or_move(checks, "grid points", rerun, console)
     # the pretraining a fine-tuning study stands on shares the study's data and logging overrides; with a parallel
     # launcher, as many pretrain at once as the grid points would run
+    # only where a point still has to train: a finished point needs no weights, and a fresh clone of the committed
+    # results holds every pretraining's record but no checkpoint, which would otherwise be pretrained again
+    waiting = {c.stands_on for c in checks if not c.finished()}
     jobs = [(pre.point[0], _seed_of(pre.point), pre.point[1:]) for pre in pretrainings]
+    jobs = [job for job in jobs if job[:2] in waiting]
     workers = min(len(jobs), os.cpu_count() or 1) if launcher == "joblib" else 1
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         for done in [pool.submit(ensure_pretrained, root, preset, seed, extra) for preset, seed, extra in jobs]:

@@ -115,7 +115,7 @@ def pretrained_run(checkpoint: str) -> tuple[Path, RunConfig]:
     expected = (
         f"a pretraining run directory with {CHECKPOINT} and .hydra/config.yaml (e.g. results/runs/small/<timestamp>)"
     )
-    if not (run_dir / CHECKPOINT).is_file() or not config.is_file():
+    if not config.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint!r}: expected {expected}")
     try:
         pre = to_run_config(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(config)))
@@ -238,8 +238,14 @@ def run_finetune(
     run = replace(run, name=f"finetune-{run.task.name}")
     identity = identity_config(run, record_hash(pre_dir))
     start = begin_run(run, identity, console, rerun)
-    if start.previous is not None:
+    if start.previous is not None:  # a finished run needs no weights: a fresh clone holds records, not checkpoints
         return start.previous
+    if not (pre_dir / CHECKPOINT).is_file():
+        raise FileNotFoundError(
+            f"checkpoint={run.checkpoint!r}: {pre_dir} is a pretraining record without its {CHECKPOINT} (checkpoints "
+            "are not committed): a `moe-lab sweep` of a study that stands on it pretrains it again, or fine-tune "
+            "from a pretraining run of your own"
+        )
 
     # the architecture is the checkpoint's; fine-tuning may change capacity, losses and dropout
     moe_cfg = replace(pre.moe, **{k: getattr(run.moe, k) for k in moe_keys})
