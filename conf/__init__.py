@@ -1,1 +1,1 @@
-"""Hydra configs, installed as the package data moe_lab.conf (pyproject maps it); see README "Configuration"."""
+"""Hydra configs, installed as the package data moe_lab.conf (pyproject maps it); see docs/configuration.md."""

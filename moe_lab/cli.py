@@ -363,7 +363,7 @@ def bench_dispatch_cmd(
     capacity_factor: Annotated[float, typer.Option(help="train capacity factor; 0 = dropless")] = 1.25,
     activation: Annotated[str, typer.Option(help="relu, gelu, geglu or swiglu (Mixtral's)")] = "swiglu",
     backends: Annotated[
-        str, typer.Option(help="comma-separated rows to time; default: the device's rows (see the README)")
+        str, typer.Option(help="comma-separated rows to time; default: the device's rows (see docs/benchmarks.md)")
     ] = "",
     repeats: Annotated[int, typer.Option(help="timed repeats per row (the median is reported)")] = 5,
     warmup: Annotated[int, typer.Option()] = 2,

@@ -1,7 +1,7 @@
 """Data parallelism under torchrun: the process group, this process's rank, and the few collectives the run
 lifecycle and the loop need. One process (no WORLD_SIZE, or 1) is the same code with every collective a no-op.
 
-What data parallelism does to a run (README "Scaling out"):
+What data parallelism does to a run (docs/scaling-out.md):
 - every rank seeds as the run says and builds the same global batch, then keeps its slice of rows
   (`shard`): rank r of W takes rows [r B / W, (r + 1) B / W) of each batch of B;
 - DistributedDataParallel averages the ranks' gradients, which is the gradient of the global batch's mean

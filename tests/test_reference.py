@@ -14,7 +14,7 @@ from moe_lab.moe import MoEConfig, MoELayer
 
 
 def naive_moe(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """Token by token, slot by slot, in the README's claim order; float64 throughout."""
+    """Token by token, slot by slot, in docs/moe-core.md's claim order; float64 throughout."""
     cfg = layer.config
     x_TD = x.reshape(-1, cfg.d_model).double()
     T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k

@@ -1,4 +1,5 @@
-"""The committed report agrees with the committed results/ it was made from, and the README with the report."""
+"""The committed report agrees with the committed results/ it was made from, the README with the report, and
+docs/benchmarks.md with the committed benchmark records."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from moe_lab.report.render import markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 README = ROOT / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 
 # report.md's one line that changes from run to run: when it was made and from which directory
 GENERATED = re.compile(r"^Generated \d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC from `[^`\n]*` by `moe-lab report`\.$", re.M)
@@ -118,10 +120,10 @@ def test_sparse_vs_dense_claim_says_each_outcome(value: float, se: float, better
     assert claim(d, better, margin=0.01) == said
 
 
-def test_readme_parallel_benchmark_is_the_committed_json() -> None:
-    """The README's "Benchmark: parallel" table is results/bench/parallel.json, row by row."""
+def test_parallel_benchmark_table_is_the_committed_json() -> None:
+    """docs/benchmarks.md's "Parallel" table is results/bench/parallel.json, row by row."""
     records = json.loads((RESULTS / "bench" / "parallel.json").read_text())
-    section = README.read_text().split("## Benchmark: parallel", 1)[1].split("\n## ", 1)[0]
+    section = BENCHMARKS.read_text().split("\n## Parallel (measured)\n", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     body = [[cell.strip() for cell in row] for row in rows[1:]]  # after the header
 
@@ -138,10 +140,10 @@ def test_readme_parallel_benchmark_is_the_committed_json() -> None:
     assert body == expected
 
 
-def test_readme_dispatch_benchmark_is_the_committed_json() -> None:
-    """The README's "Benchmark: dispatch" table is results/bench/dispatch.json, cell by cell."""
+def test_dispatch_benchmark_table_is_the_committed_json() -> None:
+    """docs/benchmarks.md's "Dispatch" table is results/bench/dispatch.json, cell by cell."""
     records = json.loads((RESULTS / "bench" / "dispatch.json").read_text())
-    section = README.read_text().split("## Benchmark: dispatch", 1)[1].split("\n## ", 1)[0]
+    section = BENCHMARKS.read_text().split("\n## Dispatch (measured)\n", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     header, body = [c.strip() for c in rows[0]], [[c.strip() for c in row] for row in rows[1:]]
     backends = header[2:]
