@@ -81,6 +81,15 @@ def mean_over_ranks(values: dict[str, float], w: World) -> dict[str, float]:
     return dict(zip(keys, (t / w.size).tolist(), strict=True))
 
 
+def sum_over_ranks(t: torch.Tensor, w: World) -> torch.Tensor:
+    """`t` summed over the ranks (every rank passes the same shape), on t's device."""
+    if w.size == 1:
+        return t
+    summed = t.to(_device())
+    dist.all_reduce(summed)
+    return summed.to(t.device)
+
+
 def gather(obj: Any, w: World) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
     if w.size == 1:

@@ -199,7 +199,7 @@ def test_hash_table_is_seeded() -> None:
 
 
 def test_hash_table_is_the_same_in_another_process() -> None:
-    code = "from moe_lab.moe.router import hash_table; print(hash_table(50, 4, 0).tolist())"
+    code = "from moe_lab.moe.routers import hash_table; print(hash_table(50, 4, 0).tolist())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout) == hash_table(50, 4, 0).tolist()
 

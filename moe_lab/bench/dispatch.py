@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from moe_lab.moe import MoEConfig, MoELayer
-from moe_lab.moe.dispatch import triton_supports
+from moe_lab.moe.dispatch import BACKENDS, triton_supports
 from moe_lab.moe.experts import Experts, grouped_mm_supports
 
-OUR_BACKENDS = ("sorted", "grouped_mm", "triton", "loop", "einsum")
+OUR_BACKENDS = tuple(BACKENDS)
 PEERS = ("hf-mixtral", "hf-mixtral-grouped_mm")
 ALL_BACKENDS = ("dense", *OUR_BACKENDS, *PEERS)
 # the rows `moe-lab bench dispatch` times by default on each kind of device

@@ -3,19 +3,52 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterator
 from dataclasses import MISSING, dataclass, field, fields
+from importlib import import_module
 from typing import Any
 
-ROUTINGS = ("token_choice", "expert_choice", "hash", "base", "stablemoe")
-# routings that send every token to exactly one expert by a rule of their own (top_k must be 1)
-TOP1_ROUTINGS = ("hash", "base", "stablemoe")
 DROP_POLICIES = ("position", "priority")
 CAPACITY_CONVENTIONS = ("gshard", "flaxformer")
 ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
-BACKENDS = ("sorted", "grouped_mm", "triton", "einsum", "loop")
 AUX_LOSS_TYPES = ("topk", "top1")
 STAGE1_EVAL_ROUTERS = ("distilled", "learned")
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class Registered(Collection[str]):
+    """The names of a registry that a module heavier than this one defines, looked up when first asked: the valid
+    values of a field are then that registry's entries, with nothing to keep in step here, and importing this
+    module imports neither torch nor the registry's module."""
+
+    def __init__(self, module: str, registry: str, *extra: str) -> None:
+        self.module, self.registry, self.extra = module, registry, extra
+
+    def entries(self) -> dict[str, Any]:
+        """The registry itself: name -> what the name selects."""
+        return getattr(import_module(self.module), self.registry)
+
+    def names(self) -> tuple[str, ...]:
+        """The registered names, then the extra ones."""
+        return (*self.entries(), *self.extra)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __repr__(self) -> str:
+        return f"{self.module}.{self.registry}: {list(self)}"
+
+
+# the values of `routing`: a router class registers its name when it is defined (moe_lab.moe.routers.ROUTERS); of
+# `backend`: the entries of moe_lab.moe.dispatch.BACKENDS, or "auto"
+ROUTINGS = Registered("moe_lab.moe.routers", "ROUTERS")
+BACKEND_NAMES = Registered("moe_lab.moe.dispatch", "BACKENDS", "auto")
 
 
 @dataclass(frozen=True)
@@ -27,7 +60,7 @@ class Bounds:
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
-    choices: tuple[str, ...] | None = None
+    choices: Collection[str] | None = None
     inf_ok: bool = False  # +inf is accepted (a limit that never triggers)
     none: str = ""  # what null means, when the field accepts it: "dropless", "off"
 
@@ -146,7 +179,7 @@ class MoEConfig:
     # Dropout on the experts' hidden activations, separate from the model's dropout (ST-MoE Sec. 4.3).
     expert_dropout: float = bounded(0.0, ge=0, lt=1)
     # auto: grouped_mm on CUDA (when torch._grouped_mm takes the shapes), sorted elsewhere
-    backend: str = bounded("sorted", choices=(*BACKENDS, "auto"))
+    backend: str = bounded("sorted", choices=BACKEND_NAMES)
     # Vocabulary size: hash routing and StableMoE's distilled router look at token ids. The model sets it.
     vocab_size: int | None = bounded(None, ge=1, none="set by the model")
     hash_seed: int = bounded(0, ge=0)
@@ -170,15 +203,8 @@ class MoEConfig:
     def validate(self, prefix: str = "MoEConfig") -> None:
         """Raise ValueError naming the bad field and what would be accepted."""
         check_fields(self, prefix)
-        if self.routing in TOP1_ROUTINGS and self.top_k != 1:
-            raise ValueError(f"{prefix}.routing={self.routing!r} routes each token to one expert: top_k must be 1")
-        if self.routing in TOP1_ROUTINGS and self.num_experts < 2:
-            raise ValueError(f"{prefix}.routing={self.routing!r} needs num_experts >= 2")
-        if self.routing == "token_choice" and self.top_k > self.num_experts:
-            raise ValueError(f"{prefix}.top_k={self.top_k} exceeds num_experts={self.num_experts}")
-        for name in ("train_capacity_factor", "eval_capacity_factor"):
-            if getattr(self, name) is None and self.routing == "expert_choice":
-                raise ValueError(f"{prefix}.{name}=None (dropless) is undefined for expert_choice routing")
+        # what a router needs of the other fields (the top-1 routers: top_k 1) its class says
+        ROUTINGS.entries()[self.routing].check_config(self, prefix)
 
     @classmethod
     def from_dict(cls, values: dict) -> MoEConfig:
@@ -190,25 +216,7 @@ class MoEConfig:
         return cls(**values)
 
 
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: Collection[str]) -> None:
     """Raise ValueError naming the field, its value and the accepted values."""
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
-
-
-def expert_capacity(
-    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, convention: str = "gshard"
-) -> int | None:
-    """Slots per expert in a group of num_tokens.
-
-    "gshard": ceil(cf * k * tokens / E) (GShard Alg. 1, Switch Eq. 3), at least 1. "flaxformer":
-    round(cf * tokens / E), at least 4 (flaxformer's moe_layers and Mesh TensorFlow's moe.py; round half to even,
-    as jnp.round)."""
-    if capacity_factor is None:
-        return None
-    if convention == "flaxformer":
-        return max(4, round(capacity_factor * num_tokens / num_experts))
-    if convention != "gshard":
-        raise ValueError(f"capacity convention {convention!r} is not one of {list(CAPACITY_CONVENTIONS)}")
-    # the small epsilon keeps float noise (1.1 * 100 = 110.00000000000001) from adding a slot
-    return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts - 1e-9))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from moe_lab.moe.dispatch import combine_sorted
 from moe_lab.moe.experts import Experts
-from moe_lab.moe.router import Routing, count
+from moe_lab.moe.routing import KeptSlots, Routing, count
 
 if TYPE_CHECKING:
     from moe_lab.moe.layer import MoELayer
@@ -94,9 +94,9 @@ def exchange(
 
 
 def dispatch_expert_parallel(
-    x_TD: torch.Tensor, routing: Routing, experts: Experts, group: ExpertGroup
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `sorted` backend with the experts spread over `group`'s ranks. Returns (y_TD, keep_S)."""
+    x_TD: torch.Tensor, routing: Routing, kept: KeptSlots, experts: Experts, group: ExpertGroup
+) -> torch.Tensor:
+    """The `sorted` backend with the experts spread over `group`'s ranks. Returns y_TD."""
     num_experts, P = routing.num_experts, group.size
     per = num_experts // P
 
@@ -117,4 +117,4 @@ def dispatch_expert_parallel(
         return exchange(h_MD, send_splits, recv_splits, group.group)
 
     # 3. gate and scatter-add, as `sorted` does
-    return combine_sorted(x_TD, routing, exchanged)
+    return combine_sorted(x_TD, routing, kept, exchanged)

@@ -1,4 +1,4 @@
-"""MoELayer: router + capacity and dropping + dispatch + experts + losses + metrics, a drop-in FFN."""
+"""MoELayer: router (scores, losses, metrics) + capacity and dropping + dispatch + experts, a drop-in FFN."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from moe_lab.moe.dispatch import BACKENDS, triton_supports
 from moe_lab.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from moe_lab.moe.experts import Experts, grouped_mm_supports
 from moe_lab.moe.metrics import RouterMetrics
-from moe_lab.moe.router import Routing
 from moe_lab.moe.routers import ROUTERS, MoELosses
+from moe_lab.moe.routing import Routing, keep_slots
 
 
 class MoELayer(nn.Module):
@@ -24,7 +24,7 @@ class MoELayer(nn.Module):
     After each forward, `last_losses` holds the auxiliary losses (with gradients) for the training
     loop to add, `last_expert_index` the experts each token chose (token choice; for expert choice the
     top-1 expert by router probability), `last_keep_TK` which of a token's choices were kept (token
-    choice only); routing statistics accumulate in `metrics(...)`, separately for train and eval.
+    choice only); the router's statistics accumulate in `metrics(...)`, separately for train and eval.
 
     Activation checkpointing: use `use_reentrant=False`. The reentrant variant runs the first forward
     without grad, so `last_losses` would carry no gradient; such no-grad forwards in train mode are
@@ -35,7 +35,7 @@ class MoELayer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        # the routing strategy: its parameters, its routing and its losses (moe_lab.moe.routers)
+        # the routing strategy: its parameters, its routing, its losses and metrics (moe_lab.moe.routers)
         self.router = ROUTERS[config.routing](config)
         self.experts = Experts(
             config.num_experts, config.d_model, config.d_ff, config.activation, config.expert_dropout
@@ -43,10 +43,6 @@ class MoELayer(nn.Module):
         self.backend = config.backend
         # expert parallelism (moe_lab.moe.expert_parallel.shard_experts): this rank's experts, the others' ranks
         self.expert_group: ExpertGroup | None = None
-        self._metrics = {
-            "train": RouterMetrics(config.num_experts),
-            "eval": RouterMetrics(config.num_experts),
-        }
         self.last_losses: MoELosses | None = None
         self.last_expert_index: torch.Tensor | None = None
         self.last_keep_TK: torch.Tensor | None = None
@@ -57,6 +53,11 @@ class MoELayer(nn.Module):
     def capacity_factor(self) -> float | None:
         """The capacity factor in force: the train one in train mode, the eval one in eval mode."""
         return self.config.train_capacity_factor if self.training else self.config.eval_capacity_factor
+
+    @property
+    def _metrics(self) -> dict[str, RouterMetrics]:
+        """The router's running metrics, by mode."""
+        return self.router.metrics
 
     @property
     def distilled(self) -> nn.Module | None:
@@ -90,11 +91,13 @@ class MoELayer(nn.Module):
             self.last_keep_TK = self.last_expert_index = None
             return torch.zeros_like(x)
         logits_TE, probs_TE, routing = self.route(x_TD, token_ids)
+        kept = keep_slots(routing)  # capacity: which slots are kept (moe_lab.moe.routing)
         if self.expert_group is not None and self.expert_group.size > 1:
-            y_TD, keep_S = dispatch_expert_parallel(x_TD, routing, self.experts, self.expert_group)
+            y_TD = dispatch_expert_parallel(x_TD, routing, kept, self.experts, self.expert_group)
         else:
-            y_TD, keep_S = BACKENDS[self.resolve_backend(x_TD)](x_TD, routing, self.experts)
+            y_TD = BACKENDS[self.resolve_backend(x_TD)](x_TD, routing, kept, self.experts)
 
+        keep_S = kept.keep_S
         self.last_losses = self.router.losses(logits_TE, probs_TE, routing, keep_S, token_ids)
         self.last_expert_index = routing.expert_index_TK.detach().view(*x.shape[:-1], -1)
         self.last_keep_TK = None
@@ -103,11 +106,7 @@ class MoELayer(nn.Module):
             keep_TK[routing.token_S, routing.choice_S] = keep_S
             self.last_keep_TK = keep_TK.view(*x.shape[:-1], -1)
         if self.track_metrics and not (self.training and not torch.is_grad_enabled()):
-            losses = self.last_losses
-            self._metrics["train" if self.training else "eval"].update(
-                logits_TE, probs_TE, routing.expert_S, routing.token_S, keep_S, losses.aux_loss, losses.z_loss,
-                losses.distill_loss,
-            )  # fmt: skip
+            self.router.observe(logits_TE, probs_TE, routing, keep_S, self.last_losses)
         return y_TD.view_as(x)
 
     def resolve_backend(self, x_TD: torch.Tensor) -> str:

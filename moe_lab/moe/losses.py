@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_lab.moe.router import Routing, count
+from moe_lab.moe.routing import Routing, count
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

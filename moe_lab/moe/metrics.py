@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from moe_lab.moe.router import count
+from moe_lab.moe.routing import count
 
 
 class RouterMetrics:

@@ -1,34 +1,39 @@
-"""One small router class per routing strategy: each owns its parameters, its routing and its losses.
+"""The routers: one base class, one subclass per routing strategy (the layout of OLMo-core's router module).
 
-A strategy turns the tokens of one forward into a `Routing` (slots in claim order; capacity and dropping are
-the dispatch backends' shared logic) and names its auxiliary losses. `MoELayer` holds one as `layer.router`
-and never branches on the strategy's name, so a new router is one class here and one entry in `ROUTERS`
-(the pattern of OLMo-core's and torchtitan's router modules).
+A router scores the tokens of one forward, turns them into a `Routing` with one of the claim-order rules of
+moe_lab.moe.routing (which also says what capacity keeps), names its auxiliary losses, counts its metrics, and may
+act after every optimizer step (`post_step`, called by the training loop with the step's expert loads). A
+subclass that sets `name` registers itself in `ROUTERS`, so `MoEConfig(routing=name)` selects it: a new router
+is one class (and a `conf/moe/NAME.yaml` to train it by name). `MoELayer` holds one as `layer.router` and never
+branches on its name.
 
-The learned routers subclass `Router` (the linear scorer), so their weights keep the checkpoint key
-`router.weight`; hash routing's table and StableMoE's light router live under `router.` too.
+The learned routers keep their scorer's weights under the checkpoint key `router.weight`; hash routing's table
+and StableMoE's light router live under `router.` too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_lab.moe.balanced import balanced_assignment
 from moe_lab.moe.config import MoEConfig
 from moe_lab.moe.losses import load_balancing_loss, router_z_loss
-from moe_lab.moe.router import (
-    Router,
-    Routing,
-    group_ids,
-    hash_table,
-    route_assigned,
-    route_expert_choice,
-    route_token_choice,
-)
+from moe_lab.moe.metrics import RouterMetrics
+from moe_lab.moe.routing import Routing, count, group_ids, route_assigned, route_expert_choice, route_token_choice
 from moe_lab.moe.stablemoe import DistilledRouter, stablemoe_balance_loss
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 @dataclass
@@ -61,21 +66,41 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros((), dtype=torch.float32)
 
 
-class LearnedRouter(Router):
-    """A router with a learned linear scorer; its z-loss is ST-MoE's on the scorer's logits."""
+# MoEConfig.routing -> the router class; filled by Router.__init_subclass__, never by hand
+ROUTERS: dict[str, type[Router]] = {}
 
-    tokens_choose = True  # each slot is one of its token's choices, so a token's kept choices are defined
+
+class Router(nn.Module):
+    """What every router does; a subclass routes (`route`) and may add losses, a schedule and a post-step update."""
+
+    name: ClassVar[str | None] = None  # the MoEConfig.routing value that selects it; None: not selectable (a base)
+    tokens_choose: ClassVar[bool] = True  # each slot is one of its token's choices, so its kept choices are defined
+    top1: ClassVar[bool] = False  # every token goes to one expert by the router's own rule: top_k must be 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:
+            return
+        taken = ROUTERS.get(name)
+        if taken is not None and taken.__qualname__ != cls.__qualname__:  # the same class again: a reloaded module
+            raise ValueError(f"router name {name!r} is taken by {taken.__module__}.{taken.__qualname__}")
+        ROUTERS[name] = cls
 
     def __init__(self, config: MoEConfig) -> None:
-        super().__init__(
-            config.d_model,
-            config.num_experts,
-            dtype=config.router_dtype,
-            jitter_eps=config.jitter_eps,
-            bias=config.router_bias,
-            init_scale=config.router_init_scale,
-        )
+        super().__init__()
         self.config = config
+        # statistics accumulated since they were last read, train and eval apart (moe_lab.moe.metrics)
+        self.metrics = {"train": RouterMetrics(config.num_experts), "eval": RouterMetrics(config.num_experts)}
+        self._loads_E: torch.Tensor | None = None  # slots per expert since the last post_step, if it wants them
+
+    @classmethod
+    def check_config(cls, config: MoEConfig, prefix: str) -> None:
+        """Raise ValueError naming the field of `config` this router cannot work with."""
+        if cls.top1 and config.top_k != 1:
+            raise ValueError(f"{prefix}.routing={config.routing!r} routes each token to one expert: top_k must be 1")
+        if cls.top1 and config.num_experts < 2:
+            raise ValueError(f"{prefix}.routing={config.routing!r} needs num_experts >= 2")
 
     def route(
         self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None, capacity_factor: float | None
@@ -91,15 +116,94 @@ class LearnedRouter(Router):
         keep_S: torch.Tensor,
         token_ids_T: torch.Tensor | None,
     ) -> MoELosses:
-        """This forward's losses: the z-loss alone unless the strategy adds a balance term."""
-        return MoELosses.scaled(self.config, _zero(keep_S), router_z_loss(logits_TE))
+        """This forward's auxiliary losses: none unless the router adds them."""
+        zero = _zero(keep_S)
+        return MoELosses.scaled(self.config, zero, zero)
 
     def on_train_progress(self, fraction: float) -> None:
         """Called before every training step with the fraction of training done."""
 
+    def post_step(self, loads_E: torch.Tensor) -> None:
+        """Called by the training loop after every optimizer step with the slots the step's training forwards sent
+        to each expert before capacity ([E] long, summed over micro-batches and data-parallel ranks)."""
+
+    @property
+    def wants_loads(self) -> bool:
+        """Whether this router does something with the loads: counting them costs a collective per step."""
+        return type(self).post_step is not Router.post_step
+
+    def observe(
+        self,
+        logits_TE: torch.Tensor | None,
+        probs_TE: torch.Tensor | None,
+        routing: Routing,
+        keep_S: torch.Tensor,
+        losses: MoELosses,
+    ) -> None:
+        """Count one forward in the metrics of its mode and, in training, in the loads the next post_step gets."""
+        self.metrics["train" if self.training else "eval"].update(
+            logits_TE, probs_TE, routing.expert_S, routing.token_S, keep_S, losses.aux_loss, losses.z_loss,
+            losses.distill_loss,
+        )  # fmt: skip
+        if self.training and self.wants_loads:
+            loads_E = count(routing.expert_S, routing.num_experts)
+            self._loads_E = loads_E if self._loads_E is None else self._loads_E + loads_E
+
+    def take_loads(self) -> torch.Tensor:
+        """The loads counted since the last call ([E] long; zeros if none), and start counting afresh."""
+        loads_E, self._loads_E = self._loads_E, None
+        return torch.zeros(self.config.num_experts, dtype=torch.long) if loads_E is None else loads_E
+
+
+class LearnedRouter(Router):
+    """A router with a learned linear scorer, logits and softmax probabilities computed in its own dtype; its
+    z-loss is ST-MoE's on the scorer's logits."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.compute_dtype = _DTYPES[config.router_dtype]
+        self.jitter_eps = config.jitter_eps
+        self.init_scale = config.router_init_scale
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.d_model))
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Switch Transformer init: truncated normal with std sqrt(scale / fan_in)."""
+        std = math.sqrt(self.init_scale / self.weight.shape[1])
+        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits_TE, probs_TE), both float32 tensors holding values computed in the router dtype."""
+        dt = self.compute_dtype
+        # autocast would silently run the matmul in its own dtype: the router's precision is ours to set
+        with torch.autocast(x_TD.device.type, enabled=False):
+            if self.training and self.jitter_eps > 0:
+                # drawn in float32: in bfloat16, U(1 - 1e-2, 1 + 1e-2) has only four values, none above 1
+                x_TD = x_TD.float()
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            bias = None if self.bias is None else self.bias.to(dt)
+            logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt), bias)
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+        return logits_TE.float(), probs_TE.float()
+
+    def losses(self, logits_TE, probs_TE, routing, keep_S, token_ids_T):
+        """This forward's losses: the z-loss alone unless the strategy adds a balance term."""
+        return MoELosses.scaled(self.config, _zero(keep_S), router_z_loss(logits_TE))
+
 
 class TokenChoiceRouter(LearnedRouter):
     """Each token takes its top-k experts (k=1 Switch, k=2 GShard/ST-MoE), balanced by the Switch aux loss."""
+
+    name = "token_choice"
+
+    @classmethod
+    def check_config(cls, config: MoEConfig, prefix: str) -> None:
+        super().check_config(config, prefix)
+        if config.top_k > config.num_experts:
+            raise ValueError(f"{prefix}.top_k={config.top_k} exceeds num_experts={config.num_experts}")
 
     def route(self, x_TD, token_ids_T, capacity_factor):
         cfg = self.config
@@ -126,13 +230,55 @@ class ExpertChoiceRouter(LearnedRouter):
     """Each expert takes its top-C tokens (Zhou et al. 2022). Balanced by construction: no aux loss, as in
     flaxformer (the Switch loss would be the constant cf * k here), only the z-loss."""
 
+    name = "expert_choice"
     tokens_choose = False  # experts pick tokens: a slot is no choice of its token
+
+    @classmethod
+    def check_config(cls, config: MoEConfig, prefix: str) -> None:
+        super().check_config(config, prefix)
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            if getattr(config, name) is None:
+                raise ValueError(f"{prefix}.{name}=None (dropless) is undefined for expert_choice routing")
 
     def route(self, x_TD, token_ids_T, capacity_factor):
         cfg = self.config
         logits_TE, probs_TE = self(x_TD)
         routing = route_expert_choice(probs_TE, cfg.top_k, capacity_factor, cfg.group_size, cfg.capacity_convention)
         return logits_TE, probs_TE, routing
+
+
+def hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
+    """Roller et al.'s (2021) "random hash": a fixed expert for every token id, drawn once from `seed`.
+
+    Drawn on the CPU from its own generator, so every run, process and device gets the same table.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(num_experts, (vocab_size,), generator=gen)
+
+
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021): a fixed seeded hash of the token id picks the expert, gate 1; nothing
+    is learned, so there is no balance or z-loss."""
+
+    name = "hash"
+    top1 = True
+
+    def __init__(self, config: MoEConfig) -> None:
+        if config.vocab_size is None:
+            raise ValueError("MoEConfig.routing='hash' needs MoEConfig.vocab_size (the model sets it)")
+        super().__init__(config)
+        self.register_buffer("hash_table_V", hash_table(config.vocab_size, config.num_experts, config.hash_seed))
+
+    def route(self, x_TD, token_ids_T, capacity_factor):
+        if token_ids_T is None:
+            raise ValueError("routing='hash' routes by token id: call the layer as layer(x, token_ids)")
+        cfg = self.config
+        expert_T = self.hash_table_V[token_ids_T.reshape(-1)]
+        gate_T = x_TD.new_ones(x_TD.shape[0], dtype=torch.float32)
+        routing = route_assigned(
+            expert_T, gate_T, cfg.num_experts, capacity_factor, cfg.group_size, cfg.capacity_convention
+        )
+        return None, None, routing
 
 
 def _sigmoid_gated(
@@ -146,6 +292,9 @@ def _sigmoid_gated(
 
 class BaseRouter(LearnedRouter):
     """BASE layers (Lewis et al. 2021): a balanced assignment of every group in training, greedy at inference."""
+
+    name = "base"
+    top1 = True
 
     def route(self, x_TD, token_ids_T, capacity_factor):
         logits_TE, probs_TE = self(x_TD)
@@ -175,6 +324,9 @@ class StableMoERouter(LearnedRouter):
 
     Evaluation in stage 1 routes by the light router when `stage1_eval_router` is "distilled" (the fork's
     behaviour), else by the learned scores."""
+
+    name = "stablemoe"
+    top1 = True
 
     def __init__(self, config: MoEConfig) -> None:
         if config.vocab_size is None:
@@ -214,44 +366,3 @@ class StableMoERouter(LearnedRouter):
             self.distilled.freeze()
         if self.distilled.frozen:  # also after loading a stage-2 checkpoint
             self.distilled.requires_grad_(False)
-
-
-class HashRouter(nn.Module):
-    """Hash layers (Roller et al. 2021): a fixed seeded hash of the token id picks the expert, gate 1; nothing
-    is learned, so there is no balance or z-loss."""
-
-    tokens_choose = True
-
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
-        if config.vocab_size is None:
-            raise ValueError("MoEConfig.routing='hash' needs MoEConfig.vocab_size (the model sets it)")
-        self.config = config
-        self.register_buffer("hash_table_V", hash_table(config.vocab_size, config.num_experts, config.hash_seed))
-
-    def route(self, x_TD, token_ids_T, capacity_factor):
-        if token_ids_T is None:
-            raise ValueError("routing='hash' routes by token id: call the layer as layer(x, token_ids)")
-        cfg = self.config
-        expert_T = self.hash_table_V[token_ids_T.reshape(-1)]
-        gate_T = x_TD.new_ones(x_TD.shape[0], dtype=torch.float32)
-        routing = route_assigned(
-            expert_T, gate_T, cfg.num_experts, capacity_factor, cfg.group_size, cfg.capacity_convention
-        )
-        return None, None, routing
-
-    def losses(self, logits_TE, probs_TE, routing, keep_S, token_ids_T):
-        zero = _zero(keep_S)
-        return MoELosses.scaled(self.config, zero, zero)
-
-    def on_train_progress(self, fraction: float) -> None:
-        """Hash routing has no stages."""
-
-
-ROUTERS: dict[str, type[nn.Module]] = {
-    "token_choice": TokenChoiceRouter,
-    "expert_choice": ExpertChoiceRouter,
-    "hash": HashRouter,
-    "base": BaseRouter,
-    "stablemoe": StableMoERouter,
-}

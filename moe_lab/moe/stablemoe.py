@@ -1,7 +1,7 @@
 """StableMoE's pieces (Dai et al. 2022, ACL, arXiv 2204.08396): the balance loss and the distilled router.
 
 Stage 1 routes every token greedily to argmax_i s_ti, s_ti = E_i . h_t (the paper's Eq. 7; E_i are the
-expert centroids, our `Router` weights) and gates the expert's output by sigmoid(s_t,a_t). The balance loss
+expert centroids, our `LearnedRouter` weights) and gates the expert's output by sigmoid(s_t,a_t). The balance loss
 pushes overloaded experts' scores down and underloaded ones' up; a light router (its own token embedding
 and centroids) learns to predict the stage-1 assignment from the token id alone. Stage 2 freezes that
 light router and routes by it, so a token's expert never changes again; only the task loss trains.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_lab.moe.router import count
+from moe_lab.moe.routing import count
 
 
 def stablemoe_balance_loss(scores_TE: torch.Tensor, expert_T: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from moe_lab.config import OptimConfig, TrainConfig
 from moe_lab.io import atomic_write
 from moe_lab.models.transformer import ModelLosses, moe_layers
 from moe_lab.moe.expert_parallel import ExpertGroup
-from moe_lab.parallel import gather, mean_over_ranks, shard, world
+from moe_lab.parallel import gather, mean_over_ranks, shard, sum_over_ranks, world
 from moe_lab.paths import CHECKPOINT, records_path
 from moe_lab.track import RunLogger
 from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state
@@ -158,6 +158,8 @@ class Trainer:
             logger.resume(self.result.step)
             self.console.print(f"resumed from {self.ckpt_path} at step {self.result.step}")
         self.layers = [layer for _, layer in moe_layers(model)]
+        # the layers whose router acts on each step's expert loads (Router.post_step)
+        self.load_layers = [layer for layer in self.layers if layer.router.wants_loads]
         if resume_state is not None:
             self._restore_router_metrics(resume_state.get("router_metrics_by_rank"))
         self.set_progress(self.result.step)
@@ -214,6 +216,16 @@ class Trainer:
         for layer in self.layers:
             layer.on_train_progress(steps_done / self.cfg.max_steps)
 
+    def post_step(self) -> None:
+        """After an optimizer step: hand each router that wants them the expert loads of the step's training forwards,
+        summed over the ranks in one collective, so that every rank's router makes the same update."""
+        if not self.load_layers:
+            return
+        loads_LE = torch.stack([layer.router.take_loads().to(self.device) for layer in self.load_layers])
+        loads_LE = sum_over_ranks(loads_LE, self.world)
+        for layer, loads_E in zip(self.load_layers, loads_LE, strict=True):
+            layer.router.post_step(loads_E)
+
     def step(self, step: int) -> tuple[dict[str, float], float | None]:
         """Optimizer step `step` over its micro-batches: the losses (averaged over them) and the gradient norm,
         or None for it when the loss diverged (nothing is updated then)."""
@@ -251,6 +263,8 @@ class Trainer:
         self.result.tokens += tokens
         loss = parts["loss"]
         if not math.isfinite(loss) or loss > self.cfg.divergence_loss:
+            for layer in self.load_layers:  # no update: its loads call for none either
+                layer.router.take_loads()
             return parts, None
         if self.experts is not None:
             self.experts.scale_expert_grads()
@@ -266,6 +280,7 @@ class Trainer:
         if self.clipper is not None:
             self.clipper.after_step()
         self.scheduler.step()
+        self.post_step()
         return parts, grad_norm
 
     def evaluate(self) -> dict[str, float]:

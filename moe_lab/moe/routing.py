@@ -1,23 +1,21 @@
-"""The router and the two routing rules; both produce a `Routing` of slots in claim order."""
+"""The routing decision: token-to-expert slots in the order they claim capacity, the capacity, and which slots it keeps.
+
+A router (moe_lab.moe.routers) scores the tokens and calls one of the claim-order rules here (`route_token_choice`,
+`route_expert_choice`, `route_assigned`); each gives a `Routing` with every group's capacity (`expert_capacity`).
+`keep_slots` then applies the one keep rule: a slot is kept when fewer than its group's capacity of earlier slots of
+that group went to its expert. The dispatch backends (moe_lab.moe.dispatch) only move the kept slots' tokens.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from moe_lab.moe.config import expert_capacity
-
-_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+from moe_lab.moe.config import CAPACITY_CONVENTIONS
 
 
 @dataclass
@@ -26,7 +24,7 @@ class Routing:
 
     The order is group-major: all slots of group 0 come first. Inside a group, token-choice slots are
     ordered by choice rank (every first choice before any second choice), then by the drop policy's
-    token priority. Dispatch backends keep a slot when fewer than `capacity_G[group]` earlier slots of
+    token priority. `keep_slots` keeps a slot when fewer than `capacity_G[group]` earlier slots of
     its group went to the same expert.
     """
 
@@ -70,46 +68,25 @@ def count(index: torch.Tensor, size: int, where: torch.Tensor | None = None) -> 
     return torch.zeros(size, dtype=torch.long, device=index.device).scatter_add_(0, index, ones)
 
 
-class Router(nn.Module):
-    """Linear router: logits and softmax probabilities, computed in its own dtype."""
+# --- capacity ---------------------------------------------------------------------------------------------------
 
-    def __init__(
-        self,
-        d_model: int,
-        num_experts: int,
-        dtype: str = "float32",
-        jitter_eps: float = 0.0,
-        bias: bool = False,
-        init_scale: float = 0.1,
-    ) -> None:
-        super().__init__()
-        self.compute_dtype = _DTYPES[dtype]
-        self.jitter_eps = jitter_eps
-        self.init_scale = init_scale
-        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
-        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Switch Transformer init: truncated normal with std sqrt(scale / fan_in)."""
-        std = math.sqrt(self.init_scale / self.weight.shape[1])
-        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float | None, convention: str = "gshard"
+) -> int | None:
+    """Slots per expert in a group of num_tokens.
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits_TE, probs_TE), both float32 tensors holding values computed in the router dtype."""
-        dt = self.compute_dtype
-        # autocast would silently run the matmul in its own dtype: the router's precision is ours to set
-        with torch.autocast(x_TD.device.type, enabled=False):
-            if self.training and self.jitter_eps > 0:
-                # drawn in float32: in bfloat16, U(1 - 1e-2, 1 + 1e-2) has only four values, none above 1
-                x_TD = x_TD.float()
-                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-            bias = None if self.bias is None else self.bias.to(dt)
-            logits_TE = F.linear(x_TD.to(dt), self.weight.to(dt), bias)
-            probs_TE = torch.softmax(logits_TE, dim=-1)
-        return logits_TE.float(), probs_TE.float()
+    "gshard": ceil(cf * k * tokens / E) (GShard Alg. 1, Switch Eq. 3), at least 1. "flaxformer":
+    round(cf * tokens / E), at least 4 (flaxformer's moe_layers and Mesh TensorFlow's moe.py; round half to even,
+    as jnp.round)."""
+    if capacity_factor is None:
+        return None
+    if convention == "flaxformer":
+        return max(4, round(capacity_factor * num_tokens / num_experts))
+    if convention != "gshard":
+        raise ValueError(f"capacity convention {convention!r} is not one of {list(CAPACITY_CONVENTIONS)}")
+    # the small epsilon keeps float noise (1.1 * 100 = 110.00000000000001) from adding a slot
+    return max(1, math.ceil(capacity_factor * top_k * num_tokens / num_experts - 1e-9))
 
 
 def group_ids(num_tokens: int, group_size: int | None, device: torch.device) -> tuple[torch.Tensor, list[int]]:
@@ -121,12 +98,16 @@ def group_ids(num_tokens: int, group_size: int | None, device: torch.device) -> 
     return torch.arange(num_tokens, device=device) // group_size, sizes
 
 
-def _group_capacities(
+def group_capacities(
     sizes: list[int], num_experts: int, top_k: int, capacity_factor: float | None, convention: str
 ) -> list[int] | None:
+    """The capacity of every routing group (None: dropless)."""
     if capacity_factor is None:
         return None
     return [expert_capacity(n, num_experts, top_k, capacity_factor, convention) for n in sizes]
+
+
+# --- claim order: who asks first --------------------------------------------------------------------------------
 
 
 def route_token_choice(
@@ -167,7 +148,7 @@ def route_token_choice(
         gate_S=gate_TK[token_S, choice_S],
         group_S=group_T[token_S],
         choice_S=choice_S,
-        capacity_G=_group_capacities(sizes, num_experts, top_k, capacity_factor, convention),
+        capacity_G=group_capacities(sizes, num_experts, top_k, capacity_factor, convention),
         group_T=group_T,
         group_sizes=sizes,
         num_experts=num_experts,
@@ -182,11 +163,12 @@ def route_expert_choice(
     group_size: int | None = None,
     convention: str = "gshard",
 ) -> Routing:
-    """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens of every group."""
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens of every group, so no slot
+    is ever dropped: the capacity (at most the group's size) decides how many slots there are."""
     num_tokens, num_experts = probs_TE.shape
     device = probs_TE.device
     group_T, sizes = group_ids(num_tokens, group_size, device)
-    capacity_G = _group_capacities(sizes, num_experts, top_k, capacity_factor, convention)
+    capacity_G = group_capacities(sizes, num_experts, top_k, capacity_factor, convention)
     routing = Routing(
         token_S=torch.empty(0, dtype=torch.long, device=device),
         expert_S=torch.empty(0, dtype=torch.long, device=device),
@@ -240,7 +222,7 @@ def route_assigned(
         gate_S=gate_T,
         group_S=group_T,
         choice_S=torch.zeros_like(token_S),
-        capacity_G=_group_capacities(sizes, num_experts, 1, capacity_factor, convention),
+        capacity_G=group_capacities(sizes, num_experts, 1, capacity_factor, convention),
         group_T=group_T,
         group_sizes=sizes,
         num_experts=num_experts,
@@ -248,10 +230,35 @@ def route_assigned(
     )
 
 
-def hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
-    """Roller et al.'s (2021) "random hash": a fixed expert for every token id, drawn once from `seed`.
+# --- the keep rule: who gets in ---------------------------------------------------------------------------------
 
-    Drawn on the CPU from its own generator, so every run, process and device gets the same table.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(num_experts, (vocab_size,), generator=gen)
+
+class KeptSlots(NamedTuple):
+    """Which slots capacity keeps, and every slot in dispatch order: the kept slots first, sorted by (expert, group)
+    in claim order inside each (each expert's block contiguous, as the grouped matmuls need), then the dropped."""
+
+    keep_S: torch.Tensor  # bool, in the routing's slot order
+    order_S: torch.Tensor  # slot indices in dispatch order
+    kept_E: torch.Tensor  # kept slots per expert: expert e's block is the kept_E[e] rows after those of e - 1
+
+
+def keep_slots(routing: Routing) -> KeptSlots:
+    """The keep rule every backend obeys: a slot is kept when fewer than its group's capacity of earlier slots of
+    that group went to its expert. Only sorts and scatters, so it never waits for the host."""
+    num_experts, num_groups = routing.num_experts, routing.num_groups
+    # segments by (expert, group): a stable sort keeps claim order inside each segment
+    key_S = routing.expert_S * num_groups + routing.group_S
+    sorted_idx = torch.argsort(key_S, stable=True)
+    if routing.capacity_G is None:
+        keep_S = torch.ones_like(routing.expert_S, dtype=torch.bool)
+        return KeptSlots(keep_S, sorted_idx, count(routing.expert_S, num_experts))
+    counts = count(key_S, num_experts * num_groups)
+    starts = counts.cumsum(0) - counts
+    key_sorted = key_S[sorted_idx]
+    rank = torch.arange(key_S.numel(), device=key_S.device) - starts[key_sorted]
+    keep_sorted = rank < routing.capacity_tensor()[key_sorted % num_groups]
+    # a second stable sort moves the dropped slots behind the kept ones and keeps the kept ones' order: no
+    # boolean selection, whose size the host would have to read
+    order_S = sorted_idx[torch.argsort((~keep_sorted).to(torch.uint8), stable=True)]
+    keep_S = torch.zeros_like(keep_sorted).scatter_(0, sorted_idx, keep_sorted)
+    return KeptSlots(keep_S, order_S, count(routing.expert_S, num_experts, where=keep_S))
