@@ -1,13 +1,57 @@
-"""The shared MoE core: one layer, three dispatch backends with the same semantics."""
+"""The shared MoE core: one layer, three dispatch backends with the same semantics.
 
-from moe_lab.moe.balanced import balanced_assignment
-from moe_lab.moe.config import MoEConfig, expert_capacity
-from moe_lab.moe.dispatch import BACKENDS
-from moe_lab.moe.experts import Experts
-from moe_lab.moe.layer import MoELayer, MoELosses
-from moe_lab.moe.losses import load_balancing_loss, router_z_loss
-from moe_lab.moe.router import Router, Routing, hash_table, route_assigned, route_expert_choice, route_token_choice
-from moe_lab.moe.stablemoe import DistilledRouter, stablemoe_balance_loss
+Names are imported on first use (PEP 562 module `__getattr__`): `moe_lab.config` imports `moe_lab.moe.config`,
+which runs this file, and the commands that train nothing (`--help`, `--dry-run`, `--show-config`) should not pay
+for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moe_lab.moe.balanced import balanced_assignment
+    from moe_lab.moe.config import MoEConfig, expert_capacity
+    from moe_lab.moe.dispatch import BACKENDS
+    from moe_lab.moe.experts import Experts
+    from moe_lab.moe.layer import MoELayer, MoELosses
+    from moe_lab.moe.losses import load_balancing_loss, router_z_loss
+    from moe_lab.moe.router import Router, Routing, hash_table, route_assigned, route_expert_choice, route_token_choice
+    from moe_lab.moe.stablemoe import DistilledRouter, stablemoe_balance_loss
+
+# each public name -> the module that defines it
+_MODULES = {
+    "BACKENDS": "dispatch",
+    "DistilledRouter": "stablemoe",
+    "Experts": "experts",
+    "MoEConfig": "config",
+    "MoELayer": "layer",
+    "MoELosses": "layer",
+    "Router": "router",
+    "Routing": "router",
+    "balanced_assignment": "balanced",
+    "expert_capacity": "config",
+    "hash_table": "router",
+    "load_balancing_loss": "losses",
+    "route_assigned": "router",
+    "route_expert_choice": "router",
+    "route_token_choice": "router",
+    "router_z_loss": "losses",
+    "stablemoe_balance_loss": "stablemoe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module when the name is first asked for."""
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])
+
 
 __all__ = [
     "BACKENDS",
