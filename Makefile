@@ -32,9 +32,10 @@ TEST_WORKERS ?= 2
 test: $(STAMP) ## run the test suite
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
-lint: $(STAMP) ## check style with ruff
+lint: $(STAMP) ## check style with ruff, and that imports run one way with import-linter (pyproject.toml)
 	$(BIN)/ruff check moe_lab tests
 	$(BIN)/ruff format --check moe_lab tests
+	$(BIN)/lint-imports
 
 format: $(STAMP) ## format the code with ruff
 	$(BIN)/ruff check --fix moe_lab tests

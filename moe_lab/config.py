@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -357,17 +358,18 @@ def compose_finetune(task: str, overrides: list[str] | None = None) -> DictConfi
     """Compose conf/finetune.yaml (config.yaml + fine-tuning defaults) with task=TASK and overrides."""
     if task not in tasks():
         raise ConfigError(f"unknown task {task!r}; valid tasks: {tasks()}")
-    return _compose("finetune", [f"task={task}", *(overrides or [])])
+    return compose_config("finetune", [f"task={task}", *(overrides or [])])
 
 
 def compose(preset: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose conf/config.yaml + preset + overrides with Hydra and validate the result."""
     if preset not in presets():
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {presets()}")
-    return _compose("config", [f"preset={preset}", *(overrides or [])])
+    return compose_config("config", [f"preset={preset}", *(overrides or [])])
 
 
-def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose conf/CONFIG_NAME.yaml with overrides (Hydra's Compose API) and validate it; errors are ConfigError."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -443,6 +445,34 @@ def parse_overrides(overrides: list[str]) -> list:
         return OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as err:
         raise ConfigError(_explain(err)) from None
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """Every combination of the overrides' values, each a list of `key=value`: a sweep (`key=a,b`, `range(...)`)
+    gives each of its values, any other override its one value. The rules of Hydra's BasicSweeper
+    (hydra/_internal/core_plugins/basic_sweeper.py, `split_arguments`): a key given twice keeps its place and
+    takes the last value; an interval sweep cannot be enumerated."""
+    from hydra.errors import HydraException
+
+    values: dict[str, list[str]] = {}
+    for override in parse_overrides(overrides):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            values[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            kind = override.value_type.name if override.value_type else "unknown"
+            raise HydraException(f"BasicSweeper does not support sweep type : {kind}")
+    return [list(point) for point in itertools.product(*values.values())]
+
+
+def override_dirname(overrides: list[str], exclude_keys: list[str]) -> str:
+    """The folder Hydra names a job by (`hydra.job.override_dirname` with item_sep ',' and kv_sep '='): the
+    overrides whose key (or group) is not excluded, as given, sorted and joined with ','. The rule of Hydra's
+    `get_overrides_dirname` (hydra/_internal/config_loader_impl.py)."""
+    kept = [o.input_line for o in parse_overrides(overrides) if o.key_or_group not in exclude_keys]
+    return ",".join(sorted(kept))
 
 
 LEXER_ERROR = "LexerNoViableAltException: "

@@ -256,3 +256,35 @@ def test_runs_csv_keeps_an_appended_config_group_as_a_swept_value(tmp_path: Path
     overrides = ["+stability=z-loss", "optim.lr=0.1", "+experiments=z-loss-stability", "hydra.run.dir=x", "~foo"]
     (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([*overrides, "checkpoint=/a/b"]))
     assert _point_values(tmp_path) == {"+stability": "z-loss", "optim.lr": "0.1"}
+
+
+# moe_lab.config reimplements two rules of Hydra's private modules with its public API; these grids check that the
+# copies give what Hydra's own functions give (a Hydra upgrade that changed either rule would fail here)
+HYDRA_GRIDS = [
+    ["moe.top_k=1,2,4", "seed=0,1,2"],
+    ["+stability=z-loss,none", "moe.capacity_factor=1.0,1.25", "train.steps=20"],
+    ["seed=range(0,3)", "model=tiny", "optim.lr=1e-3,3e-4", "data.num_docs=500"],
+    ["moe.top_k=2", "moe.top_k=1,2", "~logger.wandb", "task=polarity-small,cb", "checkpoint=/tmp/x"],
+    ["+experiments=top-k", "moe.router='token_choice','expert_choice'", "train.threads=1"],
+]
+
+
+@pytest.mark.parametrize("overrides", HYDRA_GRIDS)
+def test_hydra_rules_sweep_points_match_the_basic_sweeper(overrides: list[str]) -> None:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # noqa: TID251 (the reference)
+
+    from moe_lab.config import parse_overrides, sweep_points
+
+    assert sweep_points(overrides) == BasicSweeper.split_arguments(parse_overrides(overrides), None)[0]
+
+
+@pytest.mark.parametrize("overrides", HYDRA_GRIDS)
+@pytest.mark.parametrize("exclude", [[], ["experiments", "checkpoint"], ["seed", "train.threads", "stability"]])
+def test_hydra_rules_override_dirname_matches_hydras(overrides: list[str], exclude: list[str]) -> None:
+    from hydra._internal.config_loader_impl import get_overrides_dirname  # noqa: TID251 (the reference)
+
+    from moe_lab.config import override_dirname, parse_overrides, sweep_points
+
+    for point in sweep_points(overrides):
+        expected = get_overrides_dirname(parse_overrides(point), exclude, item_sep=",", kv_sep="=")
+        assert override_dirname(point, exclude) == expected

@@ -20,6 +20,8 @@ import functools
 import random
 from dataclasses import dataclass
 
+from moe_lab.data.words import taken_words, word_maker
+
 ATTRIBUTES: tuple[str, ...] = ("birth_city", "profession", "birth_year", "employer")
 # The category label of each attribute's value (appended to synthetic.CATEGORIES).
 VALUE_CATEGORIES: tuple[str, ...] = ("fact_city", "fact_profession", "fact_year", "fact_employer")
@@ -81,13 +83,16 @@ class Query:
         return f" {self.answer} ."
 
 
+def _taken() -> set[str]:
+    """The words no name or value may be: the grammar's language and the words of the biographies' forms."""
+    return set(taken_words()) | {word.lower() for forms in FORMS.values() for form in forms for word in form.split()}
+
+
 @functools.cache
 def _value_pools(language_seed: int) -> tuple[tuple[str, ...], ...]:
     """The values each attribute draws from: made-up cities, professions and employers, and years."""
-    from moe_lab.data.synthetic import _word_maker, taken_words
-
     rng = random.Random(f"moe-lab-facts:{language_seed}:values")
-    fresh = _word_maker(rng, set(taken_words()))
+    fresh = word_maker(rng, _taken())
     cities = tuple(fresh(1, 2, ("", "ton", "ford", "holm", "by")).capitalize() for _ in range(200))
     professions = tuple(fresh(1, 2, ("er", "ist", "ian", "or")) for _ in range(60))
     employers = tuple(fresh(1, 1, ("co", "tek", "corp", "works", "labs")).capitalize() for _ in range(300))
@@ -96,10 +101,8 @@ def _value_pools(language_seed: int) -> tuple[tuple[str, ...], ...]:
 
 @functools.cache
 def _name_pools(language_seed: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from moe_lab.data.synthetic import _word_maker, taken_words
-
     rng = random.Random(f"moe-lab-facts:{language_seed}:names")
-    fresh = _word_maker(rng, set(taken_words()) | {w.lower() for pool in _value_pools(language_seed) for w in pool})
+    fresh = word_maker(rng, _taken() | {w.lower() for pool in _value_pools(language_seed) for w in pool})
     firsts = tuple(fresh(1, 1, ("a", "o", "is", "en", "ia")).capitalize() for _ in range(400))
     lasts = tuple(fresh(1, 2, ("man", "ek", "ova", "ley")).capitalize() for _ in range(400))
     return firsts, lasts

@@ -17,7 +17,7 @@ from moe_lab.paths import shared_root
 LOCAL_FORMATS = ("text", "json", "csv", "parquet")
 
 
-def _files(path, what: str) -> list[str]:
+def data_files(path, what: str) -> list[str]:
     """Expand a path, glob or list of them; a missing file names the path."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     files: list[str] = []
@@ -93,7 +93,7 @@ def _load_local(path, data: DataConfig, what: str) -> datasets.Dataset:
     kwargs = {}
     if data.format == "csv" and data.delimiter:
         kwargs["delimiter"] = data.delimiter
-    ds = load_files(data.format, _files(path, what), what, **kwargs)
+    ds = load_files(data.format, data_files(path, what), what, **kwargs)
     if len(ds) == 0:
         raise ValueError(f"{what}: {path} holds no {data.format} records")
     if data.text_column not in ds.column_names:

@@ -13,7 +13,7 @@ import datasets
 import torch
 
 from moe_lab.config import TaskConfig
-from moe_lab.data.sources import _files, load_files
+from moe_lab.data.sources import data_files, load_files
 from moe_lab.hub import require_hub
 
 
@@ -122,7 +122,7 @@ def _load_file(path: str, cfg: TaskConfig) -> datasets.Dataset:
         kwargs = {"delimiter": cfg.delimiter or ",", "quoting": csv.QUOTE_NONE if cfg.delimiter == "\t" else 0}
     elif cfg.format != "json":
         raise ValueError(f"task.format={cfg.format!r} is not one of ['json', 'csv']")
-    return load_files(cfg.format, _files(path, "task path"), "task path", **kwargs)
+    return load_files(cfg.format, data_files(path, "task path"), "task path", **kwargs)
 
 
 def fact_verification(num_people: int, num_train: int, num_val: int) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -5,25 +5,72 @@
 - `routing`: the routing decision: claim order, capacity, and which slots capacity keeps.
 - `dispatch`: the backends that move the kept slots' tokens through the experts (`BACKENDS`).
 - `layer`: `MoELayer`, which strings them together.
+
+Names are imported on first use (PEP 562 module `__getattr__`): `moe_lab.config` imports `moe_lab.moe.config`,
+which runs this file, and the commands that train nothing (`--help`, `--dry-run`, `--show-config`) should not pay
+for importing torch.
 """
 
-from moe_lab.moe.balanced import balanced_assignment
-from moe_lab.moe.config import MoEConfig
-from moe_lab.moe.dispatch import BACKENDS
-from moe_lab.moe.experts import Experts
-from moe_lab.moe.layer import MoELayer, MoELosses
-from moe_lab.moe.losses import load_balancing_loss, router_z_loss
-from moe_lab.moe.routers import ROUTERS, LearnedRouter, Router, hash_table
-from moe_lab.moe.routing import (
-    KeptSlots,
-    Routing,
-    expert_capacity,
-    keep_slots,
-    route_assigned,
-    route_expert_choice,
-    route_token_choice,
-)
-from moe_lab.moe.stablemoe import DistilledRouter, stablemoe_balance_loss
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moe_lab.moe.balanced import balanced_assignment
+    from moe_lab.moe.config import MoEConfig
+    from moe_lab.moe.dispatch import BACKENDS
+    from moe_lab.moe.experts import Experts
+    from moe_lab.moe.layer import MoELayer, MoELosses
+    from moe_lab.moe.losses import load_balancing_loss, router_z_loss
+    from moe_lab.moe.routers import ROUTERS, LearnedRouter, Router, hash_table
+    from moe_lab.moe.routing import (
+        KeptSlots,
+        Routing,
+        expert_capacity,
+        keep_slots,
+        route_assigned,
+        route_expert_choice,
+        route_token_choice,
+    )
+    from moe_lab.moe.stablemoe import DistilledRouter, stablemoe_balance_loss
+
+# each public name -> the module that defines it
+_MODULES = {
+    "BACKENDS": "dispatch",
+    "DistilledRouter": "stablemoe",
+    "Experts": "experts",
+    "KeptSlots": "routing",
+    "LearnedRouter": "routers",
+    "MoEConfig": "config",
+    "MoELayer": "layer",
+    "MoELosses": "layer",
+    "ROUTERS": "routers",
+    "Router": "routers",
+    "Routing": "routing",
+    "balanced_assignment": "balanced",
+    "expert_capacity": "routing",
+    "hash_table": "routers",
+    "keep_slots": "routing",
+    "load_balancing_loss": "losses",
+    "route_assigned": "routing",
+    "route_expert_choice": "routing",
+    "route_token_choice": "routing",
+    "router_z_loss": "losses",
+    "stablemoe_balance_loss": "stablemoe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module when the name is first asked for."""
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])
+
 
 __all__ = [
     "BACKENDS",

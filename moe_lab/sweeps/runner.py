@@ -10,12 +10,15 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import yaml
 
 from moe_lab.io import CorruptFileError, atomic_write, read_csv, read_json
 from moe_lab.paths import CHECKPOINT, EXPERIMENTS, results_root
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REBUILD_RTOL = 1e-6  # a rebuilt checkpoint whose final val loss is this close to its record's keeps the record
 
@@ -90,28 +93,25 @@ def check_hydra_overrides(study: Study, overrides: list[str]) -> None:
 
 
 def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
-    """Every grid point's overrides, expanded by Hydra's own BasicSweeper rules (user overrides may sweep too)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    from moe_lab.config import parse_overrides
+    """Every grid point's overrides, expanded by the rules of Hydra's BasicSweeper (user overrides may sweep too)."""
+    from moe_lab.config import sweep_points
 
     check_hydra_overrides(study, overrides or [])
     sweep = [f"{k}={v}" for k, v in study.params.items()]
     # hydra.* overrides (hydra.launcher.partition=...) set up the launcher, not a run: Hydra gets them from
     # hydra_command, the points do not carry them
     runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
-    parsed = parse_overrides([*sweep, *runs])
-    return BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    return sweep_points([*sweep, *runs])
 
 
 def compose_point(study: Study, point: list[str]):
     """The validated config of one grid point, composed with the Compose API as the sweep job would be."""
-    from moe_lab.config import _compose
+    from moe_lab.config import compose_config
 
     root = "finetune" if study.command == "finetune" else "config"
     given = any(item.startswith("checkpoint=") for item in point)
     extra = ["checkpoint=unused"] if study.command == "finetune" and not given else []
-    return _compose(root, [SEARCH_PATH, f"+experiments={study.name}", *extra, *point])
+    return compose_config(root, [SEARCH_PATH, f"+experiments={study.name}", *extra, *point])
 
 
 def check_points(study: Study, points: list[list[str]]) -> list:
@@ -416,11 +416,9 @@ def exclude_keys(study: Study, overrides: list[str]) -> list[str]:
 
 def point_dirname(study: Study, point: list[str], overrides: list[str]) -> str:
     """The directory Hydra's multirun gives a grid point (hydra.job.override_dirname, as hydra_command sets it)."""
-    from hydra._internal.config_loader_impl import get_overrides_dirname
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from moe_lab.config import override_dirname
 
-    parsed = OverridesParser.create().parse_overrides(point)
-    return get_overrides_dirname(parsed, exclude_keys(study, overrides), item_sep=",", kv_sep="=")
+    return override_dirname(point, exclude_keys(study, overrides))
 
 
 def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str) -> list[str]:
@@ -448,6 +446,8 @@ def hydra_command(study: Study, root: Path, overrides: list[str], launcher: str)
 
 def collect(study: Study, root: Path) -> pd.DataFrame:
     """One row per run directory: its swept values, status and final metrics; written to runs.csv."""
+    import pandas as pd
+
     rows = []
     runs = results_dir(study, root) / "runs"
     paths = sorted(runs.glob("*/summary.json"))
