@@ -276,10 +276,10 @@ class StudyConfig:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         check_fields(self, "study")
-        for key, value in {**self.margins, **self.tolerances}.items():
-            group = "margins" if key in self.margins else "tolerances"
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"study.{group}.{key}={value!r} is not a positive number")
+        for group, values in (("margins", self.margins), ("tolerances", self.tolerances)):
+            for key, value in values.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise ValueError(f"study.{group}.{key}={value!r} is not a positive number")
         for key, window in self.windows.items():
             if len(window) != 2 or not window[0] <= window[1]:
                 raise ValueError(f"study.windows.{key}={list(window)!r} is not a range [low, high] with low <= high")

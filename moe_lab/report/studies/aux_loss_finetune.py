@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moe_lab.report.finetuning import (
-    ACC,
-    cells,
-    judged_on,
-    metric_estimates,
-    metric_part,
-    task_metric,
-)
+from moe_lab.report.finetuning import ACC, cells, judged_on, metric_estimates, metric_part, task_metric
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.stats import Estimate, Grid
-from moe_lab.report.verdict import (
-    StudyReport,
-    Verdict,
-    percent,
-    status_notes,
-    verdict_of,
-)
+from moe_lab.report.verdict import StudyReport, Verdict, percent, status_notes, verdict_of
 
 FIGURES = []  # moe_lab.report.plots draws each that the results support
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moe_lab.report.plots import (
-    capacity_curves,
-)
+from moe_lab.report.plots import capacity_curves
 from moe_lab.report.pretraining import NATS, loss_estimates
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate

@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moe_lab.report.finetuning import (
-    ACC,
-    judged_on,
-    metric_estimates,
-    metric_part,
-    model_label,
-    with_model,
-)
-from moe_lab.report.plots import (
-    finetune_heatmaps,
-)
+from moe_lab.report.finetuning import ACC, judged_on, metric_estimates, metric_part, model_label, with_model
+from moe_lab.report.plots import finetune_heatmaps
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.stats import Grid
-from moe_lab.report.verdict import (
-    StudyReport,
-    Verdict,
-    status_notes,
-    verdict_of,
-)
+from moe_lab.report.verdict import StudyReport, Verdict, status_notes, verdict_of
 
 FIGURES = [finetune_heatmaps]  # moe_lab.report.plots draws each that the results support
 

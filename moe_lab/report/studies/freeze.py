@@ -6,27 +6,12 @@ from dataclasses import replace
 
 import pandas as pd
 
-from moe_lab.report.finetuning import (
-    ACC,
-    cells,
-    judged_on,
-    metric_estimates,
-    metric_part,
-    task_metric,
-)
-from moe_lab.report.plots import (
-    accuracy_curves,
-)
+from moe_lab.report.finetuning import ACC, cells, judged_on, metric_estimates, metric_part, task_metric
+from moe_lab.report.plots import accuracy_curves
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.stats import Grid
-from moe_lab.report.verdict import (
-    StudyReport,
-    Verdict,
-    fmt_number,
-    status_notes,
-    verdict_of,
-)
+from moe_lab.report.verdict import StudyReport, Verdict, fmt_number, status_notes, verdict_of
 
 FIGURES = [accuracy_curves]  # moe_lab.report.plots draws each that the results support
 

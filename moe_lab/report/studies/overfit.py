@@ -14,18 +14,11 @@ from moe_lab.report.finetuning import (
     task_metric,
     with_model,
 )
-from moe_lab.report.plots import (
-    accuracy_curves,
-)
+from moe_lab.report.plots import accuracy_curves
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.stats import Estimate, Grid
-from moe_lab.report.verdict import (
-    StudyReport,
-    Verdict,
-    status_notes,
-    verdict_of,
-)
+from moe_lab.report.verdict import StudyReport, Verdict, status_notes, verdict_of
 
 FIGURES = [accuracy_curves]  # moe_lab.report.plots draws each that the results support
 

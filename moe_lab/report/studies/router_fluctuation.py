@@ -6,25 +6,13 @@ import math
 
 import pandas as pd
 
-from moe_lab.report.plots import (
-    expert_load,
-    fluctuation_curves,
-    specialisation,
-)
+from moe_lab.report.plots import expert_load, fluctuation_curves, specialisation
 from moe_lab.report.pretraining import NATS, loss_estimates
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.spec import margins, study_spec
 from moe_lab.report.stats import Estimate, Grid, by_value, estimates, mean_of, pooled_means
-from moe_lab.report.verdict import (
-    Part,
-    StudyReport,
-    Verdict,
-    paper_value,
-    percent,
-    status_notes,
-    verdict_of,
-)
+from moe_lab.report.verdict import Part, StudyReport, Verdict, paper_value, percent, status_notes, verdict_of
 
 FIGURES = [fluctuation_curves, expert_load, specialisation]  # moe_lab.report.plots draws each that the results support
 

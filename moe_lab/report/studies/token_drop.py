@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from moe_lab.report.finetuning import (
-    ACC,
-    cells,
-    judged_on,
-    metric_estimates,
-    metric_part,
-    task_metric,
-)
+from moe_lab.report.finetuning import ACC, cells, judged_on, metric_estimates, metric_part, task_metric
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.spec import margins, study_spec
 from moe_lab.report.stats import Grid
-from moe_lab.report.verdict import (
-    StudyReport,
-    Verdict,
-    capacity_note,
-    percent,
-    status_notes,
-    verdict_of,
-)
+from moe_lab.report.verdict import StudyReport, Verdict, capacity_note, percent, status_notes, verdict_of
 
 FIGURES = []  # moe_lab.report.plots draws each that the results support
 

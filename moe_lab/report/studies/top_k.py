@@ -6,23 +6,13 @@ import itertools
 
 import pandas as pd
 
-from moe_lab.report.plots import (
-    loss_curves,
-)
+from moe_lab.report.plots import loss_curves
 from moe_lab.report.pretraining import NATS, loss_estimates
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
 from moe_lab.report.spec import margins
 from moe_lab.report.stats import Grid
-from moe_lab.report.verdict import (
-    Part,
-    StudyReport,
-    Verdict,
-    fmt_number,
-    paper_value,
-    status_notes,
-    verdict_of,
-)
+from moe_lab.report.verdict import Part, StudyReport, Verdict, fmt_number, paper_value, status_notes, verdict_of
 
 FIGURES = [loss_curves]  # moe_lab.report.plots draws each that the results support
 

@@ -6,10 +6,7 @@ import math
 
 import pandas as pd
 
-from moe_lab.report.plots import (
-    loss_curves,
-    loss_vs_lr,
-)
+from moe_lab.report.plots import loss_curves, loss_vs_lr
 from moe_lab.report.pretraining import NATS
 from moe_lab.report.reference import reference
 from moe_lab.report.results import StudyResults, aggregate
