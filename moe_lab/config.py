@@ -254,20 +254,36 @@ class StudyConfig:
     """What an experiments/NAME.yaml says about itself; read by `moe-lab sweep` and `moe-lab report`."""
 
     name: str | None = None
-    paper: str = ""  # the paper's table or figure the study mirrors
+    paper: str = ""  # the paper's table or figure the study mirrors (the report's source)
     command: str = "pretrain"  # pretrain | finetune
     pretrained: str | None = None  # fine-tuning studies: the pretraining preset of their checkpoint
     # fine-tuning studies: shared (every seed fine-tunes one pretraining) or per_seed (seed S fine-tunes the
     # pretraining of seed S, results/pretrain/PRESET/seed<S>, so the seeds measure pretraining noise too)
     pretraining: str = bounded("shared", choices=("shared", "per_seed"))
-    description: str = ""
+    description: str = ""  # the paper's finding, as the report states it
+    order: int | None = None  # the study's place in the report (unordered studies follow, by name)
+    # the paper's numbers the report prints beside ours: row label -> column label -> a number or a short text,
+    # numeric row labels written as f"{value:g}" (1.0 -> "1")
+    paper_numbers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    note: str = ""  # what else the paper says that the report should show
     # what counts as "about equal" for each part of the study's claim, fixed before its runs are judged
     # (moe-lab report reads them from experiments/NAME.yaml)
     margins: dict[str, float] = field(default_factory=dict)
+    # ranges [low, high] that decide which settings a claim is judged on (token-drop: the share dropped)
+    windows: dict[str, list[float]] = field(default_factory=dict)
+    # other thresholds of the judgement (router-fluctuation: eval drops that confound a comparison of losses)
+    tolerances: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         check_fields(self, "study")
+        for group, values in (("margins", self.margins), ("tolerances", self.tolerances)):
+            for key, value in values.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    raise ValueError(f"study.{group}.{key}={value!r} is not a positive number")
+        for key, window in self.windows.items():
+            if len(window) != 2 or not window[0] <= window[1]:
+                raise ValueError(f"study.windows.{key}={list(window)!r} is not a range [low, high] with low <= high")
 
 
 @dataclass

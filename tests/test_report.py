@@ -16,14 +16,16 @@ from rich.console import Console
 
 from moe_lab.paths import records_path
 from moe_lab.report import make_report
-from moe_lab.report.plots import FIGURES
-from moe_lab.report.pretraining import fewer_diverged, lr_sensitivity
 from moe_lab.report.render import inline_markdown
 from moe_lab.report.results import aggregate, load_study
+from moe_lab.report.spec import KEYS, StudySpecError, study_spec
 from moe_lab.report.stats import estimates
-from moe_lab.report.studies import BUILDERS, build
+from moe_lab.report.studies import build, figures, names
+from moe_lab.report.studies.z_loss_stability import fewer_diverged, lr_sensitivity
 from tests.conftest import run_cli
 from tests.test_run_safety import assert_one_line_error
+
+STUDIES = names()  # every study file with a builder, in the report's order
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -443,16 +445,16 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, l
 
 def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Path, list]) -> None:
     _, out, reports = full_report
-    assert [r.name for r in reports] == list(BUILDERS)
+    assert [r.name for r in reports] == list(STUDIES)
     sections = md_sections((out / "report.md").read_text())
-    assert list(sections) == ["Summary", "How verdicts are made", *BUILDERS]
+    assert list(sections) == ["Summary", "How verdicts are made", *STUDIES]
     summary = md_table(sections["Summary"])
     assert summary[0] == ["study", "paper's finding", "ours", "reproduced"]
     # each verdict with its parts' verdicts where the claim has several parts
     parts = {r.name: len(r.verdict.parts) for r in reports}
     assert [(r[0], r[3]) for r in summary[1:]] == [
         (f"`{name}`", "**yes**" + (f" (parts: {', '.join(['yes'] * parts[name])})" if parts[name] > 1 else ""))
-        for name in BUILDERS
+        for name in STUDIES
     ]
     assert "![claims](plots/claims.png)" in (out / "report.md").read_text().split("## Summary")[0]
 
@@ -468,10 +470,10 @@ def test_report_renders_every_study_table_and_figure(full_report: tuple[Path, Pa
         assert table[0] == list(report.table.columns)
         assert len(table) - 1 == len(report.table) > 0
         assert table[1:] == [[str(v) for v in r] for r in report.table.itertuples(index=False)]
-        figures = [FIGURE_FILES[f.__name__].format(study=report.name) for f in FIGURES[report.name]]
-        for file in figures:
+        files = [FIGURE_FILES[f.__name__].format(study=report.name) for f in figures(report.name)]
+        for file in files:
             assert f"![{Path(file).stem}](plots/{file})" in section
-        expected_figures |= set(figures)
+        expected_figures |= set(files)
     assert len(expected_figures) == 12  # the claims picture; token-drop and aux-loss-finetune have none
     assert {p.name for p in (out / "plots").iterdir()} == expected_figures
     for file in expected_figures:
@@ -1025,8 +1027,8 @@ def test_html_is_well_formed_and_inlines_existing_figures(full_report: tuple[Pat
     assert tree.errors == []
     assert tree.open == []
     assert tree.top == ["html"]
-    assert tree.ids == [None, None, *BUILDERS]  # the summary and how verdicts are made, then one per study
-    assert tree.tables == 1 + 2 * len(BUILDERS)  # the summary, then each study's claims and its own table
+    assert tree.ids == [None, None, *STUDIES]  # the summary and how verdicts are made, then one per study
+    assert tree.tables == 1 + 2 * len(STUDIES)  # the summary, then each study's claims and its own table
     pngs = sorted(p.relative_to(out).as_posix() for p in (out / "plots").iterdir())
     assert sorted(img["data-source"] for img in tree.imgs) == pngs
     assert tree.imgs[0]["data-source"] == "plots/claims.png"  # the picture of every claim opens the report
@@ -1055,12 +1057,12 @@ def test_cli_report_writes_every_format(tmp_path: Path) -> None:
     root, out = build_all(tmp_path / "results"), tmp_path / "out"
     result = run_cli("report", "--results", str(root), "--out", str(out), "--format", "md,html,csv")
     assert result.returncode == 0, result.stderr + result.stdout
-    for file in ("report.md", "report.html", "report.csv", *(f"tables/{name}.csv" for name in BUILDERS)):
+    for file in ("report.md", "report.html", "report.csv", *(f"tables/{name}.csv" for name in STUDIES)):
         assert (out / file).is_file(), file
         assert f"wrote {out / file}" in " ".join(result.stdout.split())
     summary = pd.read_csv(out / "report.csv")
-    assert summary["study"].tolist() == list(BUILDERS)
-    assert summary["reproduced"].tolist() == ["yes"] * len(BUILDERS)
+    assert summary["study"].tolist() == list(STUDIES)
+    assert summary["reproduced"].tolist() == ["yes"] * len(STUDIES)
     top_k = pd.read_csv(out / "tables" / "top-k.csv")
     assert top_k["moe.top_k"].tolist() == [1, 2, 4]
     assert top_k["final_val_loss"].tolist() == pytest.approx([1.930, 1.905, 1.856])
@@ -1072,7 +1074,7 @@ def test_cli_report_writes_every_format(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nosuchstudy"], f"unknown study(ies) ['nosuchstudy']; known: {list(BUILDERS)}"),
+        (["nosuchstudy"], f"unknown study(ies) ['nosuchstudy']; known: {list(STUDIES)}"),
         (["--format", "md,pdf"], "unknown format(s) ['pdf']; valid: ['md', 'html', 'csv']"),
         ([], "results directory {missing} does not exist"),
     ],
@@ -1240,3 +1242,77 @@ def test_no_tasks_section_without_polarity_runs(tmp_path: Path) -> None:
     build_overfit(tmp_path)  # the synthetic word-list tasks
     make_report(tmp_path, formats=("md",), console=Console(file=sys.stderr))
     assert "Fine-tuning tasks" not in md_sections((tmp_path / "report.md").read_text())
+
+
+# --- a study is one file plus one builder ---------------------------------------------------------------------------
+
+TOY_BUILDER = """
+import pandas as pd
+
+from moe_lab.report.reference import reference
+from moe_lab.report.spec import margins
+from moe_lab.report.verdict import StudyReport, Verdict
+
+FIGURES = []
+
+
+def build(study):
+    margin = margins(study.name)["loss"]
+    table = pd.DataFrame({"runs": [str(len(study.runs))], "margin": [f"{margin:g}"]})
+    return StudyReport(study.name, reference(study.name), table, Verdict("yes", "toy ours", "the toy rule"))
+"""
+
+
+def test_a_study_is_its_file_and_its_builder_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new study is experiments/NAME.yaml plus a module NAME.py beside the studies' builders: the report finds and
+    renders it, paper's side and all, with no registry told of it."""
+    import moe_lab.report.studies as studies
+
+    experiments, builders = tmp_path / "experiments", tmp_path / "builders"
+    experiments.mkdir()
+    builders.mkdir()
+    (experiments / "toy-study.yaml").write_text(
+        "study:\n  name: toy-study\n  paper: Toy Table 1\n  description: a toy finding\n"
+        '  paper_numbers:\n    "1": {quality: -1.25}\n  note: a toy note\n  margins:\n    loss: 0.5\n'
+    )
+    (builders / "toy_study.py").write_text(TOY_BUILDER)
+    monkeypatch.setattr("moe_lab.report.spec.EXPERIMENTS", experiments)
+    monkeypatch.setattr(studies, "__path__", [*studies.__path__, str(builders)])
+    monkeypatch.delitem(sys.modules, "moe_lab.report.studies.toy_study", raising=False)
+    write_study(tmp_path / "results", "toy-study", [row({"x": 1, "seed": s}, final_val_loss=1.0) for s in SEEDS])
+    try:
+        assert names() == ["toy-study"]
+        reports, _ = make_report(tmp_path / "results", ["toy-study"], ("md",), tmp_path / "out", Console(quiet=True))
+    finally:
+        sys.modules.pop("moe_lab.report.studies.toy_study", None)
+    (report,) = reports
+    assert (report.reference.source, report.reference.finding, report.reference.note) == (
+        "Toy Table 1",
+        "a toy finding",
+        "a toy note",
+    )
+    assert report.reference.numbers == {"1": {"quality": -1.25}}
+    assert report.table.to_dict("list") == {"runs": ["3"], "margin": ["0.5"]}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "**Paper** (Toy Table 1): a toy finding." in text and "_Paper note:_ a toy note" in text
+
+
+def test_a_wrong_key_in_a_study_file_is_named_with_the_valid_ones(tmp_path: Path) -> None:
+    (tmp_path / "top-k.yaml").write_text("study:\n  margin:\n    loss: 0.1\n")
+    with pytest.raises(StudySpecError) as err:
+        study_spec("top-k", tmp_path)
+    assert str(err.value) == f"{tmp_path / 'top-k.yaml'}: unknown key(s) ['study.margin']; valid keys: {list(KEYS)}"
+
+
+def test_the_report_knows_the_keys_of_the_study_schema() -> None:
+    from dataclasses import fields
+
+    from moe_lab.config import StudyConfig
+
+    assert tuple(f.name for f in fields(StudyConfig)) == KEYS
+
+
+def test_every_study_file_states_what_its_report_prints() -> None:
+    for name in STUDIES:
+        spec = study_spec(name)
+        assert spec.paper and spec.description and spec.margins.values and spec.order is not None, name

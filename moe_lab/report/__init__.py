@@ -10,10 +10,11 @@ from rich.console import Console
 from moe_lab.io import CorruptFileError
 from moe_lab.report.mainjob import sparse_vs_dense
 from moe_lab.report.plots import claims_figure, draw
-from moe_lab.report.reference import REFERENCES
+from moe_lab.report.reference import reference
 from moe_lab.report.render import Document, print_summary, render_csv, render_html, render_markdown
 from moe_lab.report.results import ResultsError, StudyResults, load_study
-from moe_lab.report.studies import BUILDERS, StudyReport, Verdict, build
+from moe_lab.report.studies import StudyReport, Verdict, build
+from moe_lab.report.studies import names as study_names
 from moe_lab.report.tasks import TasksCheck, check_tasks
 
 FORMATS = ("md", "html", "csv")
@@ -28,16 +29,17 @@ def make_report(
 ) -> tuple[list[StudyReport], list[Path]]:
     """Build every requested study's report from results_root and write the formats to out (default results_root)."""
     console = console or Console()
-    unknown = sorted(set(studies or []) - set(BUILDERS))
+    known = study_names()
+    unknown = sorted(set(studies or []) - set(known))
     if unknown:
-        raise ValueError(f"unknown study(ies) {unknown}; known: {list(BUILDERS)}")
+        raise ValueError(f"unknown study(ies) {unknown}; known: {known}")
     bad = sorted(set(formats) - set(FORMATS))
     if bad:
         raise ValueError(f"unknown format(s) {bad}; valid: {list(FORMATS)}")
     results_root = Path(results_root)
     if not results_root.is_dir():
         raise FileNotFoundError(f"results directory {results_root} does not exist")
-    names = studies or list(BUILDERS)
+    names = studies or known
     main = sparse_vs_dense(results_root) if studies is None else None
     if main is None and not any((results_root / name / "runs.csv").is_file() for name in names):
         raise FileNotFoundError(
@@ -74,7 +76,7 @@ def _study_report(results_root: Path, name: str) -> tuple[StudyResults | None, S
         return study, build(name, study)
     except (ResultsError, CorruptFileError) as err:
         verdict = Verdict("no data", "-", str(err))
-        return None, StudyReport(name, REFERENCES[name], pd.DataFrame(), verdict, problem=str(err))
+        return None, StudyReport(name, reference(name), pd.DataFrame(), verdict, problem=str(err))
 
 
 def _figures(study: StudyResults | None, report: StudyReport, out: Path) -> list[Path]:

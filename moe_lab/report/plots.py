@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from moe_lab.report.results import StudyResults
-from moe_lab.report.studies import StudyReport
+from moe_lab.report.studies import figures
+from moe_lab.report.verdict import StudyReport
 
 Figure = Callable[[StudyResults, StudyReport, Path], Path | None]
 
@@ -223,25 +224,11 @@ def specialisation(study: StudyResults, report: StudyReport, out: Path) -> Path 
     return _save(fig, out / f"{study.name}-specialisation.png")
 
 
-FIGURES: dict[str, list[Figure]] = {
-    "capacity-factor": [capacity_curves],
-    "finetune-grid": [finetune_heatmaps],
-    "router-fluctuation": [fluctuation_curves, expert_load, specialisation],
-    "stablemoe": [fluctuation_curves],
-    "overfit": [accuracy_curves],
-    "z-loss-stability": [loss_vs_lr, loss_curves],
-    "top-k": [loss_curves],
-    "freeze": [accuracy_curves],
-    "token-drop": [],
-    "aux-loss-finetune": [],
-}
-
-
 def draw(study: StudyResults | None, report: StudyReport, out: Path) -> list[Path]:
-    """Every figure of a study that its results can support."""
+    """Every figure of a study (its module's FIGURES) that its results can support."""
     if study is None:
         return []
-    paths = [figure(study, report, out) for figure in FIGURES.get(report.name, [])]
+    paths = [figure(study, report, out) for figure in figures(report.name)]
     return [p for p in paths if p is not None]
 
 

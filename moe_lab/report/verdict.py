@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from moe_lab.report.reference import REFERENCES, Reference
+from moe_lab.report.reference import Reference, reference
 from moe_lab.report.stats import DIRECTION_LEVEL, EQUIVALENCE_LEVEL, Difference, combine, judge
 
 
@@ -168,7 +168,7 @@ def capacity_note(study) -> str:
 def no_data(name: str) -> StudyReport:
     """The report of a study that has not been run."""
     why = f"no results/{name}/runs.csv: run `moe-lab sweep {name}`"
-    return StudyReport(name, REFERENCES[name], pd.DataFrame(), Verdict("no data", "-", why))
+    return StudyReport(name, reference(name), pd.DataFrame(), Verdict("no data", "-", why))
 
 
 def strictly_decreasing(values: list[float]) -> bool:
