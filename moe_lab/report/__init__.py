@@ -9,11 +9,11 @@ from rich.console import Console
 
 from moe_lab.io import CorruptFileError
 from moe_lab.report.mainjob import sparse_vs_dense
-from moe_lab.report.plots import claims_figure, draw
+from moe_lab.report.plots import claims_figure
 from moe_lab.report.reference import reference
 from moe_lab.report.render import Document, print_summary, render_csv, render_html, render_markdown
 from moe_lab.report.results import ResultsError, StudyResults, load_study
-from moe_lab.report.studies import StudyReport, Verdict, build
+from moe_lab.report.studies import StudyReport, Verdict, build, figures
 from moe_lab.report.studies import names as study_names
 from moe_lab.report.tasks import TasksCheck, check_tasks
 
@@ -81,8 +81,11 @@ def _study_report(results_root: Path, name: str) -> tuple[StudyResults | None, S
 
 def _figures(study: StudyResults | None, report: StudyReport, out: Path) -> list[Path]:
     """The study's figures; a run's record that cannot be read leaves them out and names it as the problem."""
-    try:
-        return draw(study, report, out)
+    if study is None:
+        return []
+    try:  # every figure of the study's module (its FIGURES) that its results can support
+        paths = [figure(study, report, out) for figure in figures(report.name)]
+        return [p for p in paths if p is not None]
     except CorruptFileError as err:
         report.problem = str(err)
         return []

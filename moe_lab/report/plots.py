@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from moe_lab.report.results import StudyResults
-from moe_lab.report.studies import figures
 from moe_lab.report.verdict import StudyReport
 
 Figure = Callable[[StudyResults, StudyReport, Path], Path | None]
@@ -222,14 +221,6 @@ def specialisation(study: StudyResults, report: StudyReport, out: Path) -> Path 
         ax.set_yticks(range(share.shape[0]), list(share.index), fontsize=7)
         ax.set(xlabel="expert", title=f"{label}: share of each label's tokens")
     return _save(fig, out / f"{study.name}-specialisation.png")
-
-
-def draw(study: StudyResults | None, report: StudyReport, out: Path) -> list[Path]:
-    """Every figure of a study (its module's FIGURES) that its results can support."""
-    if study is None:
-        return []
-    paths = [figure(study, report, out) for figure in figures(report.name)]
-    return [p for p in paths if p is not None]
 
 
 VERDICT_COLORS = {"yes": "tab:green", "no": "tab:red", "inconclusive": "tab:orange"}
