@@ -261,7 +261,7 @@ class StudyConfig:
     # pretraining of seed S, results/pretrain/PRESET/seed<S>, so the seeds measure pretraining noise too)
     pretraining: str = bounded("shared", choices=("shared", "per_seed"))
     description: str = ""  # the paper's finding, as the report states it
-    order: int | None = None  # the study's place in the report (unordered studies follow, by name)
+    order: int | None = bounded(None, ge=0, none="after the ordered ones, by name")  # its place in the report
     # the paper's numbers the report prints beside ours: row label -> column label -> a number or a short text,
     # numeric row labels written as f"{value:g}" (1.0 -> "1")
     paper_numbers: dict[str, dict[str, Any]] = field(default_factory=dict)

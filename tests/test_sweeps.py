@@ -56,19 +56,23 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
                 assert_applied(run, key, yaml.safe_load(value))
 
 
-def test_dry_run_lists_the_grid() -> None:
-    result = run_cli("sweep", "capacity-factor", "--dry-run")
+def test_dry_run_lists_the_grid(tmp_path: Path) -> None:
+    result = run_cli("sweep", "capacity-factor", "--dry-run", env={"MOE_LAB_RESULTS": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "20 runs" in " ".join(result.stdout.split())  # 4 train CFs x the study's 5 seeds (the title may wrap)
     rows = [ln for ln in result.stdout.splitlines() if ln.startswith("│")]
     cells = [[c.strip() for c in row.split("│")[1:-1]] for row in rows]
-    assert cells == [[str(i), cf, seed] for i, (cf, seed) in enumerate(
+    assert cells == [[str(i), cf, seed, "to run"] for i, (cf, seed) in enumerate(
         (cf, seed) for cf in ("0.75", "1.0", "1.25", "2.0") for seed in ("0", "1", "2", "3", "4")
     )]  # fmt: skip
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    committed_results = Path(__file__).resolve().parents[1] / "results"
+    committed = run_cli("sweep", "capacity-factor", "--dry-run", env={"MOE_LAB_RESULTS": str(committed_results)})
+    assert "20 points: 20 finished" in committed.stdout  # the committed results are this study's runs
     grid_2d = run_cli("sweep", "capacity-factor", "moe.eval_capacity_factor=1.0,2.0", "--dry-run")
     assert "40 runs" in " ".join(grid_2d.stdout.split())
     extra = run_cli("sweep", "top-k", "seed=0,1", "--dry-run")
-    assert "6 runs" in extra.stdout and "seed" in extra.stdout
+    assert "6 runs" in " ".join(extra.stdout.split()) and "seed" in extra.stdout
 
 
 def test_a_fine_tuning_sweep_refuses_an_architecture_key_before_running() -> None:
