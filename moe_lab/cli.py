@@ -201,7 +201,9 @@ def _compose_and_run(
         from moe_lab.parallel import leave
 
         leave()
-    if summary["status"] not in ("completed", "diverged"):
+    from moe_lab.paths import FINISHED
+
+    if summary["status"] not in FINISHED:
         raise typer.Exit(code=1)
 
 

@@ -54,6 +54,8 @@ def check_name(value: str, key: str = "name") -> None:
 EVAL_DIR = "eval"
 # a run's checkpoint (moe_lab.train.loop writes it; a sweep checks for it without importing torch)
 CHECKPOINT = "checkpoint.pt"
+# the statuses of a run that ended by itself (its summary.json): nothing is left to train or resume
+FINISHED = ("completed", "diverged")
 
 
 def records_path(run_dir: str | Path, name: str, step: int, capacity_factor: float | None = None) -> Path:

@@ -76,6 +76,7 @@ class Router(nn.Module):
     name: ClassVar[str | None] = None  # the MoEConfig.routing value that selects it; None: not selectable (a base)
     tokens_choose: ClassVar[bool] = True  # each slot is one of its token's choices, so its kept choices are defined
     top1: ClassVar[bool] = False  # every token goes to one expert by the router's own rule: top_k must be 1
+    by_token_id: ClassVar[bool] = False  # it looks at token ids, so it needs MoEConfig.vocab_size
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,6 +89,8 @@ class Router(nn.Module):
         ROUTERS[name] = cls
 
     def __init__(self, config: MoEConfig) -> None:
+        if self.by_token_id and config.vocab_size is None:
+            raise ValueError(f"MoEConfig.routing={self.name!r} needs MoEConfig.vocab_size (the model sets it)")
         super().__init__()
         self.config = config
         # statistics accumulated since they were last read, train and eval apart (moe_lab.moe.metrics)
@@ -262,10 +265,9 @@ class HashRouter(Router):
 
     name = "hash"
     top1 = True
+    by_token_id = True
 
     def __init__(self, config: MoEConfig) -> None:
-        if config.vocab_size is None:
-            raise ValueError("MoEConfig.routing='hash' needs MoEConfig.vocab_size (the model sets it)")
         super().__init__(config)
         self.register_buffer("hash_table_V", hash_table(config.vocab_size, config.num_experts, config.hash_seed))
 
@@ -327,10 +329,9 @@ class StableMoERouter(LearnedRouter):
 
     name = "stablemoe"
     top1 = True
+    by_token_id = True
 
     def __init__(self, config: MoEConfig) -> None:
-        if config.vocab_size is None:
-            raise ValueError("MoEConfig.routing='stablemoe' needs MoEConfig.vocab_size (the model sets it)")
         super().__init__(config)
         self.distilled = DistilledRouter(config.vocab_size, config.num_experts, config.distill_dim)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from moe_lab.io import CorruptFileError, check_whole_lines, read_csv, read_json
-from moe_lab.paths import records_path
+from moe_lab.paths import FINISHED, records_path
 
 # runs.csv columns that are results, not swept values
 RESULT_PREFIXES = ("final_", "best_", "fluctuation@", "moe_", "eval_moe_")
@@ -172,7 +172,7 @@ def aggregate(runs: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataF
         row = dict(zip(by, key, strict=True))
         row["runs"] = len(group)
         row["diverged"] = int((group["status"] == "diverged").sum())
-        row["failed"] = int((~group["status"].isin(["completed", "diverged"])).sum())
+        row["failed"] = int((~group["status"].isin(FINISHED)).sum())
         for metric in metrics:
             values = done[metric].dropna() if metric in done.columns else pd.Series(dtype=float)
             row[metric] = float(values.mean()) if len(values) else math.nan

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from moe_lab.io import CorruptFileError, atomic_write, read_csv, read_json
-from moe_lab.paths import CHECKPOINT, EXPERIMENTS, results_root
+from moe_lab.paths import CHECKPOINT, EXPERIMENTS, FINISHED, results_root
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -157,8 +157,7 @@ def ensure_pretrained(root: Path, preset: str, seed: int | None, extra: list[str
     pretraining it at the same time is waited for. A completed record without its checkpoint (checkpoints are not
     committed, so a fresh clone holds only the records) has its checkpoint rebuilt."""
     run_dir = pretrained_dir(root, preset, seed)
-    summary = run_dir / "summary.json"
-    if summary.exists() and read_json(summary).get("status") == "completed":
+    if _completed(run_dir):
         has_checkpoint = (run_dir / CHECKPOINT).exists()
         return run_dir if has_checkpoint else rebuild_checkpoint(run_dir, preset, seed, extra, console)
     _pretrain(run_dir, preset, seed, extra)
@@ -219,7 +218,7 @@ class PointCheck:
     identity: dict
     on_disk: bool  # the directory holds a run
     diffs: list[str]  # how that run's config differs from this point's (on disk -> now); empty if the same
-    stands_on: tuple[str, int | None] | None = None  # a fine-tuning point's pretraining: (preset, seed or None)
+    stands_on: tuple[str, int | None] | None = None  # (preset, seed or None): a point's pretraining, or its own
 
     def finished(self) -> bool:
         """Whether the directory holds this point's run, completed or diverged: the multirun will not train it."""
@@ -227,7 +226,7 @@ class PointCheck:
         if not self.on_disk or self.diffs or not summary.is_file():
             return False
         try:
-            return read_json(summary).get("status") in ("completed", "diverged")
+            return read_json(summary).get("status") in FINISHED
         except CorruptFileError:  # the multirun names it
             return False
 
@@ -241,19 +240,28 @@ def point_state(check: PointCheck) -> str:
     return "resumes" if check.on_disk else "to run"
 
 
-def pretraining_plan(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
-    """The pretrainings a sweep will train before its grid: those that a point still to train stands on and that
-    have no checkpoint (a fresh clone's records have none)."""
+def needed_pretrainings(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[PointCheck]:
+    """The pretrainings that a grid point still to train stands on: a finished point needs no weights, and a fresh
+    clone of the committed results holds every pretraining's record but no checkpoint, which would otherwise be
+    pretrained again."""
     waiting = {c.stands_on for c in checks if not c.finished()}
+    return [pre for pre in pretrainings if pre.stands_on in waiting]
+
+
+def pretraining_plan(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
+    """The pretrainings a sweep will train before its grid: the needed ones without a checkpoint."""
     lines = []
-    for pre in pretrainings:
-        if (pre.point[0], _seed_of(pre.point)) not in waiting or (pre.run_dir / CHECKPOINT).exists():
+    for pre in needed_pretrainings(pretrainings, checks):
+        if (pre.run_dir / CHECKPOINT).exists():
             continue
-        summary = pre.run_dir / "summary.json"
-        done = summary.is_file() and read_json(summary).get("status") == "completed"
-        what = "rebuilds the checkpoint of" if done else "resumes" if pre.on_disk else "pretrains"
+        what = "rebuilds the checkpoint of" if _completed(pre.run_dir) else "resumes" if pre.on_disk else "pretrains"
         lines.append(f"{what} {pre.run_dir} ({' '.join(pre.point)})")
     return lines
+
+
+def _completed(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and read_json(summary).get("status") == "completed"
 
 
 def shared_overrides(overrides: list[str]) -> list[str]:
@@ -293,7 +301,7 @@ def plan_study(study: Study, overrides: list[str], root: Path) -> tuple[list[Poi
     for preset, seed in (key for key in needed if key[0]):
         shared = [*([f"seed={seed}"] if per_seed else []), *shared_overrides(overrides)]
         identity = identity_config(to_run_config(compose(preset, shared)))
-        pretrainings.append(check([preset, *shared], pretrained_dir(root, preset, seed), identity))
+        pretrainings.append(check([preset, *shared], pretrained_dir(root, preset, seed), identity, (preset, seed)))
         expected[(preset, seed)] = identity_hash(identity)
     checks = []
     for point, run in zip(points, runs, strict=True):
@@ -367,11 +375,7 @@ def run_study(
     _refuse_or_move(checks, "grid points", rerun, console)
     # the pretraining a fine-tuning study stands on shares the study's data and logging overrides; with a parallel
     # launcher, as many pretrain at once as the grid points would run
-    # only where a point still has to train: a finished point needs no weights, and a fresh clone of the committed
-    # results holds every pretraining's record but no checkpoint, which would otherwise be pretrained again
-    waiting = {c.stands_on for c in checks if not c.finished()}
-    jobs = [(pre.point[0], _seed_of(pre.point), pre.point[1:]) for pre in pretrainings]
-    jobs = [job for job in jobs if job[:2] in waiting]
+    jobs = [(*pre.stands_on, pre.point[1:]) for pre in needed_pretrainings(pretrainings, checks)]
     workers = min(len(jobs), os.cpu_count() or 1) if launcher == "joblib" else 1
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         for done in [pool.submit(ensure_pretrained, root, preset, seed, extra) for preset, seed, extra in jobs]:
@@ -388,11 +392,6 @@ def run_study(
             f"the multirun of {name} exited with {code}; runs.csv has the runs so far; the same command resumes it"
         )
     return frame
-
-
-def _seed_of(point: list[str]) -> int | None:
-    """The seed a pretraining's overrides name (a per-seed pretraining), None for a shared one."""
-    return next((int(item.split("=", 1)[1]) for item in point if item.startswith("seed=")), None)
 
 
 def _default_pretrained(study: Study, overrides: list[str]) -> bool:

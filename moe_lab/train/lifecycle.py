@@ -23,7 +23,7 @@ from rich.table import Table
 from moe_lab.config import RunConfig
 from moe_lab.io import CorruptFileError, StorageError, atomic_write
 from moe_lab.parallel import World, from_main, init_from_env, world
-from moe_lab.paths import runs_root
+from moe_lab.paths import FINISHED, runs_root
 from moe_lab.runs import (
     RECORD,
     RunConflictError,
@@ -39,8 +39,6 @@ from moe_lab.runs import (
 from moe_lab.track import RunLogger, WandbSink, read_summary, write_json_atomic
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.loop import CHECKPOINT, rank_seed, resolve_device, train
-
-FINISHED = ("completed", "diverged")
 
 
 @dataclass

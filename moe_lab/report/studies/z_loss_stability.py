@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 
+from moe_lab.paths import FINISHED
 from moe_lab.report.plots import loss_curves, loss_vs_lr
 from moe_lab.report.pretraining import NATS
 from moe_lab.report.reference import reference
@@ -70,7 +71,7 @@ def sensitivity_by_seed(runs: pd.DataFrame, setting: str, lrs: list, cap: float,
         losses = {}
         for lr in lrs:
             at = group[group[LR] == lr]
-            if len(at) != 1 or at["status"].iloc[0] not in ("completed", "diverged"):
+            if len(at) != 1 or at["status"].iloc[0] not in FINISHED:
                 break
             completed_run = at["status"].iloc[0] == "completed"
             losses[lr] = float(at["final_val_loss"].iloc[0]) if completed_run else math.nan
