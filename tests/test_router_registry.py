@@ -1,5 +1,5 @@
-"""A new router is one class: defined here alone, it is a valid `moe.routing`, trains through the real training loop,
-and gets the step's expert loads after every optimizer step (`Router.post_step`)."""
+"""A new router is one class and its spec: defined here alone, it is a valid `moe.routing`, trains through the real
+training loop, and gets the step's expert loads after every optimizer step (`Router.post_step`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import torch.multiprocessing as mp
 from moe_lab.config import DataConfig, ModelConfig, OptimConfig, TokenizerConfig, TrainConfig, compose, to_run_config
 from moe_lab.data.lm import build_lm_data
 from moe_lab.models import LanguageModel, moe_layers
-from moe_lab.moe import ROUTERS, LearnedRouter, MoEConfig, route_assigned
-from moe_lab.moe.config import ROUTINGS
+from moe_lab.moe import ROUTINGS, LearnedRouter, MoEConfig, RouterSpec, register_router, route_assigned
 from moe_lab.track import RunLogger
 from moe_lab.train.loop import train
 from moe_lab.train.pretrain import LMTask
@@ -28,8 +27,6 @@ class BiasBalancedRouter(LearnedRouter):
     """Top-1 auxiliary-loss-free balancing in the manner of DeepSeek-V3: a per-expert bias, added to the scores for
     choosing only, moves after every step toward the experts that got fewer tokens than the mean."""
 
-    name = NAME
-    top1 = True
     rate = 0.1
 
     def __init__(self, config: MoEConfig) -> None:
@@ -52,12 +49,15 @@ class BiasBalancedRouter(LearnedRouter):
         self.bias_E += self.rate * torch.sign(loads_E.float().mean() - loads_E.float())
 
 
+register_router(RouterSpec(NAME, BiasBalancedRouter, top1=True))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def registered():
     """The router is registered while this file's tests run, and no longer after."""
-    assert ROUTERS[NAME] is BiasBalancedRouter
+    assert ROUTINGS[NAME].router_class() is BiasBalancedRouter
     yield
-    del ROUTERS[NAME]
+    del ROUTINGS[NAME]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def _train(model: LanguageModel, data, run_dir: Path, batch: int) -> None:
           show_progress=False)  # fmt: skip
 
 
-def test_the_configs_valid_routings_come_from_the_router_classes() -> None:
+def test_the_configs_valid_routings_come_from_the_router_specs() -> None:
     assert NAME in ROUTINGS and list(ROUTINGS)[:5] == ["token_choice", "expert_choice", "hash", "base", "stablemoe"]
     run = to_run_config(compose("tiny", [f"moe.routing={NAME}", "moe.top_k=1"]))
     assert run.moe.routing == NAME
@@ -91,8 +91,11 @@ def test_the_configs_valid_routings_come_from_the_router_classes() -> None:
 
 
 def test_a_duplicate_router_name_is_refused() -> None:
-    with pytest.raises(ValueError, match=f"router name '{NAME}' is taken by .*BiasBalancedRouter"):
-        type("Other", (LearnedRouter,), {"name": NAME})
+    with pytest.raises(ValueError, match=f"router name '{NAME}' is taken by .*:BiasBalancedRouter"):
+        register_router(RouterSpec(NAME, LearnedRouter, top1=True))
+    register_router(RouterSpec(NAME, BiasBalancedRouter, top1=True))  # the same spec again: a reloaded module
+    with pytest.raises(ValueError, match=r"router name 'hash' is taken by moe_lab\.moe\.routers:HashRouter"):
+        register_router(RouterSpec("hash", "moe_lab.moe.routers:TokenChoiceRouter"))
 
 
 def test_post_step_gets_each_steps_loads_after_the_update(data, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The shared MoE core: one layer, the router classes, one keep rule for capacity, and dispatch backends.
 
-- `routers`: the router base class and one subclass per routing strategy (scores, losses, metrics, post-step hook);
-  the registry `ROUTERS` that `MoEConfig.routing` selects from.
+- `config`: `MoEConfig`, and `ROUTINGS`, the registry of `RouterSpec`s that `MoEConfig.routing` selects from (what
+  each router asks of the configuration and where its class lives; `register_router` adds one).
+- `routers`: the router base class and one subclass per routing strategy (scores, losses, metrics, post-step hook).
 - `routing`: the routing decision: claim order, capacity, and which slots capacity keeps.
 - `dispatch`: the backends that move the kept slots' tokens through the experts (`BACKENDS`).
 - `layer`: `MoELayer`, which strings them together.
@@ -18,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from moe_lab.moe.balanced import balanced_assignment
-    from moe_lab.moe.config import MoEConfig
+    from moe_lab.moe.config import ROUTINGS, MoEConfig, RouterSpec, register_router
     from moe_lab.moe.dispatch import BACKENDS
     from moe_lab.moe.experts import Experts
     from moe_lab.moe.layer import MoELayer, MoELosses
     from moe_lab.moe.losses import load_balancing_loss, router_z_loss
-    from moe_lab.moe.routers import ROUTERS, LearnedRouter, Router, hash_table
+    from moe_lab.moe.routers import LearnedRouter, Router, hash_table
     from moe_lab.moe.routing import (
         KeptSlots,
         Routing,
@@ -45,7 +46,9 @@ _MODULES = {
     "MoEConfig": "config",
     "MoELayer": "layer",
     "MoELosses": "layer",
-    "ROUTERS": "routers",
+    "ROUTINGS": "config",
+    "RouterSpec": "config",
+    "register_router": "config",
     "Router": "routers",
     "Routing": "routing",
     "balanced_assignment": "balanced",
@@ -74,7 +77,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BACKENDS",
-    "ROUTERS",
+    "ROUTINGS",
     "DistilledRouter",
     "Experts",
     "KeptSlots",
@@ -83,12 +86,14 @@ __all__ = [
     "MoELayer",
     "MoELosses",
     "Router",
+    "RouterSpec",
     "Routing",
     "balanced_assignment",
     "expert_capacity",
     "hash_table",
     "keep_slots",
     "load_balancing_loss",
+    "register_router",
     "route_assigned",
     "route_expert_choice",
     "route_token_choice",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import MISSING, dataclass, field, fields
 from importlib import import_module
 from typing import Any
@@ -16,39 +16,79 @@ STAGE1_EVAL_ROUTERS = ("distilled", "learned")
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-class Registered(Collection[str]):
-    """The names of a registry that a module heavier than this one defines, looked up when first asked: the valid
-    values of a field are then that registry's entries, with nothing to keep in step here, and importing this
-    module imports neither torch nor the registry's module."""
+@dataclass(frozen=True)
+class RouterSpec:
+    """One value of `MoEConfig.routing`: the router class that routes and what it asks of the other fields, known
+    without importing torch. OLMo-core splits a router the same way (a config that names it, a module that routes):
+    the commands that only compose and check a configuration (`--show-config`, `--dry-run`) never load the router
+    classes. A new router is its class (a `moe_lab.moe.routers.Router` subclass), one `register_router(RouterSpec(
+    ...))` and a `conf/moe/NAME.yaml` to train it by name."""
 
-    def __init__(self, module: str, registry: str, *extra: str) -> None:
-        self.module, self.registry, self.extra = module, registry, extra
+    name: str
+    # the class, or "package.module:Class" to import when a layer is first built (the built-ins: no torch here)
+    router: str | type
+    top1: bool = False  # each token goes to one expert by the router's own rule: top_k must be 1, experts >= 2
+    by_token_id: bool = False  # it looks at token ids, so the layer needs vocab_size (the model sets it)
+    distinct_choices: bool = False  # a token's top_k choices are distinct experts: top_k <= num_experts
+    needs_capacity: bool = False  # capacity sets how many experts a token gets: no dropless (None) factor
 
-    def entries(self) -> dict[str, Any]:
-        """The registry itself: name -> what the name selects."""
-        return getattr(import_module(self.module), self.registry)
+    def check(self, config: MoEConfig, prefix: str) -> None:
+        """Raise ValueError naming the field of `config` this router cannot work with."""
+        if self.top1 and config.top_k != 1:
+            raise ValueError(f"{prefix}.routing={self.name!r} routes each token to one expert: top_k must be 1")
+        if self.top1 and config.num_experts < 2:
+            raise ValueError(f"{prefix}.routing={self.name!r} needs num_experts >= 2")
+        if self.distinct_choices and config.top_k > config.num_experts:
+            raise ValueError(f"{prefix}.top_k={config.top_k} exceeds num_experts={config.num_experts}")
+        for name in ("train_capacity_factor", "eval_capacity_factor") if self.needs_capacity else ():
+            if getattr(config, name) is None:
+                raise ValueError(f"{prefix}.{name}=None (dropless) is undefined for {self.name} routing")
 
-    def names(self) -> tuple[str, ...]:
-        """The registered names, then the extra ones."""
-        return (*self.entries(), *self.extra)
+    @property
+    def where(self) -> str:
+        """'package.module:Class', the router class's address."""
+        if isinstance(self.router, str):
+            return self.router
+        return f"{self.router.__module__}:{self.router.__qualname__}"
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.names()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
-
-    def __len__(self) -> int:
-        return len(self.names())
-
-    def __repr__(self) -> str:
-        return f"{self.module}.{self.registry}: {list(self)}"
+    def router_class(self) -> type:
+        """The class that routes, imported on first use."""
+        if isinstance(self.router, str):
+            module, _, name = self.router.partition(":")
+            return getattr(import_module(module), name)
+        return self.router
 
 
-# the values of `routing`: a router class registers its name when it is defined (moe_lab.moe.routers.ROUTERS); of
-# `backend`: the entries of moe_lab.moe.dispatch.BACKENDS, or "auto"
-ROUTINGS = Registered("moe_lab.moe.routers", "ROUTERS")
-BACKEND_NAMES = Registered("moe_lab.moe.dispatch", "BACKENDS", "auto")
+# MoEConfig.routing -> its RouterSpec: the one list of routers (register_router adds to it)
+ROUTINGS: dict[str, RouterSpec] = {}
+
+
+def register_router(spec: RouterSpec) -> RouterSpec:
+    """Make `spec.name` a valid `MoEConfig.routing`; a name already taken by another router is an error."""
+    taken = ROUTINGS.get(spec.name)
+    if taken is not None and taken != spec:
+        raise ValueError(f"router name {spec.name!r} is taken by {taken.where}")
+    ROUTINGS[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    # each token takes its top-k experts (k=1 Switch, k=2 GShard/ST-MoE)
+    RouterSpec("token_choice", "moe_lab.moe.routers:TokenChoiceRouter", distinct_choices=True),
+    # each expert takes its top-C tokens (Zhou et al. 2022)
+    RouterSpec("expert_choice", "moe_lab.moe.routers:ExpertChoiceRouter", needs_capacity=True),
+    # a fixed seeded hash of the token id (Roller et al. 2021)
+    RouterSpec("hash", "moe_lab.moe.routers:HashRouter", top1=True, by_token_id=True),
+    # a balanced assignment in training, greedy at inference (Lewis et al. 2021)
+    RouterSpec("base", "moe_lab.moe.routers:BaseRouter", top1=True),
+    # two stages, then a frozen router of token ids (Dai et al. 2022)
+    RouterSpec("stablemoe", "moe_lab.moe.routers:StableMoERouter", top1=True, by_token_id=True),
+):
+    register_router(_spec)
+
+# the values of `backend`: moe_lab.moe.dispatch defines `dispatch_NAME` for each, and "auto" picks one per device
+BACKENDS = ("sorted", "grouped_mm", "triton", "einsum", "loop")
+BACKEND_NAMES = (*BACKENDS, "auto")
 
 
 @dataclass(frozen=True)
@@ -203,8 +243,8 @@ class MoEConfig:
     def validate(self, prefix: str = "MoEConfig") -> None:
         """Raise ValueError naming the bad field and what would be accepted."""
         check_fields(self, prefix)
-        # what a router needs of the other fields (the top-1 routers: top_k 1) its class says
-        ROUTINGS.entries()[self.routing].check_config(self, prefix)
+        # what a router needs of the other fields (the top-1 routers: top_k 1) its spec says
+        ROUTINGS[self.routing].check(self, prefix)
 
     @classmethod
     def from_dict(cls, values: dict) -> MoEConfig:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moe_lab.moe import config
 from moe_lab.moe.experts import Experts, grouped_mm_supports
 from moe_lab.moe.routing import KeptSlots, Routing, count
 
@@ -157,11 +158,6 @@ def dispatch_einsum(x_TD: torch.Tensor, routing: Routing, kept: KeptSlots, exper
     return torch.cat(outputs)
 
 
-# the one list of backends: MoEConfig.backend accepts these names and "auto"
-BACKENDS: dict[str, Backend] = {
-    "sorted": dispatch_sorted,
-    "grouped_mm": dispatch_grouped_mm,
-    "triton": dispatch_triton,
-    "einsum": dispatch_einsum,
-    "loop": dispatch_loop,
-}
+# name -> backend: `dispatch_NAME` for each name of the one list, moe_lab.moe.config.BACKENDS (torch-free, so a
+# configuration is checked without importing this module)
+BACKENDS: dict[str, Backend] = {name: globals()[f"dispatch_{name}"] for name in config.BACKENDS}

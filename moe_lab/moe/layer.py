@@ -7,12 +7,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_lab.moe.config import MoEConfig
+from moe_lab.moe.config import ROUTINGS, MoEConfig
 from moe_lab.moe.dispatch import BACKENDS, triton_supports
 from moe_lab.moe.expert_parallel import ExpertGroup, dispatch_expert_parallel
 from moe_lab.moe.experts import Experts, grouped_mm_supports
 from moe_lab.moe.metrics import RouterMetrics
-from moe_lab.moe.routers import ROUTERS, MoELosses
+from moe_lab.moe.routers import MoELosses
 from moe_lab.moe.routing import Routing, keep_slots
 
 
@@ -36,7 +36,7 @@ class MoELayer(nn.Module):
         config.validate()
         self.config = config
         # the routing strategy: its parameters, its routing, its losses and metrics (moe_lab.moe.routers)
-        self.router = ROUTERS[config.routing](config)
+        self.router = ROUTINGS[config.routing].router_class()(config)
         self.experts = Experts(
             config.num_experts, config.d_model, config.d_ff, config.activation, config.expert_dropout
         )

@@ -2,10 +2,11 @@
 
 A router scores the tokens of one forward, turns them into a `Routing` with one of the claim-order rules of
 moe_lab.moe.routing (which also says what capacity keeps), names its auxiliary losses, counts its metrics, and may
-act after every optimizer step (`post_step`, called by the training loop with the step's expert loads). A
-subclass that sets `name` registers itself in `ROUTERS`, so `MoEConfig(routing=name)` selects it: a new router
-is one class (and a `conf/moe/NAME.yaml` to train it by name). `MoELayer` holds one as `layer.router` and never
-branches on its name.
+act after every optimizer step (`post_step`, called by the training loop with the step's expert loads).
+`MoEConfig.routing` selects a class through its `RouterSpec` (moe_lab.moe.config: the one list of routers and
+what each asks of the other fields, torch-free), so a new router is one class here or anywhere, one
+`register_router(RouterSpec(...))` and a `conf/moe/NAME.yaml` to train it by name. `MoELayer` holds one as
+`layer.router` and never branches on its name.
 
 The learned routers keep their scorer's weights under the checkpoint key `router.weight`; hash routing's table
 and StableMoE's light router live under `router.` too.
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moe_lab.moe.balanced import balanced_assignment
-from moe_lab.moe.config import MoEConfig
+from moe_lab.moe.config import ROUTINGS, MoEConfig
 from moe_lab.moe.losses import load_balancing_loss, router_z_loss
 from moe_lab.moe.metrics import RouterMetrics
 from moe_lab.moe.routing import Routing, count, group_ids, route_assigned, route_expert_choice, route_token_choice
@@ -66,44 +67,19 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros((), dtype=torch.float32)
 
 
-# MoEConfig.routing -> the router class; filled by Router.__init_subclass__, never by hand
-ROUTERS: dict[str, type[Router]] = {}
-
-
 class Router(nn.Module):
     """What every router does; a subclass routes (`route`) and may add losses, a schedule and a post-step update."""
 
-    name: ClassVar[str | None] = None  # the MoEConfig.routing value that selects it; None: not selectable (a base)
     tokens_choose: ClassVar[bool] = True  # each slot is one of its token's choices, so its kept choices are defined
-    top1: ClassVar[bool] = False  # every token goes to one expert by the router's own rule: top_k must be 1
-    by_token_id: ClassVar[bool] = False  # it looks at token ids, so it needs MoEConfig.vocab_size
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        name = cls.__dict__.get("name")
-        if name is None:
-            return
-        taken = ROUTERS.get(name)
-        if taken is not None and taken.__qualname__ != cls.__qualname__:  # the same class again: a reloaded module
-            raise ValueError(f"router name {name!r} is taken by {taken.__module__}.{taken.__qualname__}")
-        ROUTERS[name] = cls
 
     def __init__(self, config: MoEConfig) -> None:
-        if self.by_token_id and config.vocab_size is None:
-            raise ValueError(f"MoEConfig.routing={self.name!r} needs MoEConfig.vocab_size (the model sets it)")
+        if ROUTINGS[config.routing].by_token_id and config.vocab_size is None:
+            raise ValueError(f"MoEConfig.routing={config.routing!r} needs MoEConfig.vocab_size (the model sets it)")
         super().__init__()
         self.config = config
         # statistics accumulated since they were last read, train and eval apart (moe_lab.moe.metrics)
         self.metrics = {"train": RouterMetrics(config.num_experts), "eval": RouterMetrics(config.num_experts)}
         self._loads_E: torch.Tensor | None = None  # slots per expert since the last post_step, if it wants them
-
-    @classmethod
-    def check_config(cls, config: MoEConfig, prefix: str) -> None:
-        """Raise ValueError naming the field of `config` this router cannot work with."""
-        if cls.top1 and config.top_k != 1:
-            raise ValueError(f"{prefix}.routing={config.routing!r} routes each token to one expert: top_k must be 1")
-        if cls.top1 and config.num_experts < 2:
-            raise ValueError(f"{prefix}.routing={config.routing!r} needs num_experts >= 2")
 
     def route(
         self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None, capacity_factor: float | None
@@ -200,14 +176,6 @@ class LearnedRouter(Router):
 class TokenChoiceRouter(LearnedRouter):
     """Each token takes its top-k experts (k=1 Switch, k=2 GShard/ST-MoE), balanced by the Switch aux loss."""
 
-    name = "token_choice"
-
-    @classmethod
-    def check_config(cls, config: MoEConfig, prefix: str) -> None:
-        super().check_config(config, prefix)
-        if config.top_k > config.num_experts:
-            raise ValueError(f"{prefix}.top_k={config.top_k} exceeds num_experts={config.num_experts}")
-
     def route(self, x_TD, token_ids_T, capacity_factor):
         cfg = self.config
         logits_TE, probs_TE = self(x_TD)
@@ -233,15 +201,7 @@ class ExpertChoiceRouter(LearnedRouter):
     """Each expert takes its top-C tokens (Zhou et al. 2022). Balanced by construction: no aux loss, as in
     flaxformer (the Switch loss would be the constant cf * k here), only the z-loss."""
 
-    name = "expert_choice"
     tokens_choose = False  # experts pick tokens: a slot is no choice of its token
-
-    @classmethod
-    def check_config(cls, config: MoEConfig, prefix: str) -> None:
-        super().check_config(config, prefix)
-        for name in ("train_capacity_factor", "eval_capacity_factor"):
-            if getattr(config, name) is None:
-                raise ValueError(f"{prefix}.{name}=None (dropless) is undefined for expert_choice routing")
 
     def route(self, x_TD, token_ids_T, capacity_factor):
         cfg = self.config
@@ -262,10 +222,6 @@ def hash_table(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:
 class HashRouter(Router):
     """Hash layers (Roller et al. 2021): a fixed seeded hash of the token id picks the expert, gate 1; nothing
     is learned, so there is no balance or z-loss."""
-
-    name = "hash"
-    top1 = True
-    by_token_id = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -295,9 +251,6 @@ def _sigmoid_gated(
 class BaseRouter(LearnedRouter):
     """BASE layers (Lewis et al. 2021): a balanced assignment of every group in training, greedy at inference."""
 
-    name = "base"
-    top1 = True
-
     def route(self, x_TD, token_ids_T, capacity_factor):
         logits_TE, probs_TE = self(x_TD)
         if self.training:
@@ -326,10 +279,6 @@ class StableMoERouter(LearnedRouter):
 
     Evaluation in stage 1 routes by the light router when `stage1_eval_router` is "distilled" (the fork's
     behaviour), else by the learned scores."""
-
-    name = "stablemoe"
-    top1 = True
-    by_token_id = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)

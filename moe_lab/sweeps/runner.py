@@ -116,15 +116,13 @@ def compose_point(study: Study, point: list[str]):
 
 def check_points(study: Study, points: list[list[str]]) -> list:
     """Every grid point's RunConfig; the first point that does not compose raises ConfigError naming it."""
-    from moe_lab.config import ConfigError, to_run_config
+    from moe_lab.config import ConfigError, finetune_changes, to_run_config
 
     runs = []
     for i, point in enumerate(points):
         try:
             runs.append(to_run_config(compose_point(study, point)))
             if study.command == "finetune":
-                from moe_lab.train.finetune import finetune_changes
-
                 finetune_changes([*point, f"+experiments={study.name}"])
         except (ConfigError, ValueError) as err:
             raise ConfigError(f"grid point {i} ({' '.join(point)}): {err}") from None

@@ -13,12 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from moe_lab.config import FINETUNE_MOE_KEYS, FinetuneConfig, ModelConfig, RunConfig, to_run_config
+from moe_lab.config import FINETUNE_MOE_KEYS, FinetuneConfig, ModelConfig, RunConfig, finetune_changes, to_run_config
 from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel, count_parameters
 from moe_lab.models.transformer import ModelLosses, is_moe_position
-from moe_lab.paths import EXPERIMENTS
 from moe_lab.runs import identity_config, record_hash
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.freeze import apply_freeze
@@ -182,41 +181,6 @@ def check_dense_settings(model: ModelConfig, moe_keys: set[str], finetune: Finet
         )
     if finetune.freeze_router:
         raise ValueError(f"finetune.freeze_router=true: {dense}, so there is no router to freeze; leave it out")
-
-
-def _overridden(overrides: list[str], prefix: str) -> set[str]:
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
-    return {k[len(prefix) :] for k in keys if k.startswith(prefix)}
-
-
-def _study_keys(overrides: list[str], group: str) -> set[str]:
-    """The keys of `group` (moe, model) that the study a sweep point runs under (`+experiments=NAME`) sets."""
-    keys: set[str] = set()
-    for item in overrides:
-        key, _, name = item.partition("=")
-        if key.lstrip("+") == "experiments" and name:
-            section = OmegaConf.load(EXPERIMENTS / f"{name}.yaml").get(group)
-            keys |= set(section.keys()) if section else set()
-    return keys
-
-
-FINETUNE_MODEL_KEYS = ("dropout",)
-
-
-def finetune_changes(overrides: list[str]) -> tuple[set[str], set[str]]:
-    """(MoE keys, model keys) a fine-tuning run changes from its pretrained model: those set on the command line
-    or by the study. A key the checkpoint fixes (the architecture) raises ValueError naming the ones that may."""
-    changes = {}
-    for group, allowed in (("moe", FINETUNE_MOE_KEYS), ("model", FINETUNE_MODEL_KEYS)):
-        keys = _overridden(overrides, f"{group}.") | _study_keys(overrides, group)
-        fixed = sorted(keys - set(allowed))
-        if fixed:
-            raise ValueError(
-                f"{', '.join(f'{group}.{k}' for k in fixed)}: fixed by the pretrained checkpoint (its architecture); "
-                f"fine-tuning may change {', '.join(f'{group}.{k}' for k in allowed)}"
-            )
-        changes[group] = keys
-    return changes["moe"], changes["model"]
 
 
 def run_finetune(
