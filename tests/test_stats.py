@@ -16,25 +16,20 @@ from moe_lab.report.stats import (
     DIRECTION_LEVEL,
     EQUIVALENCE_LEVEL,
     NO_DIFFERENCE,
-    RULES,
     Difference,
     Estimate,
     Grid,
     _per_seed_examples,
-    at_most,
     by_value,
-    combine,
     contrast,
     difference,
-    direction,
-    equivalent,
     estimates,
-    judge,
     mean_of,
     pooled_means,
     t_quantile,
     trend,
 )
+from moe_lab.report.verdict import RULES, at_most, combine, direction, equivalent, judge
 
 # b's values at seeds 0..4: far apart, so only pairing by seed sees a small difference a - b
 BASE = (1.0, 2.5, 0.7, 3.1, 1.9)

@@ -16,6 +16,7 @@ import pandas as pd
 from moe_lab.io import read_json
 from moe_lab.report import stats
 from moe_lab.report.results import final_examples
+from moe_lab.report.verdict import judge
 
 SPARSE, DENSE = "small", "dense-small"
 LABELS = {SPARSE: "sparse: 8 experts, top-2, MoE in 2 of 4 blocks", DENSE: "dense twin"}
@@ -49,8 +50,8 @@ def _summaries(root: Path, name: str) -> dict[int, dict]:
 
 def claim(d: stats.Difference, better: str, margin: float) -> str:
     """'sparse better', 'dense better', 'no difference' (inside the margin) or 'inconclusive': the direction rule
-    (stats.judge) on sparse - dense, naming which way a 'no' went."""
-    verdict = stats.judge(d, "direction", margin, better)[0]
+    (verdict.judge) on sparse - dense, naming which way a 'no' went."""
+    verdict = judge(d, "direction", margin, better)[0]
     if verdict == "yes":
         return "sparse better"
     if verdict == "no":

@@ -16,10 +16,9 @@ from rich.table import Table
 
 from moe_lab.io import atomic_write
 from moe_lab.report.mainjob import MainJob
-from moe_lab.report.stats import RULE_TEXT
 from moe_lab.report.studies import StudyReport
 from moe_lab.report.tasks import TASKS, TasksCheck
-from moe_lab.report.verdict import parts_table
+from moe_lab.report.verdict import RULE_TEXT, parts_table
 
 VERDICT_COLOURS = {"yes": "green", "partly": "yellow", "inconclusive": "yellow", "no": "red", "no data": "dim"}
 

@@ -3,6 +3,13 @@
 A verdict is "yes", "partly", "no", "inconclusive" (the runs cannot tell) or "no data", combined from the parts of
 the paper's claim (`Part`: what is compared, the difference, the rule, its margin and the part's verdict). Each
 builder states the check it made in `checked`, and every part states its test, so a reader can disagree.
+
+The rules (`judge`; ../shared/STATISTICS.md): a direction claim is yes when the 95% interval excludes zero on the
+paper's side, no when it excludes zero on the other side or the 90% interval lies inside +-margin, else
+inconclusive. An equivalence claim (two one-sided tests, Lakens 2017) is yes when the 90% interval lies inside
++-margin, no when it lies wholly outside it. An "at most" claim (a cost of at most the margin: non-inferiority) is
+yes when the 90% interval's upper end is below the margin, no when its lower end is above it. Parts combine
+(`combine`) into the study's verdict.
 """
 
 from __future__ import annotations
@@ -14,7 +21,19 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from moe_lab.report.reference import Reference, reference
-from moe_lab.report.stats import DIRECTION_LEVEL, EQUIVALENCE_LEVEL, Difference, combine, judge
+from moe_lab.report.stats import DIRECTION_LEVEL, EQUIVALENCE_LEVEL, Difference
+
+RULES = ("direction", "equivalence", "at most")
+
+RULE_TEXT = (
+    "each part is judged on Student's t at its degrees of freedom (paired by seed, or pooled over the study's grid "
+    "of settings x seeds with seed as block; one seed measures no training noise and decides nothing): a direction "
+    "part is yes when the 95% interval excludes 0 on the paper's side, no when it excludes 0 on the other side or "
+    "the 90% interval lies inside +-margin; an equivalence part is yes when the 90% interval lies inside +-margin, "
+    "no when it lies wholly outside; an 'at most' part is yes when the 90% interval ends below the margin, no when it "
+    "starts above it; else inconclusive. Parts combine: all yes is yes, all no is no, a no of a necessary part is "
+    "no, any other undecided part is inconclusive, and parts decided both ways are partly"
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +106,7 @@ class Verdict:
 
 def verdict_of(parts: list[Part], checked: str, extra: str = "") -> Verdict:
     """The verdict combined from `parts`; `ours` lists each part's difference (after `extra`, if any). The rules
-    every part follows (stats.RULE_TEXT) are stated once, at the top of the report."""
+    every part follows (RULE_TEXT) are stated once, at the top of the report."""
     reproduced = combine([p.verdict for p in parts], [p.necessary for p in parts])
     ours = "; ".join([*([extra] if extra else []), *(p.text() for p in parts)]) or "-"
     return Verdict(reproduced, ours, checked, parts)
@@ -174,3 +193,72 @@ def no_data(name: str) -> StudyReport:
 def strictly_decreasing(values: list[float]) -> bool:
     """Whether every value is below the one before it."""
     return all(b < a for a, b in itertools.pairwise(values))
+
+
+def judge(d: Difference, rule: str, margin: float, expected: str = ">") -> tuple[str, str]:
+    """(verdict, the reason in words) of a claim about d under `rule` (direction | equivalence | at most) with
+    `margin`; `expected` is the paper's side ('>' or '<') of a direction claim."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {list(RULES)}, got {rule!r}")
+    if expected not in (">", "<"):
+        raise ValueError(f"expected must be '>' or '<', got {expected!r}")
+    if not margin > 0:
+        raise ValueError(f"a margin must be positive, got {margin!r}")
+    if not d.decidable:
+        why = "one seed measures no training noise" if d.n == 1 else "no standard error over seeds"
+        return "inconclusive", why
+    lo, hi = d.interval(EQUIVALENCE_LEVEL)
+    inside, below, above = -margin < lo and hi < margin, hi < -margin, lo > margin
+    if rule == "equivalence":
+        if inside:
+            return "yes", "90% interval inside ±margin"
+        if below or above:
+            return "no", "90% interval outside ±margin"
+        return "inconclusive", "90% interval crosses ±margin"
+    if rule == "at most":
+        if hi < margin:
+            return "yes", "90% interval below the margin"
+        if lo > margin:
+            return "no", "90% interval above the margin"
+        return "inconclusive", "90% interval contains the margin"
+    lo95, hi95 = d.interval(DIRECTION_LEVEL)
+    right, wrong = (lo95 > 0, hi95 < 0) if expected == ">" else (hi95 < 0, lo95 > 0)
+    if right:
+        return "yes", "95% interval excludes 0 on the paper's side"
+    if wrong:
+        return "no", "95% interval excludes 0 on the other side"
+    if inside:
+        return "no", "90% interval inside ±margin: too small to count"
+    return "inconclusive", "95% interval contains 0, 90% interval crosses ±margin"
+
+
+def direction(d: Difference, expected: str, margin: float) -> str:
+    """Whether d is on the paper's side `expected` ('>' or '<'): see `judge`."""
+    return judge(d, "direction", margin, expected)[0]
+
+
+def equivalent(d: Difference, margin: float) -> str:
+    """Whether d is within +-margin (two one-sided tests): see `judge`."""
+    return judge(d, "equivalence", margin)[0]
+
+
+def at_most(d: Difference, margin: float) -> str:
+    """Whether d (a cost) is below `margin` (non-inferiority): see `judge`."""
+    return judge(d, "at most", margin)[0]
+
+
+def combine(verdicts: list[str], necessary: list[bool] | None = None) -> str:
+    """One verdict from its parts': a decided no of a necessary part is no; else all yes is yes, all no is no, any
+    part undecided is inconclusive, and parts decided both ways are partly."""
+    if not verdicts:
+        return "no data"
+    necessary = necessary or [False] * len(verdicts)
+    if any(v == "no" and need for v, need in zip(verdicts, necessary, strict=True)):
+        return "no"
+    if all(v == "yes" for v in verdicts):
+        return "yes"
+    if all(v == "no" for v in verdicts):
+        return "no"
+    if any(v not in ("yes", "no") for v in verdicts):
+        return "inconclusive"
+    return "partly"
