@@ -246,7 +246,9 @@ def sweep(
     """Run an ablation study as a Hydra multirun; finished runs are skipped, so a killed sweep resumes.
 
     Exit 0: every point completed or diverged; 1: a point failed (runs.csv is written first); 2: bad input."""
-    from moe_lab.sweeps.runner import SweepError, check_points, grid, load_study, run_study, swept_keys
+    from moe_lab.sweeps.plan import SweepError
+    from moe_lab.sweeps.runner import run_study
+    from moe_lab.sweeps.study import check_points, grid, load_study, swept_keys
 
     overrides = list(ctx.args)
     try:
@@ -259,7 +261,7 @@ def sweep(
     states, plan = [""] * len(points), []
     if dry_run:  # what the sweep would do with what is on disk
         from moe_lab.paths import results_root
-        from moe_lab.sweeps.runner import plan_study, point_state, pretraining_plan
+        from moe_lab.sweeps.plan import plan_study, point_state, pretraining_plan
 
         try:
             pretrainings, checks = plan_study(study, overrides, results_root())

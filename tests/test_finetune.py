@@ -198,7 +198,7 @@ def pretrained_eval_cf_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_study_yaml_moe_setting_applies_to_its_fine_tuning_runs(pretrained_eval_cf_1: Path, tmp_path: Path) -> None:
-    from moe_lab.sweeps.runner import compose_point, load_study
+    from moe_lab.sweeps.study import compose_point, load_study
     from moe_lab.train.finetune import run_finetune
 
     study = load_study("token-drop")  # sets moe.eval_capacity_factor: 2.0 in its YAML, not on the command line
@@ -247,7 +247,8 @@ def test_text_labels_are_named_by_the_data_when_no_names_are_given(pretrained: P
 
 
 def test_a_fine_tuning_study_plans_one_pretraining_or_one_per_seed_and_passes_it_scale(tmp_path: Path) -> None:
-    from moe_lab.sweeps.runner import load_study, plan_study, shared_overrides
+    from moe_lab.sweeps.plan import plan_study, shared_overrides
+    from moe_lab.sweeps.study import load_study
 
     overrides = ["seed=0,1,2", "scale=0.5", "train.threads=1", "data.num_docs=300"]
     shared = ["scale=0.5", "train.threads=1", "data.num_docs=300"]
@@ -343,7 +344,7 @@ def test_a_setting_that_does_nothing_on_a_dense_model_is_refused(
 def test_a_dense_model_fine_tunes_in_a_study_with_the_default_moe_settings(
     dense_pretrained: Path, tmp_path: Path
 ) -> None:
-    from moe_lab.sweeps.runner import compose_point, load_study
+    from moe_lab.sweeps.study import compose_point, load_study
     from moe_lab.train.finetune import run_finetune
 
     study = load_study("finetune-grid")  # sweeps finetune.pretrained over mini and its dense twin

@@ -237,7 +237,8 @@ def test_the_report_accepts_the_runs_csv_a_sweep_wrote(finished_sweep: Path, tmp
 
 
 def test_runs_csv_is_replaced_whole_or_not_at_all(finished_sweep: Path, tmp_path: Path, monkeypatch) -> None:
-    from moe_lab.sweeps.runner import collect, load_study
+    from moe_lab.sweeps.runner import collect
+    from moe_lab.sweeps.study import load_study
 
     root = tmp_path / "results"
     shutil.copytree(finished_sweep, root)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moe_lab.sweeps.runner import hydra_command, load_study
+from moe_lab.sweeps.runner import hydra_command
+from moe_lab.sweeps.study import load_study
 from tests.conftest import MOE_LAB, run_cli
 
 TINY = ("preset=tiny", "train.eval_every=4", "train.threads=1", "logger.progress=false", "seed=0")

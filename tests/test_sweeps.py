@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from moe_lab.config import CONF_DIR, to_run_config
-from moe_lab.sweeps.runner import compose_point, grid, load_study, studies, swept_keys
+from moe_lab.sweeps.study import compose_point, grid, load_study, studies, swept_keys
 from tests.conftest import MOE_LAB, run_cli
 
 
@@ -244,7 +244,7 @@ def test_make_reproduce_runs_a_study_with_its_default_arguments_and_reports(tmp_
 def test_the_committed_results_are_the_runs_of_the_committed_studies(name: str) -> None:
     """`make reproduce` on a fresh clone reuses results/ only if each run there is its grid point's config: a
     study file or default changed since without rerunning the study would stop it (and mislead a reader)."""
-    from moe_lab.sweeps.runner import plan_study
+    from moe_lab.sweeps.plan import plan_study
 
     repo = Path(__file__).resolve().parents[1]
     pretrainings, checks = plan_study(load_study(name), ["train.threads=1", "logger.progress=false"], repo / "results")

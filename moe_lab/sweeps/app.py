@@ -13,8 +13,9 @@ from rich.console import Console
 
 from moe_lab.config import CONF_MODULE, register_configs
 from moe_lab.parallel import leave
+from moe_lab.paths import results_root
 from moe_lab.runs import RunConflictError
-from moe_lab.sweeps.runner import pretrained_dir, results_root
+from moe_lab.sweeps.plan import pretrained_dir
 from moe_lab.track import write_json_atomic
 
 register_configs()
