@@ -1,8 +1,7 @@
 """One run's lifecycle, shared by pretraining and fine-tuning: its directory and whether the run there is this
 one, seeding and the thread count, the lock, resuming from the checkpoint, logging, and the record
-(run.json, the Hydra snapshot, summary.json however the run ends). `run_directory` (`begin_run`; `claim` once the
-data and the model are built; the lock released however it ends) -> `train_and_record`, in that order in
-moe_lab.train.run."""
+(run.json, the Hydra snapshot, summary.json however the run ends). `begin_run` -> build data and model ->
+`claim` -> `train_and_record`, in that order in moe_lab.train.run."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import contextlib
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -236,47 +235,6 @@ def _claim_on_main(
         lock.release()
         raise
     return replace(start, record=record, lock=lock, resume_state=state)
-
-
-@dataclass
-class RunDirectory:
-    """What `run_directory` yields: the run's start, its summary if it has already ended, and `claim` to lock it."""
-
-    start: RunStart
-    identity: dict[str, Any]
-    cfg: DictConfig
-    overrides: list[str]
-    console: Console
-    wait: bool
-
-    @property
-    def finished(self) -> dict | None:
-        """The summary of the run if it has already ended (found at the start, or once claimed): nothing to do."""
-        return self.start.previous
-
-    def claim(self) -> RunStart:
-        """`claim` the directory: lock it, record the run and load the checkpoint to resume from."""
-        self.start = claim(self.start, self.identity, self.cfg, self.overrides, self.console, self.wait)
-        return self.start
-
-
-@contextlib.contextmanager
-def run_directory(
-    run: RunConfig,
-    identity: dict[str, Any],
-    cfg: DictConfig,
-    overrides: list[str],
-    console: Console,
-    rerun: bool = False,
-    wait: bool = False,
-) -> Iterator[RunDirectory]:
-    """The run's directory as `begin_run` finds it (nothing is written yet), to `claim` once the data and the model
-    are built; its lock is released when the block ends, however it ends."""
-    directory = RunDirectory(begin_run(run, identity, console, rerun), identity, cfg, overrides, console, wait)
-    try:
-        yield directory
-    finally:
-        directory.start.release()
 
 
 class SilentLogger:

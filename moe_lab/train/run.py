@@ -1,10 +1,12 @@
 """The life of one run, shared by pretraining and fine-tuning, top to bottom: find its directory, build what it
-trains, claim the directory, describe the model, train and record. What differs is the `build` step."""
+trains, claim the directory, describe the model, train and record (the steps are moe_lab.train.lifecycle's). What
+differs is the `build` step."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +17,7 @@ from rich.table import Table
 
 from moe_lab.config import RunConfig
 from moe_lab.models import count_parameters
-from moe_lab.train.lifecycle import run_directory, train_and_record
+from moe_lab.train.lifecycle import RunStart, begin_run, claim, train_and_record
 
 
 @dataclass
@@ -56,6 +58,47 @@ def run_training(
         describe_model(console, built.title, params, built.flops)
         console.print(f"{built.about}; run dir {start.run_dir}")
         return train_and_record(run, cfg, start, built.model, built.task, params, built.extra, started, console)
+
+
+@dataclass
+class RunDirectory:
+    """What `run_directory` yields: the run's start, its summary if it has already ended, and `claim` to lock it."""
+
+    start: RunStart
+    identity: dict[str, Any]
+    cfg: DictConfig
+    overrides: list[str]
+    console: Console
+    wait: bool
+
+    @property
+    def finished(self) -> dict | None:
+        """The summary of the run if it has already ended (found at the start, or once claimed): nothing to do."""
+        return self.start.previous
+
+    def claim(self) -> RunStart:
+        """`claim` the directory: lock it, record the run and load the checkpoint to resume from."""
+        self.start = claim(self.start, self.identity, self.cfg, self.overrides, self.console, self.wait)
+        return self.start
+
+
+@contextlib.contextmanager
+def run_directory(
+    run: RunConfig,
+    identity: dict[str, Any],
+    cfg: DictConfig,
+    overrides: list[str],
+    console: Console,
+    rerun: bool = False,
+    wait: bool = False,
+) -> Iterator[RunDirectory]:
+    """The run's directory as `begin_run` finds it (nothing is written yet), to `claim` once the data and the model
+    are built; its lock is released when the block ends, however it ends."""
+    directory = RunDirectory(begin_run(run, identity, console, rerun), identity, cfg, overrides, console, wait)
+    try:
+        yield directory
+    finally:
+        directory.start.release()
 
 
 def describe_model(console: Console, name: str, params: dict[str, int], flops: int | None = None) -> None:
