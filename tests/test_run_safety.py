@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moe_lab.runs import RunLock
+from moe_lab.runs import RunLock, lock_holder
 from tests.conftest import MOE_LAB, run_cli, signal_at_first_checkpoint
 
 TINY = ("preset=tiny", "train.max_steps=8", "train.eval_every=4", "logger.progress=false")
@@ -158,6 +158,29 @@ def test_a_sweep_waits_for_a_point_another_process_is_training(tmp_path: Path, c
     finally:
         lock.release()
     assert [p.name for p in held.iterdir()] == [".lock"]
+
+
+def test_a_run_that_fails_after_claiming_its_directory_releases_the_lock(
+    tmp_path: Path, cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from moe_lab.config import compose
+    from moe_lab.train import run as run_module
+    from moe_lab.train.pretrain import run_pretrain
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model table could not be drawn")
+
+    run_dir = tmp_path / "run"
+    overrides = [f"run_dir={run_dir}", cache, "train.max_steps=2", "logger.progress=false"]
+    monkeypatch.setattr(run_module, "describe_model", broken)  # between claiming the directory and training
+    with pytest.raises(RuntimeError, match="could not be drawn"):
+        run_pretrain(compose("tiny", overrides), overrides, Console(quiet=True))
+    assert (run_dir / ".lock").exists() and lock_holder(run_dir) is None  # claimed, then released
+    monkeypatch.undo()
+    summary = run_pretrain(compose("tiny", [*overrides, "resume=true"]), overrides, Console(quiet=True))
+    assert summary["status"] == "completed"
 
 
 def test_two_sweeps_of_one_study_at_once_train_each_point_once(tmp_path: Path, cache: str) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -16,13 +16,13 @@ from rich.console import Console
 from moe_lab.config import FINETUNE_MOE_KEYS, FinetuneConfig, ModelConfig, RunConfig, finetune_changes, to_run_config
 from moe_lab.data.lm import lm_tokenizer
 from moe_lab.data.tasks import ClassificationData, build_classification_data
-from moe_lab.models import ClassifierModel, count_parameters
+from moe_lab.models import ClassifierModel
 from moe_lab.models.transformer import ModelLosses, is_moe_position
 from moe_lab.runs import identity_config, record_hash
 from moe_lab.train.checkpoint import load_checkpoint
 from moe_lab.train.freeze import apply_freeze
-from moe_lab.train.lifecycle import begin_run, claim, describe_model, train_and_record
 from moe_lab.train.loop import CHECKPOINT, Evaluation
+from moe_lab.train.run import Built, run_training
 
 
 def macro_f1(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -183,6 +183,55 @@ def check_dense_settings(model: ModelConfig, moe_keys: set[str], finetune: Finet
         raise ValueError(f"finetune.freeze_router=true: {dense}, so there is no router to freeze; leave it out")
 
 
+def build_finetuning(run: RunConfig, pre_dir: Path, pre: RunConfig, moe_keys: set[str], model_keys: set[str]) -> Built:
+    """The task's data and the pretrained model with a classification head, frozen as finetune.freeze says.
+    Called once the run is known not to have ended: a finished run needs no weights (a fresh clone holds records,
+    not checkpoints)."""
+    if not (pre_dir / CHECKPOINT).is_file():
+        raise FileNotFoundError(
+            f"checkpoint={run.checkpoint!r}: {pre_dir} is a pretraining record without its {CHECKPOINT} (checkpoints "
+            "are not committed): a `moe-lab sweep` of a study that stands on it pretrains it again, or fine-tune "
+            "from a pretraining run of your own"
+        )
+
+    # the architecture is the checkpoint's; fine-tuning may change capacity, losses and dropout
+    moe_cfg = replace(pre.moe, **{k: getattr(run.moe, k) for k in moe_keys})
+    model_cfg = replace(pre.model, **{k: getattr(run.model, k) for k in model_keys})
+    tokenizer = lm_tokenizer(pre.data, pre.tokenizer)
+    # examples longer than the model's context are cut to it
+    task_cfg = replace(run.task, max_len=min(run.task.max_len, model_cfg.max_seq_len))
+    num_people = pre.data.num_people if pre.data.source == "synthetic" and pre.data.fact_fraction else 0
+    if run.task.source == "polarity" and not (pre.data.source == "synthetic" and pre.data.valence_cues):
+        raise ValueError(
+            f"task {run.task.name!r} asks what the embedded corpus's cue sentences teach about adjectives, but the "
+            f"pretrained model read data.source={pre.data.source!r} with data.valence_cues={pre.data.valence_cues}: "
+            "pretrain on data.source=synthetic with data.valence_cues=true"
+        )
+    data = build_classification_data(
+        task_cfg, tokenizer, pre.data.cache_dir, run.seed, num_people, pre.data.num_domains
+    )
+    model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes, run.task.pooling)
+    if run.finetune.init == "pretrained":  # else the checkpoint's architecture from the seed's initialisation
+        load_pretrained(model, pre_dir)
+    counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
+    task = ClassificationTask(data, run.train.batch_size, run.seed, tokenizer.pad_id, run.finetune.train_eval_examples)
+    about = (
+        f"task {run.task.name}: {len(data.train_ids):,} train / {len(data.val_ids):,} val examples, "
+        f"{data.num_classes} classes; trainable parameters {counts['trainable']:,} of {counts['total']:,} "
+        f"(freeze={run.finetune.freeze}{', router frozen' if run.finetune.freeze_router else ''})"
+    )
+    extra = {
+        "task": run.task.name,
+        "metric": run.task.metric,
+        "val_examples": len(data.val_ids),
+        "label_names": list(data.label_names),
+        "pretrained": str(pre_dir),
+        "trainable_parameters": counts["trainable"],
+        "moe": {k: getattr(moe_cfg, k) for k in FINETUNE_MOE_KEYS},
+    }
+    return Built(model, task, extra, f"{pre.name} -> {run.task.name}", about)
+
+
 def run_finetune(
     cfg: DictConfig,
     overrides: list[str] | None = None,
@@ -201,57 +250,5 @@ def run_finetune(
     check_dense_settings(pre.model, moe_keys, run.finetune, pre_dir)
     run = replace(run, name=f"finetune-{run.task.name}")
     identity = identity_config(run, record_hash(pre_dir))
-    start = begin_run(run, identity, console, rerun)
-    if start.previous is not None:  # a finished run needs no weights: a fresh clone holds records, not checkpoints
-        return start.previous
-    if not (pre_dir / CHECKPOINT).is_file():
-        raise FileNotFoundError(
-            f"checkpoint={run.checkpoint!r}: {pre_dir} is a pretraining record without its {CHECKPOINT} (checkpoints "
-            "are not committed): a `moe-lab sweep` of a study that stands on it pretrains it again, or fine-tune "
-            "from a pretraining run of your own"
-        )
-
-    # the architecture is the checkpoint's; fine-tuning may change capacity, losses and dropout
-    moe_cfg = replace(pre.moe, **{k: getattr(run.moe, k) for k in moe_keys})
-    model_cfg = replace(pre.model, **{k: getattr(run.model, k) for k in model_keys})
-    started = time.time()
-    tokenizer = lm_tokenizer(pre.data, pre.tokenizer)
-    # examples longer than the model's context are cut to it
-    task_cfg = replace(run.task, max_len=min(run.task.max_len, model_cfg.max_seq_len))
-    num_people = pre.data.num_people if pre.data.source == "synthetic" and pre.data.fact_fraction else 0
-    if run.task.source == "polarity" and not (pre.data.source == "synthetic" and pre.data.valence_cues):
-        raise ValueError(
-            f"task {run.task.name!r} asks what the embedded corpus's cue sentences teach about adjectives, but the "
-            f"pretrained model read data.source={pre.data.source!r} with data.valence_cues={pre.data.valence_cues}: "
-            "pretrain on data.source=synthetic with data.valence_cues=true"
-        )
-    data = build_classification_data(
-        task_cfg, tokenizer, pre.data.cache_dir, run.seed, num_people, pre.data.num_domains
-    )
-    model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes, run.task.pooling)
-    if run.finetune.init == "pretrained":  # else the checkpoint's architecture from the seed's initialisation
-        load_pretrained(model, pre_dir)
-    counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
-
-    start = claim(start, identity, cfg, overrides, console, wait)
-    if start.previous is not None:  # another process finished it while we waited
-        return start.previous
-    params = count_parameters(model)
-    describe_model(console, f"{pre.name} -> {run.task.name}", params)
-    console.print(
-        f"task {run.task.name}: {len(data.train_ids):,} train / {len(data.val_ids):,} val examples, "
-        f"{data.num_classes} classes; trainable parameters {counts['trainable']:,} of {counts['total']:,} "
-        f"(freeze={run.finetune.freeze}{', router frozen' if run.finetune.freeze_router else ''}); "
-        f"run dir {start.run_dir}"
-    )
-    task = ClassificationTask(data, run.train.batch_size, run.seed, tokenizer.pad_id, run.finetune.train_eval_examples)
-    extra = {
-        "task": run.task.name,
-        "metric": run.task.metric,
-        "val_examples": len(data.val_ids),
-        "label_names": list(data.label_names),
-        "pretrained": str(pre_dir),
-        "trainable_parameters": counts["trainable"],
-        "moe": {k: getattr(moe_cfg, k) for k in FINETUNE_MOE_KEYS},
-    }
-    return train_and_record(run, cfg, start, model, task, params, extra, started, console)
+    build = partial(build_finetuning, pre_dir=pre_dir, pre=pre, moe_keys=moe_keys, model_keys=model_keys)
+    return run_training(run, identity, build, cfg, overrides, console, rerun, wait)

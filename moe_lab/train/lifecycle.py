@@ -1,7 +1,7 @@
 """One run's lifecycle, shared by pretraining and fine-tuning: its directory and whether the run there is this
 one, seeding and the thread count, the lock, resuming from the checkpoint, logging, and the record
 (run.json, the Hydra snapshot, summary.json however the run ends). `begin_run` -> build data and model ->
-`claim` -> `train_and_record`."""
+`claim` -> `train_and_record`, in that order in moe_lab.train.run."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.table import Table
 
 from moe_lab.config import RunConfig
 from moe_lab.io import CorruptFileError, StorageError, atomic_write
@@ -238,17 +237,6 @@ def _claim_on_main(
     return replace(start, record=record, lock=lock, resume_state=state)
 
 
-def describe_model(console: Console, name: str, params: dict[str, int], flops: int | None = None) -> None:
-    """A table of total and active parameters (and FLOPs per token when known)."""
-    table = Table(title=f"model {name}", show_header=False)
-    table.add_row("parameters (total)", f"{params['total']:,}")
-    table.add_row("parameters (active per token)", f"{params['active']:,}")
-    table.add_row("of which experts (total)", f"{params['experts']:,}")
-    if flops is not None:
-        table.add_row("forward FLOPs per token", f"{flops:,}")
-    console.print(table)
-
-
 class SilentLogger:
     """The logger of ranks other than 0 under data parallelism: rank 0 writes the run's records."""
 
@@ -274,73 +262,70 @@ def train_and_record(
 ) -> dict:
     """Train with logging to CSV (and W&B), and write summary.json however the run ends; returns the summary.
     A summary.json the machine will not take (a full disk) leaves a short one recording the run as failed, and
-    raises RunFailedError. Releases the run directory's lock at the end."""
+    raises RunFailedError."""
     run_dir = start.run_dir
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    wandb_sink = None
+    if run.logger.wandb and world().main:
+        wandb_id = (start.record or {}).get("wandb_id")
+        wandb_name = f"{run.name}/{run_dir.name}"
+        wandb_sink = WandbSink(
+            run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id,
+            silent=not run.logger.verbose,
+        )  # fmt: skip
+    logger = RunLogger(run_dir, wandb_sink) if world().main else SilentLogger()
+    summary: dict[str, Any] = {
+        "name": run.name,
+        "run_dir": str(run_dir),
+        "identity": (start.record or {}).get("identity"),
+        "status": "running",
+        "world_size": world().size,
+        "parameters": params,
+        **extra,
+        "device": str(resolve_device(run.train.device)),
+        "torch_version": torch.__version__,
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "config": resolved,
+    }
+    failed = False
     try:
-        resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-        wandb_sink = None
-        if run.logger.wandb and world().main:
-            wandb_id = (start.record or {}).get("wandb_id")
-            wandb_name = f"{run.name}/{run_dir.name}"
-            wandb_sink = WandbSink(
-                run_dir, run.logger.project, wandb_name, resolved, run.logger.wandb_mode, wandb_id,
-                silent=not run.logger.verbose,
-            )  # fmt: skip
-        logger = RunLogger(run_dir, wandb_sink) if world().main else SilentLogger()
-        summary: dict[str, Any] = {
-            "name": run.name,
-            "run_dir": str(run_dir),
-            "identity": (start.record or {}).get("identity"),
-            "status": "running",
-            "world_size": world().size,
-            "parameters": params,
-            **extra,
-            "device": str(resolve_device(run.train.device)),
-            "torch_version": torch.__version__,
-            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(),
-            "config": resolved,
-        }
-        failed = False
-        try:
-            result = train(
-                model, task, run.train, run.optim, run_dir, logger, resume_state=start.resume_state, console=console,
-                show_progress=run.logger.progress, expert_parallel=run.parallel.expert,
-            )  # fmt: skip
-            summary.update(
-                status=result.status,
-                step=result.step,
-                final_train_loss=result.train_loss,
-                **{f"final_{k}": v for k, v in result.eval.items()},
-                **{f"best_{k}": v for k, v in result.best.items()},
-                diverged_at_step=result.diverged_at,
-                reason=result.reason,
-                train_seconds=result.train_seconds,
-                tokens=result.tokens,
-                tokens_per_s=result.tokens_per_s,
-                **result.fluctuation,
-            )
-        except BaseException as err:
-            failed = True
-            summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-            if isinstance(err, Exception):
-                raise RunFailedError(
-                    f"{run_dir} failed while training ({type(err).__name__}: {err}); "
-                    f"the traceback is in {run_dir / 'summary.json'}; resume=true continues from the last checkpoint"
-                ) from err
-            raise  # Ctrl-C or SystemExit: recorded as failed, resumable
-        finally:
-            summary["wall_seconds"] = time.time() - started
-            unwritten = _record(logger, summary)
-            logger.finish(failed=failed or unwritten is not None)
-        if unwritten is not None:
+        result = train(
+            model, task, run.train, run.optim, run_dir, logger, resume_state=start.resume_state, console=console,
+            show_progress=run.logger.progress, expert_parallel=run.parallel.expert,
+        )  # fmt: skip
+        summary.update(
+            status=result.status,
+            step=result.step,
+            final_train_loss=result.train_loss,
+            **{f"final_{k}": v for k, v in result.eval.items()},
+            **{f"best_{k}": v for k, v in result.best.items()},
+            diverged_at_step=result.diverged_at,
+            reason=result.reason,
+            train_seconds=result.train_seconds,
+            tokens=result.tokens,
+            tokens_per_s=result.tokens_per_s,
+            **result.fluctuation,
+        )
+    except BaseException as err:
+        failed = True
+        summary.update(status="failed", reason=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        if isinstance(err, Exception):
             raise RunFailedError(
-                f"{run_dir} trained to step {summary.get('step')} but its record could not be written ({unwritten}); "
-                "it is recorded as failed: free space, and resume=true records it from the last checkpoint"
-            ) from unwritten
-        report_run(console, summary)
-        return summary
+                f"{run_dir} failed while training ({type(err).__name__}: {err}); "
+                f"the traceback is in {run_dir / 'summary.json'}; resume=true continues from the last checkpoint"
+            ) from err
+        raise  # Ctrl-C or SystemExit: recorded as failed, resumable
     finally:
-        start.release()
+        summary["wall_seconds"] = time.time() - started
+        unwritten = _record(logger, summary)
+        logger.finish(failed=failed or unwritten is not None)
+    if unwritten is not None:
+        raise RunFailedError(
+            f"{run_dir} trained to step {summary.get('step')} but its record could not be written ({unwritten}); "
+            "it is recorded as failed: free space, and resume=true records it from the last checkpoint"
+        ) from unwritten
+    report_run(console, summary)
+    return summary
 
 
 def _record(logger: RunLogger | SilentLogger, summary: dict[str, Any]) -> StorageError | None:

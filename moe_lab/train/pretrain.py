@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from functools import partial
 
@@ -16,12 +15,12 @@ from rich.console import Console
 from moe_lab.config import RunConfig, to_run_config
 from moe_lab.data.lm import LMData, build_lm_data, lm_tokenizer
 from moe_lab.data.tokenizers import token_text
-from moe_lab.models import LanguageModel, count_parameters, flops_per_token
+from moe_lab.models import LanguageModel, flops_per_token
 from moe_lab.models.transformer import ModelLosses
 from moe_lab.runs import identity_config
-from moe_lab.train.lifecycle import begin_run, claim, describe_model, train_and_record
 from moe_lab.train.loop import Evaluation
 from moe_lab.train.recall import FactRecall
+from moe_lab.train.run import Built, run_training
 
 
 class LMTask:
@@ -134,6 +133,24 @@ def fact_recall(run: RunConfig, tokenizer) -> FactRecall | None:
     return FactRecall(chosen, tokenizer, run.model.max_seq_len)
 
 
+def build_pretraining(run: RunConfig) -> Built:
+    """The data, language model and next-token task of a pretraining run."""
+    if run.train.seq_len > run.model.max_seq_len:
+        raise ValueError(f"train.seq_len={run.train.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
+    data = build_lm_data(run.data, run.tokenizer, run.train.seq_len)
+    model = LanguageModel(run.model, run.moe, data.vocab_size)
+    tokenizer = lm_tokenizer(run.data, run.tokenizer)
+    recall = fact_recall(run, tokenizer)
+    task = LMTask(data, run.train.batch_size, run.seed, run.train.eval_batches, partial(token_text, tokenizer), recall)
+    flops = flops_per_token(run.model, run.moe, data.vocab_size, run.train.seq_len)
+    about = (
+        f"data: {data.train_tokens:,} train tokens ({data.tokenizer_name}), {data.val_BS.numel():,} val; "
+        f"unigram val loss {data.unigram_val_loss:.4f}"
+    )
+    extra = {"flops_per_token": flops, "unigram_val_loss": data.unigram_val_loss}
+    return Built(model, task, extra, run.name, about, flops)
+
+
 def run_pretrain(
     cfg: DictConfig,
     overrides: list[str] | None = None,
@@ -145,32 +162,7 @@ def run_pretrain(
 
     `rerun` moves a run already in the run directory aside first; `wait` waits for another process training
     that directory instead of stopping (sweeps)."""
-    console = console or Console()
     run = to_run_config(cfg).scaled()
-    identity = identity_config(run)
-    start = begin_run(run, identity, console, rerun)
-    if start.previous is not None:
-        return start.previous
-    if run.train.seq_len > run.model.max_seq_len:
-        raise ValueError(f"train.seq_len={run.train.seq_len} exceeds model.max_seq_len={run.model.max_seq_len}")
-
-    # data and model first: a missing file or an unreachable hub fails before any run directory exists
-    started = time.time()
-    data = build_lm_data(run.data, run.tokenizer, run.train.seq_len)
-    model = LanguageModel(run.model, run.moe, data.vocab_size)
-    tokenizer = lm_tokenizer(run.data, run.tokenizer)
-    recall = fact_recall(run, tokenizer)
-    task = LMTask(data, run.train.batch_size, run.seed, run.train.eval_batches, partial(token_text, tokenizer), recall)
-    start = claim(start, identity, cfg, overrides or [], console, wait)
-    if start.previous is not None:  # another process finished it while we waited
-        return start.previous
-    run_dir = start.run_dir
-    params = count_parameters(model)
-    flops = flops_per_token(run.model, run.moe, data.vocab_size, run.train.seq_len)
-    describe_model(console, run.name, params, flops)
-    console.print(
-        f"data: {data.train_tokens:,} train tokens ({data.tokenizer_name}), {data.val_BS.numel():,} val; "
-        f"unigram val loss {data.unigram_val_loss:.4f}; run dir {run_dir}"
+    return run_training(
+        run, identity_config(run), build_pretraining, cfg, overrides or [], console or Console(), rerun, wait
     )
-    extra = {"flops_per_token": flops, "unigram_val_loss": data.unigram_val_loss}
-    return train_and_record(run, cfg, start, model, task, params, extra, started, console)
