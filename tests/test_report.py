@@ -911,13 +911,15 @@ def test_z_loss_diverged_baseline_seeds_are_counted_not_averaged(tmp_path: Path)
     assert baseline["final_val_loss"] == pytest.approx(2.60)
     # (1) z-loss - baseline per seed -0.18, +0.015, -0.15: -0.105 +- 0.061 on 2 df, an interval of +-0.26 around
     # it: inconclusive. (2) Baseline's best stable lr is 0.01 (2.62), not 0.1 with its lone 2.60; z-loss at 0.1
-    # minus it, per seed -0.14, -0.15, -0.16: yes. 0/6 against 2/6 diverged is Fisher p = C(10, 6) / C(12, 6) = 0.227
+    # minus it, per seed -0.14, -0.15, -0.16: yes. (3) The max router logit at each one's best lr, 2 against 30 at
+    # every seed: yes. 0/6 against 2/6 diverged is Fisher p = C(10, 6) / C(12, 6) = 0.227
     assert report.verdict.reproduced == "inconclusive"
-    assert [p.verdict for p in report.verdict.parts] == ["inconclusive", "yes"]
+    assert [p.verdict for p in report.verdict.parts] == ["inconclusive", "yes", "yes"]
     assert report.verdict.ours == (
         "diverged by lr: baseline 0.01: 0/3, 0.1: 2/3; z-loss 0.01: 0/3, 0.1: 0/3 (z-loss diverges less: one-sided "
         "Fisher p = 0.227); LR sensitivity z-loss - baseline -0.105 ± 0.061 (paired by seed, n=3, 2 df); best-lr "
-        "val loss z-loss (lr 0.1) - baseline (lr 0.01) -0.150 ± 0.006 (paired by seed, n=3, 2 df)"
+        "val loss z-loss (lr 0.1) - baseline (lr 0.01) -0.150 ± 0.006 (paired by seed, n=3, 2 df); max router logit "
+        "z-loss - baseline (at each one's best lr) -28.000 ± 0.000 (paired by seed, n=3, 2 df)"
     )
     section = md_sections((out / "report.md").read_text())["z-loss-stability"]
     baseline_row = (
