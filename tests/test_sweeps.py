@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from moe_lab.config import CONF_DIR, to_run_config
-from moe_lab.sweeps.study import compose_point, grid, load_study, studies, swept_keys
+from moe_lab.sweeps.study import check_points, compose_point, grid, load_study, studies, swept_keys
 from tests.conftest import MOE_LAB, run_cli
 
 
@@ -39,8 +39,12 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
     points = grid(study)
     assert len(points) >= 2 and swept_keys(points)
     study_values = yaml.safe_load((CONF_DIR.parent / "experiments" / f"{name}.yaml").read_text())
-    for point in points:
+    # the sweep's check composes with Hydra once per config-group choice and sets the other values itself
+    # (moe_lab.config.compose_configs): every point must come out as Hydra's own compose of it
+    checked = check_points(study, points)
+    for point, fast in zip(points, checked, strict=True):
         run = to_run_config(compose_point(study, point))
+        assert fast == run, point
         assert run.study.name == name and run.study.paper
         for item in point:
             key, value = item.split("=", 1)
@@ -54,6 +58,17 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
                 assert_applied(run, "" if "@package _global_" in text else key.lstrip("+"), values)
             else:
                 assert_applied(run, key, yaml.safe_load(value))
+
+
+def test_a_bad_value_at_a_later_grid_point_is_hydras_error_naming_the_point() -> None:
+    from moe_lab.config import ConfigError
+
+    study = load_study("top-k")
+    # the second point reuses the first's composition; its bad values must fail as Hydra's compose fails them
+    with pytest.raises(ConfigError, match=r"grid point 1 \(moe.top_k=2 seed=x\): .*seed"):
+        check_points(study, [["moe.top_k=1", "seed=0"], ["moe.top_k=2", "seed=x"]])
+    with pytest.raises(ConfigError, match=r"grid point 1 \(moe.top_k=0 seed=1\): moe.top_k must be >= 1"):
+        check_points(study, [["moe.top_k=1", "seed=0"], ["moe.top_k=0", "seed=1"]])
 
 
 def test_dry_run_lists_the_grid(tmp_path: Path) -> None:

@@ -92,24 +92,35 @@ def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
     return sweep_points([*sweep, *runs])
 
 
+def _point_overrides(study: Study, point: list[str]) -> list[str]:
+    """What the sweep job of a grid point composes: the study, then the point (a fine-tuning point names no
+    checkpoint yet: the job gets its pretraining's)."""
+    given = any(item.startswith("checkpoint=") for item in point)
+    extra = ["checkpoint=unused"] if study.command == "finetune" and not given else []
+    return [*extra, *point]
+
+
+def _root(study: Study) -> str:
+    return "finetune" if study.command == "finetune" else "config"
+
+
 def compose_point(study: Study, point: list[str]):
     """The validated config of one grid point, composed with the Compose API as the sweep job would be."""
     from moe_lab.config import compose_config
 
-    root = "finetune" if study.command == "finetune" else "config"
-    given = any(item.startswith("checkpoint=") for item in point)
-    extra = ["checkpoint=unused"] if study.command == "finetune" and not given else []
-    return compose_config(root, [SEARCH_PATH, f"+experiments={study.name}", *extra, *point])
+    return compose_config(_root(study), [SEARCH_PATH, f"+experiments={study.name}", *_point_overrides(study, point)])
 
 
 def check_points(study: Study, points: list[list[str]]) -> list:
     """Every grid point's RunConfig; the first point that does not compose raises ConfigError naming it."""
-    from moe_lab.config import ConfigError, finetune_changes, to_run_config
+    from moe_lab.config import ConfigError, compose_configs, finetune_changes, to_run_config
 
+    common = [SEARCH_PATH, f"+experiments={study.name}"]
+    configs = compose_configs(_root(study), common, [_point_overrides(study, point) for point in points])
     runs = []
     for i, point in enumerate(points):
         try:
-            runs.append(to_run_config(compose_point(study, point)))
+            runs.append(to_run_config(next(configs)))
             if study.command == "finetune":
                 finetune_changes([*point, f"+experiments={study.name}"])
         except (ConfigError, ValueError) as err:
