@@ -40,7 +40,7 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
     assert len(points) >= 2 and swept_keys(points)
     study_values = yaml.safe_load((CONF_DIR.parent / "experiments" / f"{name}.yaml").read_text())
     # the sweep's check composes with Hydra once per config-group choice and sets the other values itself
-    # (moe_lab.config.compose_configs): every point must come out as Hydra's own compose of it
+    # (moe_lab.config.compose_runs): every point must come out as Hydra's own compose of it
     checked = check_points(study, points)
     for point, fast in zip(points, checked, strict=True):
         run = to_run_config(compose_point(study, point))

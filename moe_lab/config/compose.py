@@ -4,7 +4,6 @@ knows Hydra."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import itertools
@@ -82,28 +81,28 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def compose_configs(config_name: str, common: list[str], points: list[list[str]]) -> Iterator[DictConfig]:
-    """`compose_config(config_name, [*common, *point])` for each point in turn, with Hydra composing only once for
-    points that differ in plain values alone (`key=value` on a key that is no config group; no `+`, `++`, `~` or
-    package): they reuse that composition with their values set, as Hydra sets values after merging the defaults
-    list. A grid's points mostly differ so (seed, lr), and a Hydra compose costs ~0.1 s, which a dry run of a
-    50-point study paid 50 times. A point the shortcut cannot take is composed in full, so its error is Hydra's."""
+def compose_runs(config_name: str, common: list[str], points: list[list[str]]) -> Iterator[RunConfig]:
+    """The RunConfig of `compose_config(config_name, [*common, *point])` for each point in turn, with Hydra composing
+    only once for points that differ in plain values alone (`key=value` on a key that is no config group; no `+`,
+    `++`, `~` or package): they reuse that composition with their values set, as Hydra sets values after merging
+    the defaults list. A grid's points mostly differ so (seed, lr), and a Hydra compose costs ~0.1 s, which a dry
+    run of a 50-point study paid 50 times. A point the shortcut cannot take is composed in full, so its error is
+    Hydra's."""
     composed: dict[tuple, DictConfig] = {}
     for point in points:
         values = dict(_plain_values(point))
         shape = (tuple(o for o in point if o.partition("=")[0] not in values), tuple(values))
-        if shape not in composed:
-            composed[shape] = compose_config(config_name, [*common, *point])
-            yield composed[shape]
-            continue
-        cfg = copy.deepcopy(composed[shape])
-        try:
-            for key, value in values.items():
-                OmegaConf.update(cfg, key, value, merge=False)
-            to_run_config(cfg)  # validates, as compose_config does
-        except (ValueError, OmegaConfBaseException):
-            cfg = compose_config(config_name, [*common, *point])  # raises, naming the key as Hydra sees it
-        yield cfg
+        cfg = composed.get(shape)
+        if cfg is not None:
+            try:  # every point of a shape sets all of its values, so the composition is updated in place
+                for key, value in values.items():
+                    OmegaConf.update(cfg, key, value, merge=False)
+                yield to_run_config(cfg)
+                continue
+            except (ValueError, OmegaConfBaseException):
+                pass  # composed in full below: Hydra raises its own error
+        cfg = composed[shape] = compose_config(config_name, [*common, *point])
+        yield to_run_config(cfg)
 
 
 def _plain_values(overrides: list[str]) -> Iterator[tuple[str, Any]]:
@@ -123,7 +122,7 @@ def _plain_values(overrides: list[str]) -> Iterator[tuple[str, Any]]:
         yield key, override.value()
 
 
-# the groups validated one by one before the whole config, so an error names the key a user sets
+# the groups validated one by one when the whole config fails, so an error names the key a user sets
 # (model.d_model) rather than the MoE field interpolated from it (moe.d_model)
 _GROUPS = ("model", "data", "tokenizer", "optim", "train", "logger", "task", "finetune", "parallel")
 
@@ -131,6 +130,20 @@ _GROUPS = ("model", "data", "tokenizer", "optim", "train", "logger", "task", "fi
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """The typed, validated RunConfig of a composed config; every error is one ConfigError line."""
     _reject_unknown_keys(cfg, RunConfig, "")
+    try:
+        run = _to_object(cfg)
+        if not isinstance(run, RunConfig):
+            raise ConfigError(f"composed config is a {type(run).__name__}, expected RunConfig")
+        run.validate()
+    except ValueError as err:
+        _check_groups(cfg)  # a group that fails alone names its own key
+        raise ConfigError(str(err)) from None
+    return run
+
+
+def _check_groups(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first group of `cfg` that fails validation on its own (looked for only once the
+    whole config failed: a valid config pays for one conversion, not ten)."""
     for group in _GROUPS:
         if group in cfg:
             node = _to_object(cfg[group])
@@ -138,14 +151,6 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
                 node.validate()
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-    run = _to_object(cfg)
-    if not isinstance(run, RunConfig):
-        raise ConfigError(f"composed config is a {type(run).__name__}, expected RunConfig")
-    try:
-        run.validate()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    return run
 
 
 def _to_object(node: DictConfig) -> Any:

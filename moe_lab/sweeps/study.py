@@ -113,14 +113,14 @@ def compose_point(study: Study, point: list[str]):
 
 def check_points(study: Study, points: list[list[str]]) -> list:
     """Every grid point's RunConfig; the first point that does not compose raises ConfigError naming it."""
-    from moe_lab.config import ConfigError, compose_configs, finetune_changes, to_run_config
+    from moe_lab.config import ConfigError, compose_runs, finetune_changes
 
     common = [SEARCH_PATH, f"+experiments={study.name}"]
-    configs = compose_configs(_root(study), common, [_point_overrides(study, point) for point in points])
+    configs = compose_runs(_root(study), common, [_point_overrides(study, point) for point in points])
     runs = []
     for i, point in enumerate(points):
         try:
-            runs.append(to_run_config(next(configs)))
+            runs.append(next(configs))
             if study.command == "finetune":
                 finetune_changes([*point, f"+experiments={study.name}"])
         except (ConfigError, ValueError) as err:
