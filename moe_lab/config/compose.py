@@ -62,11 +62,15 @@ def compose(preset: str, overrides: list[str] | None = None) -> DictConfig:
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose conf/CONFIG_NAME.yaml with overrides (Hydra's Compose API) and validate it; errors are ConfigError."""
+    return _compose(config_name, overrides)[0]
+
+
+def _compose(config_name: str, overrides: list[str]) -> tuple[DictConfig, RunConfig]:
+    """`compose_config`'s config and the RunConfig its validation built."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -77,8 +81,7 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
         raise ConfigError(_explain(err)) from None
     finally:
         GlobalHydra.instance().clear()
-    to_run_config(cfg)  # validates
-    return cfg
+    return cfg, to_run_config(cfg)
 
 
 def compose_runs(config_name: str, common: list[str], points: list[list[str]]) -> Iterator[RunConfig]:
@@ -101,8 +104,8 @@ def compose_runs(config_name: str, common: list[str], points: list[list[str]]) -
                 continue
             except (ValueError, OmegaConfBaseException):
                 pass  # composed in full below: Hydra raises its own error
-        cfg = composed[shape] = compose_config(config_name, [*common, *point])
-        yield to_run_config(cfg)
+        composed[shape], run = _compose(config_name, [*common, *point])
+        yield run
 
 
 def _plain_values(overrides: list[str]) -> Iterator[tuple[str, Any]]:
