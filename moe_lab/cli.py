@@ -251,16 +251,17 @@ def sweep(
             check_points(study, points)
     except ValueError as err:
         fail(str(err))
-    states, plan = [""] * len(points), []
+    states, plan, warnings = [""] * len(points), [], []
     if dry_run:  # what the sweep would do with what is on disk
         from moe_lab.paths import results_root
-        from moe_lab.sweeps.plan import plan_study, point_state, pretraining_plan
+        from moe_lab.sweeps.plan import base_warnings, plan_study, point_state, pretraining_plan
 
         try:
             pretrainings, checks = plan_study(study, overrides, results_root())
         except _user_errors() as err:
             fail_on(err)
         states, plan = [point_state(c) for c in checks], pretraining_plan(pretrainings, checks)
+        warnings = base_warnings(pretrainings, checks)
     keys = swept_keys(points) or [p.split("=")[0] for p in points[0]]
     table = Table(title=f"{study.name}: {study.paper} ({len(points)} runs, moe-lab {study.command})")
     table.add_column("#", justify="right")
@@ -277,6 +278,8 @@ def sweep(
         console.print(f"{len(points)} points: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
         for line in plan:
             console.print(f"before the grid, the sweep {line}")
+        for line in warnings:
+            console.print(f"[yellow]{line}[/yellow]")
         return
     handle_sigterm()
     try:

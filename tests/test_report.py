@@ -17,7 +17,7 @@ from rich.console import Console
 from moe_lab.paths import records_path
 from moe_lab.report import make_report
 from moe_lab.report.render import inline_markdown
-from moe_lab.report.results import aggregate, load_study
+from moe_lab.report.results import ResultsError, aggregate, load_study
 from moe_lab.report.spec import KEYS, StudySpecError, study_spec
 from moe_lab.report.stats import estimates
 from moe_lab.report.studies import build, figures, names
@@ -68,13 +68,14 @@ def set_runs(root: Path, name: str, column: str, value: object, where) -> None:
     """Set `column` to `value` in the rows of a study's runs.csv where `where(frame)` holds, and in those runs'
     summary.json files, as a sweep that had produced those numbers would have written them."""
     path = root / name / "runs.csv"
-    runs = pd.read_csv(path)
-    runs.loc[where(runs), column] = value
+    runs = pd.read_csv(path, dtype={column: str} if isinstance(value, str) else None)  # "0000" stays a string
+    chosen = where(runs)
+    runs.loc[chosen, column] = value
     runs.to_csv(path, index=False)
-    for record in runs.to_dict("records"):
+    for record, is_chosen in zip(runs.to_dict("records"), chosen, strict=True):
         summary_path = root / name / "runs" / record["run"] / "summary.json"
         summary = json.loads(summary_path.read_text())
-        summary.update({k: v for k, v in record.items() if k in summary})
+        summary.update({k: v for k, v in record.items() if k in summary or (k == column and is_chosen)})
         summary_path.write_text(json.dumps(summary))
 
 
@@ -1318,3 +1319,26 @@ def test_every_study_file_states_what_its_report_prints() -> None:
     for name in STUDIES:
         spec = study_spec(name)
         assert spec.paper and spec.description and spec.margins.values and spec.order is not None, name
+
+
+def test_runs_of_one_seed_fine_tuned_from_two_base_models_are_not_judged(tmp_path: Path) -> None:
+    build_freeze(tmp_path)
+    judged = build("freeze", load_study(tmp_path, "freeze")).verdict
+    seeds = sorted(set(pd.read_csv(tmp_path / "freeze" / "runs.csv")["seed"]))
+    for seed in seeds:  # each seed its own pretraining (study.pretraining=per_seed): judged as before
+        set_runs(tmp_path, "freeze", "pretrained_weights", f"{seed:x}" * 16, lambda f, s=seed: f["seed"] == s)
+    assert build("freeze", load_study(tmp_path, "freeze")).verdict == judged
+
+    # one run of the last seed fine-tuned from another build of its base model: the seed's runs do not pair
+    set_runs(tmp_path, "freeze", "pretrained_weights", "e" * 16,
+             lambda f: (f["seed"] == seeds[-1]) & (f["finetune.freeze"] == "moe"))  # fmt: skip
+    runs = pd.read_csv(tmp_path / "freeze" / "runs.csv").set_index("finetune.freeze")
+    last = runs[runs["seed"] == seeds[-1]]["run"]
+    expected = (f"has runs at seed={seeds[-1]} fine-tuned from 2 different base models ({last['all']!r}: weights "
+                f"{f'{seeds[-1]:x}' * 16}; {last['moe']!r}: weights {'e' * 16})")  # fmt: skip
+    with pytest.raises(ResultsError) as err:
+        load_study(tmp_path, "freeze")
+    assert expected in str(err.value) and "`moe-lab sweep freeze --rerun`" in str(err.value)
+    result = run_cli("report", "freeze", "--results", str(tmp_path), "--out", str(tmp_path / "out"), "--format", "md")
+    assert result.returncode == 2 and expected in " ".join(result.stderr.split()), result.stderr
+    assert "**Reproduced: no data.**" in md_sections((tmp_path / "out" / "report.md").read_text())["freeze"]

@@ -186,23 +186,49 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     assert pretrained.read_bytes() == record
     assert sorted(p.name for p in pretrained.parent.parent.iterdir()) == ["tiny"]  # no tiny.rebuild, nothing aside
 
-    # a rebuild that does not reproduce its record (here a record edited to another loss) becomes the record, and
+    # the record names its weights, and each fine-tuning the weights it started from: the same here, where one
+    # thread on one machine rebuilds tiny bit for bit
+    weights = json.loads(record)["weights"]
+    assert len(weights) == 16 and weights == json.loads((point / "summary.json").read_text())["pretrained_weights"]
+
+    # a rebuild that does not reproduce its record (here a record edited to other weights) becomes the record, and
     # the old one is moved aside, so the record always describes the checkpoint beside it
     edited = json.loads(record)
     original_dir = edited["run_dir"]
-    edited["final_val_loss"] += 0.5
+    edited["weights"] = "0" * 16
     pretrained.write_text(json.dumps(edited))
     (pretrained.parent / "checkpoint.pt").unlink()
     shutil.rmtree(point)
     result = run_cli(*args, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "differs from the record's" in " ".join(result.stdout.split())
+    assert f"weights {weights} against {'0' * 16}): it replaces the record" in " ".join(result.stdout.split())
     rebuilt = json.loads(pretrained.read_text())
-    assert rebuilt["final_val_loss"] == json.loads(record)["final_val_loss"] and rebuilt["run_dir"] == original_dir
+    assert rebuilt["weights"] == weights and rebuilt["run_dir"] == original_dir
     assert (pretrained.parent / "checkpoint.pt").exists()
     assert "tiny.rebuild" not in (pretrained.parent / ".hydra" / "overrides.yaml").read_text()
     (moved,) = (pretrained.parent.parent / "replaced").glob("*/tiny/summary.json")
-    assert json.loads(moved.read_text())["final_val_loss"] == edited["final_val_loss"]
+    assert json.loads(moved.read_text())["weights"] == edited["weights"]
+
+    # a finished point fine-tuned from other weights than the checkpoint's (here its record edited, as after a
+    # rebuild that is another model) would be paired with new points on this one: the dry run warns while the
+    # checkpoint is to be rebuilt, the sweep stops before the grid and trains nothing, and --rerun trains them all
+    finished = tmp_path / "results" / "freeze" / "runs" / "finetune.freeze=all,seed=0" / "summary.json"
+    other = {**json.loads(finished.read_text()), "pretrained_weights": "1" * 16}
+    finished.write_text(json.dumps(other))
+    (pretrained.parent / "checkpoint.pt").unlink()
+    shutil.rmtree(point)
+    dry = " ".join(run_cli(*args, "--dry-run", env=env).stdout.split())
+    assert f"1 finished point(s) were fine-tuned from {pretrained.parent}, whose checkpoint is gone" in dry
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"(e.g. {finished.parent}) were fine-tuned from weights {'1' * 16}" in message
+    assert f"whose checkpoint now holds weights {weights}" in message and "--rerun" in message
+    assert not point.exists() and json.loads(finished.read_text()) == other
+    result = run_cli(*args, "--rerun", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = pd.read_csv(tmp_path / "results" / "freeze" / "runs.csv")
+    assert set(runs["pretrained_weights"]) == {weights} and set(runs["status"]) == {"completed"}
 
 
 def test_a_per_seed_study_fine_tunes_each_seed_from_the_pretraining_of_that_seed(tmp_path: Path) -> None:

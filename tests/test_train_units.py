@@ -189,3 +189,22 @@ def test_a_step_reads_its_losses_once_however_many_micro_batches(data, tmp_path:
             trainer.step(0)
         reads.append(host.ours)
     assert reads == [2, 2]  # the step's losses, and its gradient norm
+
+
+def test_weights_fingerprint_names_the_weights_not_how_they_are_held(tmp_path: Path) -> None:
+    from moe_lab.train.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
+
+    torch.manual_seed(0)
+    state = torch.nn.Linear(4, 3).state_dict()
+    fingerprint = weights_fingerprint(state)
+    save_checkpoint(tmp_path / "c.pt", {"model": state})
+    assert weights_fingerprint(load_checkpoint(tmp_path / "c.pt")["model"]) == fingerprint  # saved and loaded
+    assert weights_fingerprint(dict(reversed(state.items()))) == fingerprint  # in another order
+    assert weights_fingerprint({k: v.t().contiguous().t() for k, v in state.items()}) == fingerprint  # other strides
+    nudged = {**state, "bias": state["bias"].clone()}
+    nudged["bias"][1] = torch.nextafter(nudged["bias"][1], torch.tensor(math.inf))  # one ulp of one weight
+    renamed = {("b" if k == "bias" else k): v for k, v in state.items()}
+    halved = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    reshaped = {**state, "weight": state["weight"].reshape(3, 2, 2)}
+    others = [weights_fingerprint(s) for s in (nudged, renamed, halved, reshaped)]
+    assert len({fingerprint, *others}) == 5

@@ -15,7 +15,7 @@ from moe_lab.paths import FINISHED, records_path
 RESULT_PREFIXES = ("final_", "best_", "fluctuation@", "moe_", "eval_moe_")
 RESULT_COLUMNS = {
     "run", "status", "step", "diverged_at_step", "reason", "train_seconds", "tokens_per_s", "wall_seconds",
-    "trainable_parameters",
+    "trainable_parameters", "pretrained_weights",
 }  # fmt: skip
 
 
@@ -101,7 +101,7 @@ def load_study(results_root: Path, name: str) -> StudyResults | None:
         return None
     fix = f"`moe-lab sweep {name}` with the study's arguments rewrites it (finished runs are skipped)"
     try:
-        runs = pd.read_csv(path)
+        runs = pd.read_csv(path, dtype={"pretrained_weights": str})  # hex digits, which may all be decimal
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ResultsError(f"{path} cannot be read as CSV ({str(err).strip().splitlines()[0]}); {fix}") from None
     missing = [c for c in ("run", "status") if c not in runs.columns]
@@ -117,7 +117,33 @@ def load_study(results_root: Path, name: str) -> StudyResults | None:
         raise ResultsError(f"{err}; move {run_dir} aside and `moe-lab sweep {name}` runs that point again") from None
     if problem:
         raise ResultsError(f"{path} {problem}; {fix}")
+    if problem := _mixed_bases(runs):
+        raise ResultsError(
+            f"{path} {problem}: a study compares its settings within a seed, so these runs do not pair; `moe-lab "
+            f"sweep {name} --rerun` with the study's arguments trains them all from the weights on disk"
+        )
     return study
+
+
+def _mixed_bases(runs: pd.DataFrame) -> str | None:
+    """Which runs of one seed (and one pretrained preset) were fine-tuned from different base models, by the
+    weights each records (moe_lab.train.checkpoint.weights_fingerprint); None if none were. Runs recorded
+    before fine-tuning named its weights, and runs from random initialisation, name none."""
+    if "pretrained_weights" not in runs.columns:
+        return None
+    named = runs[runs["pretrained_weights"].notna()]
+    keys = [k for k in ("seed", "finetune.pretrained") if k in named.columns]
+    for key, group in named.groupby(keys) if keys else [((), named)]:
+        builds = list(dict.fromkeys(group["pretrained_weights"]))
+        if len(builds) > 1:
+            where = ", ".join(f"{k}={v}" for k, v in zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+            firsts = [group[group["pretrained_weights"] == b]["run"].iloc[0] for b in builds]
+            return (
+                f"has runs at {where or 'its one seed'} fine-tuned from {len(builds)} different base models ("
+                + "; ".join(f"{run!r}: weights {b}" for run, b in zip(firsts, builds, strict=True))
+                + ")"
+            )
+    return None
 
 
 def _disagreement(study: StudyResults) -> str | None:

@@ -46,8 +46,9 @@ def _pretrain(run_dir: Path, preset: str, seed: int | None, extra: list[str]) ->
 
 def rebuild_checkpoint(run_dir: Path, preset: str, seed: int | None, extra: list[str], console=None) -> Path:
     """Pretrain a completed record's model again beside it (RUN_DIR.rebuild, resumable) and give the record its
-    checkpoint. A rebuild whose final validation loss differs from the record's (another machine or thread count)
-    replaces the record, which is moved aside, so the record always describes the checkpoint beside it."""
+    checkpoint. A rebuild with other weights than the record names (another machine, thread count or float
+    rounding; for an older record without them, another final validation loss) replaces the record, which is
+    moved aside, so the record always describes the checkpoint beside it."""
     from rich.console import Console
 
     from moe_lab.runs import move_aside
@@ -56,11 +57,17 @@ def rebuild_checkpoint(run_dir: Path, preset: str, seed: int | None, extra: list
     rebuild = run_dir.with_name(f"{run_dir.name}.rebuild")
     console.print(f"{run_dir} holds a completed pretraining without its {CHECKPOINT}: pretraining again in {rebuild}")
     _pretrain(rebuild, preset, seed, extra)
-    recorded, rebuilt = (read_json(d / "summary.json").get("final_val_loss") for d in (run_dir, rebuild))
+    record, rebuilt_record = (read_json(d / "summary.json") for d in (run_dir, rebuild))
+    recorded, rebuilt = record.get("final_val_loss"), rebuilt_record.get("final_val_loss")
     # float summation order varies between processes, so a rebuild is not bit for bit its record: measured on the
     # main job's seed 0, dense-small ended 6e-8 nats from its record, and small, whose routing turns rounding into
-    # other expert choices, 2.8e-4 away (0.48823 vs 0.48851): that is a new record
-    if rebuilt is not None and recorded is not None and math.isclose(rebuilt, recorded, rel_tol=REBUILD_RTOL):
+    # other expert choices, 2.8e-4 away (0.48823 vs 0.48851): that is a new record. A record that names its
+    # weights (weights_fingerprint) is kept only for the same weights; an older one, for the same loss.
+    if record.get("weights") and rebuilt_record.get("weights"):
+        same = record["weights"] == rebuilt_record["weights"]
+    else:
+        same = rebuilt is not None and recorded is not None and math.isclose(rebuilt, recorded, rel_tol=REBUILD_RTOL)
+    if same:
         (rebuild / CHECKPOINT).rename(run_dir / CHECKPOINT)
         shutil.rmtree(rebuild)
         console.print(f"{run_dir}: checkpoint rebuilt; its final val loss {rebuilt} matches the record's {recorded}")
@@ -72,8 +79,9 @@ def rebuild_checkpoint(run_dir: Path, preset: str, seed: int | None, extra: list
             if path.exists():
                 path.write_text(path.read_text().replace(str(rebuild), str(run_dir)))
         console.print(
-            f"[yellow]{run_dir}: the rebuilt model's final val loss {rebuilt} differs from the record's {recorded} "
-            f"(another machine or train.threads): it replaces the record, which moved to {old}[/yellow]"
+            f"[yellow]{run_dir}: the rebuilt model is not the recorded one (final val loss {rebuilt} against "
+            f"{recorded}; weights {rebuilt_record.get('weights')} against {record.get('weights')}): it replaces "
+            f"the record, which moved to {old}[/yellow]"
         )
     return run_dir
 
@@ -130,6 +138,53 @@ def pretraining_plan(pretrainings: list[PointCheck], checks: list[PointCheck]) -
         what = "rebuilds the checkpoint of" if _completed(pre.run_dir) else "resumes" if pre.on_disk else "pretrains"
         lines.append(f"{what} {pre.run_dir} ({' '.join(pre.point)})")
     return lines
+
+
+def finished_on(pre: PointCheck, checks: list[PointCheck]) -> list[PointCheck]:
+    """The finished grid points that stand on pretraining `pre`."""
+    return [c for c in checks if c.stands_on == pre.stands_on and c.finished()]
+
+
+def base_warnings(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
+    """For the dry run: the pretrainings a sweep must rebuild under finished points that name the weights they
+    were fine-tuned from. A rebuild is another model unless it reproduces those weights bit for bit, and then
+    the sweep stops (base_conflicts) rather than pair new points with old ones across two base models."""
+    lines = []
+    for pre in needed_pretrainings(pretrainings, checks):
+        named = [c for c in finished_on(pre, checks) if _base_weights(c)]
+        if named and not (pre.run_dir / CHECKPOINT).exists():
+            lines.append(
+                f"{len(named)} finished point(s) were fine-tuned from {pre.run_dir}, whose checkpoint is gone: unless "
+                "its rebuild has their base weights bit for bit, the sweep stops before the grid (see --rerun)"
+            )
+    return lines
+
+
+def base_conflicts(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
+    """Each pretraining with points still to train on it whose finished points were fine-tuned from other weights
+    than its checkpoint's (a rebuild, or a pretraining run again): a study pairs its points by seed, so the new
+    points would be compared with runs of another base model. Runs recorded before fine-tuning named its weights
+    cannot be checked."""
+    from moe_lab.train.checkpoint import load_checkpoint, weights_fingerprint
+
+    problems = []
+    for pre in needed_pretrainings(pretrainings, checks):
+        named = {c.run_dir: w for c in finished_on(pre, checks) if (w := _base_weights(c))}
+        if not named:
+            continue
+        weights = weights_fingerprint(load_checkpoint(pre.run_dir / CHECKPOINT)["model"])
+        other = [run_dir for run_dir, w in named.items() if w != weights]
+        if other:
+            problems.append(
+                f"{len(other)} finished point(s) (e.g. {other[0]}) were fine-tuned from weights {named[other[0]]} of "
+                f"{pre.run_dir}, whose checkpoint now holds weights {weights}"
+            )
+    return problems
+
+
+def _base_weights(check: PointCheck) -> str | None:
+    """The weights_fingerprint a finished fine-tuning point records of its base model (None before they did)."""
+    return read_json(check.run_dir / "summary.json").get("pretrained_weights")
 
 
 def _completed(run_dir: Path) -> bool:

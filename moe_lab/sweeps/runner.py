@@ -16,6 +16,7 @@ from moe_lab.io import CorruptFileError, atomic_write, read_csv, read_json
 from moe_lab.paths import results_root
 from moe_lab.sweeps.plan import (
     SweepError,
+    base_conflicts,
     ensure_pretrained,
     needed_pretrainings,
     plan_study,
@@ -69,6 +70,14 @@ def run_study(
     with ThreadPoolExecutor(max(workers, 1)) as pool:
         for done in [pool.submit(ensure_pretrained, root, preset, seed, extra) for preset, seed, extra in jobs]:
             done.result()
+    if problems := base_conflicts(pretrainings, checks):
+        from moe_lab.runs import RunConflictError
+
+        raise RunConflictError(
+            "; ".join(problems) + ". A study pairs its points by seed, so new points would be compared with runs "
+            "of another base model: add --rerun to move the grid's runs aside and train them all on these weights, "
+            "or run the new points in a fresh results directory (MOE_LAB_RESULTS=DIR)"
+        )
     env = {**os.environ, "MOE_LAB_RESULTS": str(root)}
     if launcher.startswith("submitit"):  # a job's console goes to its log, not here
         console.print(
@@ -130,7 +139,7 @@ def collect(study: Study, root: Path) -> pd.DataFrame:
         for key, value in summary.items():
             if key.startswith(("final_", "best_", "fluctuation@")) or key in (
                 "step", "tokens_per_s", "train_seconds", "wall_seconds", "diverged_at_step", "reason",
-                "trainable_parameters",
+                "trainable_parameters", "pretrained_weights",
             ):  # fmt: skip
                 row[key] = value
         row.update(moe_metrics)

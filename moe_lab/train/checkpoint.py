@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A model's weights as 16 hex digits: sha256 over each tensor's name, dtype, shape and bytes, in name order.
+    Equal for the same weights however they were loaded or laid out; one bit of one weight changes it. Two builds
+    of one config differ (float summation order varies between processes), which is what it is for: a fine-tuning
+    run records its base model's, so runs of two builds are never paired as if they shared one."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

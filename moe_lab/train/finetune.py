@@ -19,7 +19,7 @@ from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.models import ClassifierModel
 from moe_lab.models.transformer import ModelLosses, is_moe_position
 from moe_lab.runs import identity_config, record_hash
-from moe_lab.train.checkpoint import load_checkpoint
+from moe_lab.train.checkpoint import load_checkpoint, weights_fingerprint
 from moe_lab.train.freeze import apply_freeze
 from moe_lab.train.loop import CHECKPOINT, Evaluation
 from moe_lab.train.run import Built, run_training
@@ -142,9 +142,9 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1} column {mark.column + 1}" if mark else problem
 
 
-def load_pretrained(model: ClassifierModel, pre_dir: Path) -> None:
-    """The pretrained transformer's weights into `model`; a checkpoint that does not fit the model its config
-    describes is a ValueError naming both files."""
+def load_pretrained(model: ClassifierModel, pre_dir: Path) -> str:
+    """The pretrained transformer's weights into `model`, returning the checkpoint's weights_fingerprint; a
+    checkpoint that does not fit the model its config describes is a ValueError naming both files."""
     state = load_checkpoint(pre_dir / CHECKPOINT)["model"]
     weights = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
     try:
@@ -155,6 +155,7 @@ def load_pretrained(model: ClassifierModel, pre_dir: Path) -> None:
             f"{pre_dir / CHECKPOINT} does not hold the model that {pre_dir / '.hydra' / 'config.yaml'} describes "
             f"({(lines[1:] or lines or [type(err).__name__])[0]}); expected the two files of one `moe-lab pretrain` run"
         ) from None
+    return weights_fingerprint(state)
 
 
 def has_moe_layers(model: ModelConfig) -> bool:
@@ -211,8 +212,9 @@ def build_finetuning(run: RunConfig, pre_dir: Path, pre: RunConfig, moe_keys: se
         task_cfg, tokenizer, pre.data.cache_dir, run.seed, num_people, pre.data.num_domains
     )
     model = ClassifierModel(model_cfg, moe_cfg, tokenizer.vocab_size, data.num_classes, run.task.pooling)
+    base = None  # the weights it starts from, so that runs of two builds of one pretraining are never paired
     if run.finetune.init == "pretrained":  # else the checkpoint's architecture from the seed's initialisation
-        load_pretrained(model, pre_dir)
+        base = load_pretrained(model, pre_dir)
     counts = apply_freeze(model, run.finetune.freeze, run.finetune.freeze_router)
     task = ClassificationTask(data, run.train.batch_size, run.seed, tokenizer.pad_id, run.finetune.train_eval_examples)
     about = (
@@ -226,6 +228,7 @@ def build_finetuning(run: RunConfig, pre_dir: Path, pre: RunConfig, moe_keys: se
         "val_examples": len(data.val_ids),
         "label_names": list(data.label_names),
         "pretrained": str(pre_dir),
+        "pretrained_weights": base,
         "trainable_parameters": counts["trainable"],
         "moe": {k: getattr(moe_cfg, k) for k in FINETUNE_MOE_KEYS},
     }

@@ -304,6 +304,7 @@ def train_and_record(
             train_seconds=result.train_seconds,
             tokens=result.tokens,
             tokens_per_s=result.tokens_per_s,
+            weights=result.weights,
             **result.fluctuation,
         )
     except BaseException as err:

@@ -25,7 +25,7 @@ from moe_lab.moe.expert_parallel import ExpertGroup
 from moe_lab.parallel import gather, mean_over_ranks, shard, sum_over_ranks, world
 from moe_lab.paths import CHECKPOINT, records_path
 from moe_lab.track import RunLogger
-from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from moe_lab.train.checkpoint import rng_state, save_checkpoint, set_rng_state, weights_fingerprint
 from moe_lab.train.expert_state import ExpertSharding, check_expert_parallel
 from moe_lab.train.fluctuation import RoutingProbe
 from moe_lab.train.optim import UpdateClipper, build_optimizer, build_scheduler
@@ -70,6 +70,7 @@ class TrainResult:
     moe: dict[str, Any] = field(default_factory=dict)
     # routing fluctuation summary: fluctuation@0.2 etc. (moe_lab.train.fluctuation)
     fluctuation: dict[str, float] = field(default_factory=dict)
+    weights: str | None = None  # weights_fingerprint of the model the last checkpoint holds
 
     @property
     def tokens_per_s(self) -> float:
@@ -334,6 +335,7 @@ class Trainer:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         if not self.world.main:
             return
+        self.result.weights = weights_fingerprint(model_state)
         save_checkpoint(
             self.ckpt_path,
             {
