@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from moe_lab.paths import records_path
 from moe_lab.report.results import final_examples
 from moe_lab.train.finetune import macro_f1
 from moe_lab.train.freeze import PRESETS, apply_freeze, parameter_kinds
-from tests.conftest import SHARED, needs_shared, run_cli
+from tests.conftest import SHARED, needs_shared, run_cli, signal_at_first_checkpoint
 from tests.test_pretrain import pretrain
 from tests.test_run_safety import assert_one_line_error
 
@@ -381,3 +382,32 @@ def test_finetune_from_a_fine_tuning_run_names_it_and_its_pretraining(pretrained
         f"fine-tune from checkpoint={pretrained}",
     )  # fmt: skip
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_fine_tuning_resumes_only_on_the_base_weights_it_began_on(pretrained: Path, tmp_path: Path) -> None:
+    from moe_lab.train.checkpoint import load_checkpoint, save_checkpoint, weights_fingerprint
+
+    base, run_dir = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(pretrained, base)
+    original = (base / "checkpoint.pt").read_bytes()
+    weights = weights_fingerprint(load_checkpoint(base / "checkpoint.pt")["model"])
+    args = ["finetune", "synth-small", f"checkpoint={base}", f"run_dir={run_dir}", "train.max_steps=60",
+            "train.ckpt_every=2", "train.eval_every=30", "task.synthetic_val=64"]  # fmt: skip
+    signal_at_first_checkpoint(args, run_dir, signal.SIGKILL)
+    assert json.loads((run_dir / "run.json").read_text())["pretrained_weights"] == weights
+    # the base checkpoint now holds other weights (one nudged), as after a rebuild: the resume stops, naming both
+    payload = load_checkpoint(base / "checkpoint.pt")
+    name = next(iter(payload["model"]))
+    payload["model"][name] = payload["model"][name] + 1e-3
+    save_checkpoint(base / "checkpoint.pt", payload)
+    other = weights_fingerprint(payload["model"])
+    kept = (run_dir / "checkpoint.pt").read_bytes()
+    result = run_cli(*args, "resume=true")
+    assert_one_line_error(result, f"fine-tuned from base weights {weights}", f"now holds {other}", "--rerun")
+    assert (run_dir / "checkpoint.pt").read_bytes() == kept
+    # with its own base back it resumes, and records it
+    (base / "checkpoint.pt").write_bytes(original)
+    result = run_cli(*args, "resume=true")
+    assert result.returncode == 0 and "resumed from" in result.stdout, result.stdout + result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["pretrained_weights"] == weights

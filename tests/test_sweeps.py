@@ -218,13 +218,17 @@ def test_finetune_study_pretrains_its_checkpoint_once(tmp_path: Path) -> None:
     (pretrained.parent / "checkpoint.pt").unlink()
     shutil.rmtree(point)
     dry = " ".join(run_cli(*args, "--dry-run", env=env).stdout.split())
-    assert f"1 finished point(s) were fine-tuned from {pretrained.parent}, whose checkpoint is gone" in dry
+    gone = f"1 finished point(s) beside points to train were fine-tuned from {pretrained.parent}, whose checkpoint is"
+    assert gone in dry
     result = run_cli(*args, env=env)
     assert result.returncode == 2, result.stdout + result.stderr
     message = " ".join(result.stderr.split())
     assert f"(e.g. {finished.parent}) were fine-tuned from weights {'1' * 16}" in message
     assert f"whose checkpoint now holds weights {weights}" in message and "--rerun" in message
     assert not point.exists() and json.loads(finished.read_text()) == other
+    dry = " ".join(run_cli(*args, "--dry-run", env=env).stdout.split())  # the rebuild is on disk: from its record
+    held = f"(e.g. {finished.parent}) were fine-tuned from other weights than {pretrained.parent} holds ({weights})"
+    assert held in dry
     result = run_cli(*args, "--rerun", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     runs = pd.read_csv(tmp_path / "results" / "freeze" / "runs.csv")

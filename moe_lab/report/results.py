@@ -133,7 +133,7 @@ def _mixed_bases(runs: pd.DataFrame) -> str | None:
         return None
     named = runs[runs["pretrained_weights"].notna()]
     keys = [k for k in ("seed", "finetune.pretrained") if k in named.columns]
-    for key, group in named.groupby(keys) if keys else [((), named)]:
+    for key, group in named.groupby(keys, dropna=False) if keys else [((), named)]:
         builds = list(dict.fromkeys(group["pretrained_weights"]))
         if len(builds) > 1:
             where = ", ".join(f"{k}={v}" for k, v in zip(keys, key if isinstance(key, tuple) else (key,), strict=True))

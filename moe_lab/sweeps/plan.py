@@ -80,10 +80,14 @@ def rebuild_checkpoint(run_dir: Path, preset: str, seed: int | None, extra: list
                 path.write_text(path.read_text().replace(str(rebuild), str(run_dir)))
         console.print(
             f"[yellow]{run_dir}: the rebuilt model is not the recorded one (final val loss {rebuilt} against "
-            f"{recorded}; weights {rebuilt_record.get('weights')} against {record.get('weights')}): it replaces "
-            f"the record, which moved to {old}[/yellow]"
+            f"{recorded}{_weights_text(rebuilt_record, record)}): it replaces the record, which moved to {old}[/yellow]"
         )
     return run_dir
+
+
+def _weights_text(rebuilt: dict, record: dict) -> str:
+    both = rebuilt.get("weights") and record.get("weights")
+    return f"; weights {rebuilt['weights']} against {record['weights']}" if both else ""
 
 
 class SweepError(RuntimeError):
@@ -140,36 +144,49 @@ def pretraining_plan(pretrainings: list[PointCheck], checks: list[PointCheck]) -
     return lines
 
 
-def finished_on(pre: PointCheck, checks: list[PointCheck]) -> list[PointCheck]:
-    """The finished grid points that stand on pretraining `pre`."""
-    return [c for c in checks if c.stands_on == pre.stands_on and c.finished()]
+def finished_beside(pre: PointCheck, checks: list[PointCheck]) -> list[PointCheck]:
+    """The finished grid points that stand on pretraining `pre` at a seed where a point on it is still to train:
+    the runs those new points will be paired with."""
+    mine = [c for c in checks if c.stands_on == pre.stands_on]
+    waiting = {c.identity.get("seed") for c in mine if not c.finished()}
+    return [c for c in mine if c.finished() and c.identity.get("seed") in waiting]
 
 
 def base_warnings(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
-    """For the dry run: the pretrainings a sweep must rebuild under finished points that name the weights they
-    were fine-tuned from. A rebuild is another model unless it reproduces those weights bit for bit, and then
-    the sweep stops (base_conflicts) rather than pair new points with old ones across two base models."""
+    """For the dry run (which reads records, not checkpoints): each pretraining under whose new points finished
+    ones name base weights that its checkpoint will not hold. A rebuild is another model unless it reproduces
+    their weights bit for bit; a checkpoint on disk holds the weights its record names. The sweep then stops
+    before the grid (base_conflicts) rather than pair runs of two base models."""
     lines = []
     for pre in needed_pretrainings(pretrainings, checks):
-        named = [c for c in finished_on(pre, checks) if _base_weights(c)]
-        if named and not (pre.run_dir / CHECKPOINT).exists():
+        named = [(c, w) for c in finished_beside(pre, checks) if (w := _base_weights(c))]
+        if not named:
+            continue
+        if not (pre.run_dir / CHECKPOINT).exists():
             lines.append(
-                f"{len(named)} finished point(s) were fine-tuned from {pre.run_dir}, whose checkpoint is gone: unless "
-                "its rebuild has their base weights bit for bit, the sweep stops before the grid (see --rerun)"
+                f"{len(named)} finished point(s) beside points to train were fine-tuned from {pre.run_dir}, whose "
+                "checkpoint is gone: unless its rebuild has their base weights bit for bit, the sweep stops before "
+                "the grid (see --rerun)"
+            )
+        elif (weights := _record_weights(pre.run_dir)) and (other := [c for c, w in named if w != weights]):
+            lines.append(
+                f"{len(other)} finished point(s) beside points to train (e.g. {other[0].run_dir}) were fine-tuned "
+                f"from other weights than {pre.run_dir} holds ({weights}): the sweep stops before the grid (see "
+                "--rerun)"
             )
     return lines
 
 
 def base_conflicts(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
-    """Each pretraining with points still to train on it whose finished points were fine-tuned from other weights
-    than its checkpoint's (a rebuild, or a pretraining run again): a study pairs its points by seed, so the new
-    points would be compared with runs of another base model. Runs recorded before fine-tuning named its weights
-    cannot be checked."""
+    """Each pretraining with points still to train on it whose finished points at those seeds were fine-tuned from
+    other weights than its checkpoint's (a rebuild, or a pretraining run again): a study pairs its points by seed,
+    so the new points would be compared with runs of another base model. Runs recorded before fine-tuning named
+    its weights cannot be checked."""
     from moe_lab.train.checkpoint import load_checkpoint, weights_fingerprint
 
     problems = []
     for pre in needed_pretrainings(pretrainings, checks):
-        named = {c.run_dir: w for c in finished_on(pre, checks) if (w := _base_weights(c))}
+        named = {c.run_dir: w for c in finished_beside(pre, checks) if (w := _base_weights(c))}
         if not named:
             continue
         weights = weights_fingerprint(load_checkpoint(pre.run_dir / CHECKPOINT)["model"])
@@ -185,6 +202,12 @@ def base_conflicts(pretrainings: list[PointCheck], checks: list[PointCheck]) -> 
 def _base_weights(check: PointCheck) -> str | None:
     """The weights_fingerprint a finished fine-tuning point records of its base model (None before they did)."""
     return read_json(check.run_dir / "summary.json").get("pretrained_weights")
+
+
+def _record_weights(run_dir: Path) -> str | None:
+    """The weights a completed pretraining's record names (None for a record made before records named them)."""
+    summary = run_dir / "summary.json"
+    return read_json(summary).get("weights") if summary.is_file() else None
 
 
 def _completed(run_dir: Path) -> bool:

@@ -237,6 +237,26 @@ def _claim_on_main(
     return replace(start, record=record, lock=lock, resume_state=state)
 
 
+def keep_base_weights(start: RunStart, weights: str) -> RunStart:
+    """Record in run.json the weights_fingerprint of the base model a fine-tuning starts from; a resume whose base
+    checkpoint now holds other weights (rebuilt or pretrained again) is a RunConflictError, since it would finish
+    on another model what it began on one. Every rank checks (the record is shared); rank 0 writes."""
+    record = start.record or {}
+    recorded = record.get("pretrained_weights")
+    if recorded == weights:
+        return start
+    if recorded is not None and start.resume_state is not None:
+        raise RunConflictError(
+            f"{start.run_dir} was fine-tuned from base weights {recorded}, and its base checkpoint now holds "
+            f"{weights}: resuming would finish it on another model; restore that checkpoint, or add --rerun "
+            "(rerun=true) to train it again from step 0 on these weights"
+        )
+    record = {**record, "pretrained_weights": weights}  # a first start, or one that had not checkpointed yet
+    if world().main:
+        write_json_atomic(start.run_dir / RECORD, record)
+    return replace(start, record=record)
+
+
 class SilentLogger:
     """The logger of ranks other than 0 under data parallelism: rank 0 writes the run's records."""
 

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from moe_lab.config import RunConfig
 from moe_lab.models import count_parameters
-from moe_lab.train.lifecycle import RunStart, begin_run, claim, train_and_record
+from moe_lab.train.lifecycle import RunStart, begin_run, claim, keep_base_weights, train_and_record
 
 
 @dataclass
@@ -54,6 +54,8 @@ def run_training(
         start = directory.claim()
         if directory.finished is not None:  # another process finished it while we waited
             return directory.finished
+        if (base := built.extra.get("pretrained_weights")) is not None:  # a fine-tuning resumes on its own base
+            start = keep_base_weights(start, base)
         params = count_parameters(built.model)
         describe_model(console, built.title, params, built.flops)
         console.print(f"{built.about}; run dir {start.run_dir}")
