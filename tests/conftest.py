@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,7 +58,12 @@ def signal_at_first_checkpoint(
     and wait for it to end: a run stopped mid-training, as kill -9, Ctrl-C or a scheduler stops it. Its output goes
     to files, not pipes, so a chatty run cannot block on a full pipe before its first checkpoint."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([MOE_LAB, *args], env=_cli_env(env), stdout=out, stderr=err, text=True)
+        # a shell starts a background job (`make test &`) with SIGINT ignored, which the child would inherit: Ctrl-C
+        # is the terminal's, so the child gets the default action back, as a foreground run of moe-lab has it
+        proc = subprocess.Popen(
+            [MOE_LAB, *args], env=_cli_env(env), stdout=out, stderr=err, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
         deadline = time.time() + 120
         while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
             time.sleep(0.01)
