@@ -144,12 +144,14 @@ def pretraining_plan(pretrainings: list[PointCheck], checks: list[PointCheck]) -
     return lines
 
 
-def finished_beside(pre: PointCheck, checks: list[PointCheck]) -> list[PointCheck]:
-    """The finished grid points that stand on pretraining `pre` at a seed where a point on it is still to train:
-    the runs those new points will be paired with."""
+def named_bases(pre: PointCheck, checks: list[PointCheck]) -> dict[Path, str]:
+    """The finished grid points that stand on pretraining `pre` at a seed where a point on it is still to train
+    (the runs those new points will be paired with), each with the base weights it records; points recorded
+    before fine-tunings named them are left out."""
     mine = [c for c in checks if c.stands_on == pre.stands_on]
     waiting = {c.identity.get("seed") for c in mine if not c.finished()}
-    return [c for c in mine if c.finished() and c.identity.get("seed") in waiting]
+    beside = [c for c in mine if c.finished() and c.identity.get("seed") in waiting]
+    return {c.run_dir: w for c in beside if (w := _base_weights(c))}
 
 
 def base_warnings(pretrainings: list[PointCheck], checks: list[PointCheck]) -> list[str]:
@@ -159,7 +161,7 @@ def base_warnings(pretrainings: list[PointCheck], checks: list[PointCheck]) -> l
     before the grid (base_conflicts) rather than pair runs of two base models."""
     lines = []
     for pre in needed_pretrainings(pretrainings, checks):
-        named = [(c, w) for c in finished_beside(pre, checks) if (w := _base_weights(c))]
+        named = named_bases(pre, checks)
         if not named:
             continue
         if not (pre.run_dir / CHECKPOINT).exists():
@@ -168,9 +170,9 @@ def base_warnings(pretrainings: list[PointCheck], checks: list[PointCheck]) -> l
                 "checkpoint is gone: unless its rebuild has their base weights bit for bit, the sweep stops before "
                 "the grid (see --rerun)"
             )
-        elif (weights := _record_weights(pre.run_dir)) and (other := [c for c, w in named if w != weights]):
+        elif (weights := _record_weights(pre.run_dir)) and (other := [d for d, w in named.items() if w != weights]):
             lines.append(
-                f"{len(other)} finished point(s) beside points to train (e.g. {other[0].run_dir}) were fine-tuned "
+                f"{len(other)} finished point(s) beside points to train (e.g. {other[0]}) were fine-tuned "
                 f"from other weights than {pre.run_dir} holds ({weights}): the sweep stops before the grid (see "
                 "--rerun)"
             )
@@ -186,7 +188,7 @@ def base_conflicts(pretrainings: list[PointCheck], checks: list[PointCheck]) -> 
 
     problems = []
     for pre in needed_pretrainings(pretrainings, checks):
-        named = {c.run_dir: w for c in finished_beside(pre, checks) if (w := _base_weights(c))}
+        named = named_bases(pre, checks)
         if not named:
             continue
         weights = weights_fingerprint(load_checkpoint(pre.run_dir / CHECKPOINT)["model"])
