@@ -946,6 +946,44 @@ def test_z_loss_sweep_still_running_leaves_out_the_lrs_not_run(tmp_path: Path) -
     assert report.verdict.ours.startswith("diverged by lr: baseline 0.01: 0/6, 0.1: 0/6; z-loss 0.01: 0/6, 0.1: 0/6")
 
 
+def test_z_loss_pairs_its_two_settings_over_every_seed_both_ran(tmp_path: Path) -> None:
+    """Baseline and z-loss run 6 seeds, as the study's `extend` has them, the three other settings 3 with seed
+    noise of +-0.3 at lr 0.1: the parts pair z-loss with the baseline over the 6 seeds (5 df), judged on their
+    own noise, not on a two-way layout of 5 settings x 3 seeds that pools the others' spread."""
+    tiny = (-0.001, 0.001, 0.0, 0.001, -0.001, 0.0)
+    wild = (-0.3, 0.3, 0.0)
+
+    def runs(at_01: float, spread: tuple[float, ...]) -> dict[float, list[tuple[str, float]]]:
+        return {
+            0.01: [("completed", 2.50 + e / 10) for e in spread],
+            0.1: [("completed", at_01 + e) for e in spread],
+            1.0: [("diverged", 7.0)] * len(spread),
+        }
+
+    write_z_loss(tmp_path, {
+        "baseline": runs(2.60, tiny), "z-loss": runs(2.57, tiny[::-1]), "jitter": runs(2.60, wild),
+        "update-clip": runs(2.55, wild[::-1]), "fp32-router": runs(2.58, wild[1:] + wild[:1]),
+    }, noisy=False)  # fmt: skip
+    report = build("z-loss-stability", load_study(tmp_path, "z-loss-stability"))
+    parts = {part.name.split(" (")[0]: part for part in report.verdict.parts}
+    # each seed's sensitivity: mean(2.50, 2.60 + e, 3.0) - 2.50 for baseline, 2.57 for z-loss: -0.01 per seed
+    sensitivity = parts["LR sensitivity z-loss - baseline"].difference
+    assert (sensitivity.method, sensitivity.n, sensitivity.df) == ("paired by seed", 6, 5)
+    assert sensitivity.value == pytest.approx(-0.01, abs=1e-9)
+    assert parts["LR sensitivity z-loss - baseline"].verdict == "yes"
+    assert report.verdict.reproduced == "yes"
+
+    # z-loss's seed-5 run at lr 0.1 failed (missing evidence): that seed has no z-loss sensitivity, so the pair is
+    # judged on the 5 seeds both have, still paired, not unpaired because the two seed sets differ
+    z_loss = runs(2.57, tiny[::-1])
+    z_loss[0.1][5] = ("failed", 2.57)
+    write_z_loss(tmp_path / "failed", {"baseline": runs(2.60, tiny), "z-loss": z_loss}, noisy=False)
+    report = build("z-loss-stability", load_study(tmp_path / "failed", "z-loss-stability"))
+    sensitivity = report.verdict.parts[0].difference
+    assert (sensitivity.method, sensitivity.n, sensitivity.df) == ("paired by seed", 5, 4)
+    assert sensitivity.value == pytest.approx(-0.01, abs=1e-4)  # the 5 seeds' noise no longer sums to 0
+
+
 def test_z_loss_runs_without_an_lr_column_are_one_learning_rate(tmp_path: Path) -> None:
     # a runs.csv from before the sweep: no optim.lr column; baseline 4/6 diverged, z-loss 0/6
     base = [("completed", 2.50), ("completed", 2.52)] + [("diverged", 7.0)] * 4

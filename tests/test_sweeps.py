@@ -42,7 +42,15 @@ def test_every_grid_point_of_every_study_composes(name: str) -> None:
     # the sweep's check composes with Hydra once per config-group choice and sets the other values itself
     # (moe_lab.config.compose_runs): every point must come out as Hydra's own compose of it
     checked = check_points(study, points)
+    seen = set()
     for point, fast in zip(points, checked, strict=True):
+        # Hydra's compose once per setting: points that differ only in seed differ only there (z-loss-stability's
+        # 231 points are 35 settings)
+        setting = frozenset(item for item in point if not item.startswith("seed="))
+        if setting in seen:
+            assert [f"seed={fast.seed}"] == [item for item in point if item.startswith("seed=")], point
+            continue
+        seen.add(setting)
         run = to_run_config(compose_point(study, point))
         assert fast == run, point
         assert run.study.name == name and run.study.paper
@@ -88,6 +96,76 @@ def test_dry_run_lists_the_grid(tmp_path: Path) -> None:
     assert "40 runs" in " ".join(grid_2d.stdout.split())
     extra = run_cli("sweep", "top-k", "seed=0,1", "--dry-run")
     assert "6 runs" in " ".join(extra.stdout.split()) and "seed" in extra.stdout
+
+
+def _extended(tmp_path: Path, extend: object) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "study": {"name": "s", "extend": extend},
+        "hydra": {"sweeper": {"params": {"+stability": "baseline,z-loss,jitter", "seed": "0,1"}}},
+    }))  # fmt: skip
+    return path
+
+
+def test_extend_adds_points_for_some_settings_and_the_command_line_wins_in_every_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moe_lab.sweeps.study as study_module
+
+    monkeypatch.setattr(study_module, "EXPERIMENTS", tmp_path)
+    _extended(tmp_path, [{"+stability": "baseline,z-loss", "seed": "1,2,3"}])
+    study = load_study("study")
+    # the grid's 6 points, then the entry's 6 less the 2 the grid has (baseline and z-loss at seed 1)
+    assert [" ".join(p) for p in grid(study)] == [
+        *(f"+stability={s} seed={i}" for s in ("baseline", "z-loss", "jitter") for i in (0, 1)),
+        *(f"+stability={s} seed={i}" for s in ("baseline", "z-loss") for i in (2, 3)),
+    ]
+    # a swept command-line value replaces the key in the entry too: seed=5 leaves one point per setting
+    assert [" ".join(p) for p in grid(study, ["seed=5"])] == [
+        f"+stability={s} seed=5" for s in ("baseline", "z-loss", "jitter")
+    ]
+    assert [" ".join(p) for p in grid(study, ["+stability=jitter"])] == [
+        f"+stability=jitter seed={i}" for i in (0, 1, 2, 3)
+    ]
+
+    _extended(tmp_path, [{"optim.lr": "0.1"}])
+    with pytest.raises(ValueError, match=r"names \['optim.lr'\], which the grid does not sweep; swept keys: "
+                       r"\['\+stability', 'seed'\]"):  # fmt: skip
+        load_study("study")
+    _extended(tmp_path, {"seed": "3"})
+    with pytest.raises(ValueError, match=r"study\.extend must be a list of mappings"):
+        load_study("study")
+
+
+def test_a_sweep_launches_the_grid_then_each_extension_and_together_they_train_every_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_study hands Hydra one multirun per grid (Hydra's sweeper knows no union); the points those multiruns
+    expand to are the dry run's grid (expanded by `sweep_points`, which follows Hydra's BasicSweeper:
+    test_hydra_rules_sweep_points_match_the_basic_sweeper)."""
+    import moe_lab.sweeps.runner as runner
+    from moe_lab.config import sweep_points
+
+    study = load_study("z-loss-stability")
+    assert study.extend, "z-loss-stability runs its two compared settings at more seeds"
+    launched = []
+    monkeypatch.setattr(runner, "plan_study", lambda *a: ([], []))
+    monkeypatch.setattr(runner, "collect", lambda *a: pd.DataFrame())
+    monkeypatch.setattr(
+        runner.subprocess, "run", lambda cmd, env: launched.append(cmd) or subprocess.CompletedProcess(cmd, 0)
+    )
+    overrides = ["optim.lr=0.01", "train.threads=1"]
+    runner.run_study("z-loss-stability", overrides, root=tmp_path)
+    assert len(launched) == 1 + len(study.extend)
+    from_hydra = set()
+    for cmd in launched:
+        given = [a for a in cmd if "=" in a and not a.startswith(("hydra", "--", "+experiments"))]
+        # Hydra's multirun: the study file's sweeper params, then the command's overrides (the later value wins)
+        params = [f"{k}={v}" for k, v in study.params.items()]
+        from_hydra |= {frozenset(p) for p in sweep_points([*params, *given])}
+    assert from_hydra == {frozenset(p) for p in grid(study, overrides)}
+    runs = {s: sum(f"+stability={s}" in p for p in grid(study, overrides)) for s in ("baseline", "jitter")}
+    assert runs["baseline"] > runs["jitter"] == 3  # one learning rate: jitter's 3 seeds, the baseline's more
 
 
 def test_a_fine_tuning_sweep_refuses_an_architecture_key_before_running() -> None:

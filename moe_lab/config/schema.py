@@ -271,6 +271,9 @@ class StudyConfig:
     windows: dict[str, list[float]] = field(default_factory=dict)
     # other thresholds of the judgement (router-fluctuation: eval drops that confound a comparison of losses)
     tolerances: dict[str, float] = field(default_factory=dict)
+    # points beyond the grid (moe_lab.sweeps.study.grid): each entry gives some swept keys other values, the rest
+    # keep the grid's; z-loss-stability runs the two settings its claim compares at more seeds
+    extend: list[dict[str, Any]] = field(default_factory=list)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""

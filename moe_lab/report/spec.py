@@ -16,7 +16,7 @@ from moe_lab.paths import EXPERIMENTS
 # importing it here would import torch into the report
 KEYS = (
     "name", "paper", "command", "pretrained", "pretraining", "description", "order", "paper_numbers", "note",
-    "margins", "windows", "tolerances",
+    "margins", "windows", "tolerances", "extend",
 )  # fmt: skip
 
 

@@ -215,6 +215,13 @@ def difference(a: Estimate, b: Estimate) -> Difference:
     return contrast([(1.0, a), (-1.0, b)])
 
 
+def on_common_seeds(*estimates: Estimate) -> tuple[Estimate, ...]:
+    """The estimates restricted to the seeds every one of them has: a paired comparison's complete cases (a seed
+    one setting lacks, a failed run say, is missing evidence and leaves the others' run of it out too)."""
+    seeds = tuple(sorted(set.intersection(*(set(est.by_seed) for est in estimates)), key=str)) if estimates else ()
+    return tuple(_restrict(est, seeds) for est in estimates)
+
+
 def mean_of(a: Estimate) -> Difference:
     """One setting's mean against zero (a one-sample t over its seeds)."""
     return contrast([(1.0, a)])

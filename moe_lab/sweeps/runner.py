@@ -22,7 +22,15 @@ from moe_lab.sweeps.plan import (
     plan_study,
     refuse_or_move,
 )
-from moe_lab.sweeps.study import SEARCH_PATH, Study, default_pretrained, exclude_keys, load_study, results_dir
+from moe_lab.sweeps.study import (
+    SEARCH_PATH,
+    Study,
+    default_pretrained,
+    exclude_keys,
+    grid_launches,
+    load_study,
+    results_dir,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,7 +91,11 @@ def run_study(
         console.print(
             f"submitit: each grid point is a job; its output is in {results_dir(study, root) / 'runs' / '.submitit'}"
         )
-    code = subprocess.run(hydra_command(study, root, overrides, launcher), env=env).returncode
+    codes = [  # the grid, then each `extend` entry's points (finished ones are skipped); a failed point stops none
+        subprocess.run(hydra_command(study, root, [*launch, *overrides], launcher), env=env).returncode
+        for launch in grid_launches(study)
+    ]
+    code = next((c for c in codes if c), 0)
     frame = collect(study, root)
     if code != 0:
         raise SweepError(

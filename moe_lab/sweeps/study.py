@@ -28,6 +28,9 @@ class Study:
     pretrained: str | None  # fine-tuning studies: the pretraining preset their checkpoint comes from
     path: Path
     pretraining: str = "shared"  # fine-tuning studies: one pretraining for every seed, or per_seed
+    # more points beyond the grid: each entry gives some swept keys other values (the rest keep the grid's), as
+    # ST-MoE ran its baseline at 6 seeds and the other settings at 3
+    extend: tuple[dict[str, str], ...] = ()
 
 
 def studies() -> list[str]:
@@ -49,15 +52,25 @@ def load_study(name: str) -> Study:
     if pretraining not in ("shared", "per_seed"):
         raise ValueError(f"{path}: study.pretraining={pretraining!r} is not one of ['shared', 'per_seed']")
     params = ((raw.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    params = {str(k): str(v) for k, v in params.items()}
+    extend = study.get("extend") or []
+    if not isinstance(extend, list) or not all(isinstance(e, dict) and e for e in extend):
+        raise ValueError(f"{path}: study.extend must be a list of mappings of swept keys to values")
+    for entry in extend:
+        if unknown := sorted(set(map(str, entry)) - set(params)):
+            raise ValueError(
+                f"{path}: study.extend names {unknown}, which the grid does not sweep; swept keys: {sorted(params)}"
+            )
     return Study(
         name=name,
         command=command,
         paper=study.get("paper", ""),
         description=study.get("description", ""),
-        params={str(k): str(v) for k, v in params.items()},
+        params=params,
         pretrained=study.get("pretrained"),
         path=path,
         pretraining=pretraining,
+        extend=tuple({str(k): str(v) for k, v in e.items()} for e in extend),
     )
 
 
@@ -81,15 +94,28 @@ def check_hydra_overrides(study: Study, overrides: list[str]) -> None:
 
 
 def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
-    """Every grid point's overrides, expanded by the rules of Hydra's BasicSweeper (user overrides may sweep too)."""
+    """Every grid point's overrides, expanded by the rules of Hydra's BasicSweeper (user overrides may sweep too):
+    the grid's points, then those of each `extend` entry the grid lacks. A command-line value of a key replaces
+    it in the grid and in every entry."""
     from moe_lab.config import sweep_points
 
     check_hydra_overrides(study, overrides or [])
-    sweep = [f"{k}={v}" for k, v in study.params.items()]
     # hydra.* overrides (hydra.launcher.partition=...) set up the launcher, not a run: Hydra gets them from
     # hydra_command, the points do not carry them
     runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
-    return sweep_points([*sweep, *runs])
+    points, seen = [], set()
+    for params in (study.params, *({**study.params, **entry} for entry in study.extend)):
+        for point in sweep_points([*(f"{k}={v}" for k, v in params.items()), *runs]):
+            if frozenset(point) not in seen:
+                seen.add(frozenset(point))
+                points.append(point)
+    return points
+
+
+def grid_launches(study: Study) -> list[list[str]]:
+    """The overrides of each multirun that trains the grid: none for the grid itself, then each `extend` entry's
+    values (the command line's own overrides come after them and win)."""
+    return [[], *([f"{k}={v}" for k, v in entry.items()] for entry in study.extend)]
 
 
 def _point_overrides(study: Study, point: list[str]) -> list[str]:
