@@ -1227,9 +1227,12 @@ def _stable_metrics(val: float, previous: float | None = None) -> pd.DataFrame:
     return pd.DataFrame({"step": [10, 20, 30], "val_accuracy": [0.5, before, val], "train_accuracy": [0.5, 0.8, 0.9]})
 
 
-def write_polarity(root: Path, small: float, large: float, scratch: float, unstable: str | None = None) -> None:
+def write_polarity(
+    root: Path, small: float, large: float, scratch: float, unstable: str | None = None, extra_seed: int | None = None
+) -> None:
     """overfit: small and dense-small on polarity-small (val `small`) and polarity-large (`large`); finetune-tasks:
-    both from random initialisation on polarity-small (`scratch`); the run `unstable` moves 3 points at the end."""
+    both from random initialisation on polarity-small (`scratch`); the run `unstable` moves 3 points at the end;
+    `extra_seed`: overfit also runs that seed (at 30%), which finetune-tasks does not."""
     rows = []
     for i, (preset, task, val) in enumerate(
         [(p, t, v) for p in ("small", "dense-small") for t, v in (("polarity-small", small), ("polarity-large", large))]
@@ -1237,6 +1240,9 @@ def write_polarity(root: Path, small: float, large: float, scratch: float, unsta
         for s, acc in zip(SEEDS, per_seed(val, i), strict=True):
             rows.append(row({"finetune.pretrained": preset, "task": task, "seed": s}, final_train_accuracy=0.9,
                             final_val_accuracy=acc, best_val_accuracy=acc))  # fmt: skip
+        if extra_seed is not None:
+            rows.append(row({"finetune.pretrained": preset, "task": task, "seed": extra_seed}, final_train_accuracy=0.9,
+                            final_val_accuracy=0.3, best_val_accuracy=0.3))  # fmt: skip
     files = {r["run"]: {"metrics.csv": _stable_metrics(r["final_val_accuracy"])} for r in rows}
     if unstable is not None:
         files[unstable] = {"metrics.csv": _stable_metrics(0.7, 0.73)}
@@ -1266,6 +1272,13 @@ def test_the_tasks_section_checks_each_bar(tmp_path: Path) -> None:
     assert rows["last two evaluations, the studies' runs"][1].startswith("12 of 12 runs within a point")
     assert rows["last two evaluations, the studies' runs"][-1] == "**met**"
     assert rows["last two evaluations, random initialisation"][1].startswith("6 of 6 runs within a point")
+
+
+def test_the_tasks_transfer_pairs_over_the_seeds_both_studies_ran(tmp_path: Path) -> None:
+    write_polarity(tmp_path, small=0.72, large=0.95, scratch=0.52, extra_seed=9)  # a seed finetune-tasks never ran
+    transfer = tasks_table(tmp_path)["polarity-small, sparse: pretrained - random init"]
+    assert transfer[1].startswith("+20.") and "paired by seed, n=3" in transfer[1] and transfer[-1] == "**met**"
+    assert "(72.0% against 52.0%)" in transfer[1]
 
 
 def test_the_tasks_section_says_which_bar_is_missed(tmp_path: Path) -> None:

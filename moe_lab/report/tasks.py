@@ -83,12 +83,13 @@ def check_tasks(pretrained: StudyResults | None, scratch: StudyResults | None) -
         est = found.get((preset, small), stats.Estimate())
         if scratch is not None and not scratch.runs.empty:
             cold = stats.estimates(completed(scratch.runs), ["finetune.pretrained"], ACC, scratch.examples)
-            base = cold.get((preset,), stats.Estimate())
-            d = stats.difference(est, base)
+            # over the seeds both ran: the fine-tuning studies may run seeds the random-init sweep does not
+            mine, base = stats.on_common_seeds(est, cold.get((preset,), stats.Estimate()))
+            d = stats.difference(mine, base)
             met = None if d.n == 0 else d.value >= TRANSFER
             rows.append(_row(
                 f"{small}, {model}: pretrained - random init", f"{d.text(1, 100)} points "
-                f"({100 * est.mean:.1f}% against {100 * base.mean:.1f}%)", _interval(d), "≥ +10 points", met,
+                f"({100 * mine.mean:.1f}% against {100 * base.mean:.1f}%)", _interval(d), "≥ +10 points", met,
             ))  # fmt: skip
         d = stats.mean_of(est)
         met = None if est.n == 0 else SMALL_RANGE[0] <= est.mean <= SMALL_RANGE[1]
