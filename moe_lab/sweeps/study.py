@@ -103,9 +103,10 @@ def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
     # hydra.* overrides (hydra.launcher.partition=...) set up the launcher, not a run: Hydra gets them from
     # hydra_command, the points do not carry them
     runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
+    sweep = [f"{k}={v}" for k, v in study.params.items()]
     points, seen = [], set()
-    for params in (study.params, *({**study.params, **entry} for entry in study.extend)):
-        for point in sweep_points([*(f"{k}={v}" for k, v in params.items()), *runs]):
+    for launch in grid_launches(study):  # as run_study launches them; a key given again takes its last value
+        for point in sweep_points([*sweep, *launch, *runs]):
             if frozenset(point) not in seen:
                 seen.add(frozenset(point))
                 points.append(point)
