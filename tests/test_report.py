@@ -549,6 +549,30 @@ def test_verdict_states_what_we_measured(tmp_path: Path) -> None:
     assert [p.reason for p in report.verdict.parts] == ["95% interval excludes 0 on the other side"] * 2
 
 
+def test_finetune_grid_judges_its_interactions_within_each_pretraining(tmp_path: Path) -> None:
+    # each model's pretraining at a seed moves all four of its cells (offsets up to 6 points, not shared by the
+    # other model); the sparse model gains 3 points from the smaller batch and from the higher lr, the dense none
+    offsets = {"mini": (0.0, 0.06, -0.04), "dense-mini": (0.05, -0.06, 0.01)}
+    rows = []
+    for pretrained, gain in (("mini", 0.03), ("dense-mini", 0.0)):
+        for shift, (bs, lr) in enumerate(itertools.product((8, 32), (1e-4, 1e-3))):
+            value = 0.80 + gain * ((bs == 8) + (lr == 1e-3))
+            swept = {"finetune.pretrained": pretrained, "task": "synth-large", "optim.lr": lr, "train.batch_size": bs}
+            for s, v in zip(SEEDS, per_seed(value, shift), strict=True):
+                rows.append(row({**swept, "seed": s}, final_val_accuracy=v + offsets[pretrained][s]))
+    write_study(tmp_path, "finetune-grid", rows)
+    report = build("finetune-grid", load_study(tmp_path, "finetune-grid"))
+    parts = report.verdict.parts
+    # blocks: model x seed, so the offsets cancel: each model's residual over (4 - 1)(3 - 1) = 6 df, 12 in all
+    assert [(p.difference.method, p.difference.df) for p in parts] == [
+        ("two-way within 2 base models, 8 settings x 3 seeds", 12)
+    ] * 2
+    assert [p.difference.value for p in parts] == [pytest.approx(0.03)] * 2
+    # seed as the only block, the offsets' spread (about 5 points) would put the error near 2 points, not 0.1
+    assert all(p.difference.se < 0.002 for p in parts)
+    assert report.verdict.reproduced == "yes"
+
+
 # each writer below makes one case between a clear yes and a clear no (or a clear no by another path)
 
 

@@ -496,6 +496,86 @@ def test_grid_contrast_of_no_terms_is_no_difference() -> None:
     assert Grid.of(CELLS).contrast([]).method == "no runs"
 
 
+# --- blocks by base model x seed (fine-tuning grids over two pretrainings per seed) ----------------------------------
+
+# two base models x two settings (say lr lo, hi) x 4 seeds: each model's pretraining at a seed shifts both its
+# settings (an offset per model and seed, unlike the shared seed effect the plain two-way layout removes)
+OFFSETS = {"sparse": (0.0, 5.0, -3.0, 2.0), "dense": (4.0, -6.0, 1.0, 0.0)}
+NOISE = {  # setting -> per-seed noise
+    ("sparse", "lo"): (0.1, -0.2, 0.0, 0.3),
+    ("sparse", "hi"): (-0.1, 0.4, 0.2, -0.2),
+    ("dense", "lo"): (0.0, 0.1, -0.3, 0.1),
+    ("dense", "hi"): (0.2, -0.1, 0.1, -0.3),
+}
+GAIN = {("sparse", "lo"): 0.0, ("sparse", "hi"): 2.0, ("dense", "lo"): 1.0, ("dense", "hi"): 1.5}
+NESTED = {k: Estimate({j: GAIN[k] + OFFSETS[k[0]][j] + NOISE[k][j] for j in range(4)}) for k in NOISE}
+
+
+def blocked_fit_mse(cells: dict, base: dict) -> tuple[float, int]:
+    """The residual mean square of y ~ setting + (base, seed) block, by least squares on dummies (rank-aware)."""
+    keys, seeds = list(cells), sorted(next(iter(cells.values())).by_seed)
+    blocks = sorted({(base[k], j) for k in keys for j in seeds})
+    rows, y = [], []
+    for k in keys:
+        for j in seeds:
+            rows.append([float(k == other) for other in keys] + [float((base[k], j) == b) for b in blocks])
+            y.append(cells[k].by_seed[j])
+    x, y = np.array(rows), np.array(y)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    df = len(y) - np.linalg.matrix_rank(x)
+    return float(((y - x @ coef) ** 2).sum()) / df, df
+
+
+def test_grid_with_bases_pools_the_residual_within_each_base_model() -> None:
+    grid = Grid.of(NESTED, base=lambda key: key[0])
+    assert grid.within_df == 6  # each model: (2 - 1)(4 - 1)
+    assert (grid.within_mse, grid.within_df) == pytest.approx(blocked_fit_mse(NESTED, {k: k[0] for k in NESTED}))
+    # the plain layout (seed as block) keeps each model's offsets in its residual: 9 df and a far larger MSE
+    assert grid.df == 9 and grid.mse > 10 * grid.within_mse
+    plain = Grid.of(NESTED)
+    assert (grid.mse, grid.df) == (pytest.approx(plain.mse), plain.df)
+
+
+def test_a_difference_of_gains_is_judged_within_each_base_model() -> None:
+    grid = Grid.of(NESTED, base=lambda key: key[0])
+    terms = [(1.0, ("sparse", "hi")), (-1.0, ("sparse", "lo")), (-1.0, ("dense", "hi")), (1.0, ("dense", "lo"))]
+    d = grid.contrast(terms)
+    # per seed the offsets cancel: the gains' difference is (2 - 0) - (1.5 - 1) plus the noise's
+    per_seed = [
+        NESTED[("sparse", "hi")].by_seed[j] - NESTED[("sparse", "lo")].by_seed[j]
+        - NESTED[("dense", "hi")].by_seed[j] + NESTED[("dense", "lo")].by_seed[j]
+        for j in range(4)
+    ]  # fmt: skip
+    assert d.value == pytest.approx(np.mean(per_seed)) and d.value == pytest.approx(1.5, abs=0.5)
+    # se = sqrt(within MSE * sum c^2 / seeds), 6 df, and the method says so
+    assert d.se == pytest.approx(math.sqrt(grid.within_mse * 4 / 4))
+    assert (d.df, d.n, d.method) == (6, 4, "two-way within 2 base models, 4 settings x 4 seeds")
+    # seed as block, the same contrast's error carries the offsets
+    plain = Grid.of(NESTED).contrast(terms)
+    assert plain.value == pytest.approx(d.value) and plain.se > 3 * d.se and plain.df == 9
+
+
+def test_a_difference_across_base_models_keeps_the_seed_blocks() -> None:
+    # sparse - dense compares two pretrainings: no within-model residual can judge it
+    grid = Grid.of(NESTED, base=lambda key: key[0])
+    across = grid.difference(("sparse", "hi"), ("dense", "hi"))
+    plain = Grid.of(NESTED).difference(("sparse", "hi"), ("dense", "hi"))
+    assert (across.value, across.se, across.df, across.method) == (plain.value, plain.se, plain.df, plain.method)
+    assert across.method == "two-way 4 settings x 4 seeds"
+    # a difference within one model whose coefficients do not cancel in the other (here: zero there) is still
+    # within each model, and so is judged within
+    within = grid.difference(("sparse", "hi"), ("sparse", "lo"))
+    assert within.df == 6
+
+
+def test_one_base_model_for_every_setting_is_the_plain_layout() -> None:
+    one = Grid.of(CELLS, base=lambda key: "small")
+    plain = Grid.of(CELLS)
+    for a, b in (("b", "a"), ("c", "b")):
+        found, expected = one.difference(a, b), plain.difference(a, b)
+        assert (found.se, found.df, found.method) == (expected.se, expected.df, expected.method)
+
+
 # --- one-way pooled means -------------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,11 @@ Student's t at their real degrees of freedom.
   seed as block; Montgomery, "Design and Analysis of Experiments", ch. 4): the residual mean square of the additive
   two-way fit pools the noise of the whole grid, with (settings - 1) (seeds - 1) degrees of freedom, and a contrast
   sum(c_a mean_a) with sum(c_a) = 0 has standard error sqrt(MSE sum(c_a^2) / seeds).
+- Where the settings fine-tune different base models, one pretraining per (model, seed), the block is that
+  pretraining, not the seed: the residual pools each model's own two-way fit, with sum over models of
+  (its settings - 1) (seeds - 1) degrees of freedom, and judges a contrast whose coefficients sum to zero within
+  each model (a difference of gains). Blocking by seed alone would leave each base model's own offset at a seed
+  in the residual (a nested block design; Montgomery, ch. 14).
 - Per-example records pair two runs of one seed example by example (Dror et al. 2018): the seed's difference is
   the mean per-example difference over the examples both saw, and the per-example spread gives the validation
   set's share of the noise (`eval_se`), shown beside the total. The verdict rests on the seeds' spread, which holds
@@ -233,17 +238,24 @@ class Grid:
 
     The layout is the settings that share the most common set of two or more seeds (restricted to those seeds);
     its residual mean square pools the setting x seed noise of the whole grid. A contrast whose settings are all in
-    the layout and whose coefficients sum to zero is judged against it; any other falls back to `contrast`."""
+    the layout and whose coefficients sum to zero is judged against it; any other falls back to `contrast`.
+    With `base` (setting -> the model its runs fine-tune, one pretraining per model and seed), a contrast whose
+    coefficients also sum to zero within each model is judged against the pooled within-model residual instead
+    (blocks: model x seed)."""
 
     cells: dict  # setting key -> Estimate
     keys: tuple = ()  # the settings in the layout
     seeds: tuple = ()
     mse: float = math.nan
     df: int = 0
+    bases: dict = field(default_factory=dict)  # setting key in the layout -> its base model, where given
+    within_mse: float = math.nan  # the residual pooled within each base model (blocks: model x seed)
+    within_df: int = 0
 
     @classmethod
-    def of(cls, cells: dict) -> Grid:
-        """The layout of `cells` (setting -> Estimate)."""
+    def of(cls, cells: dict, base: Callable[[Hashable], Hashable] | None = None) -> Grid:
+        """The layout of `cells` (setting -> Estimate); `base` names each setting's base model, where settings
+        fine-tune more than one."""
         sets = Counter(frozenset(est.by_seed) for est in cells.values() if est.n >= 2)
         if not sets:
             return cls(cells)
@@ -253,19 +265,33 @@ class Grid:
         keys = tuple(k for k, est in cells.items() if common <= set(est.by_seed))
         if len(keys) < 2:
             return cls(cells)
-        y = [[cells[k].by_seed[s] for s in seeds] for k in keys]
-        rows = [sum(r) / len(seeds) for r in y]
-        cols = [sum(y[a][j] for a in range(len(keys))) / len(keys) for j in range(len(seeds))]
-        grand = sum(rows) / len(keys)
-        ss = sum((y[a][j] - rows[a] - cols[j] + grand) ** 2 for a in range(len(keys)) for j in range(len(seeds)))
-        df = (len(keys) - 1) * (len(seeds) - 1)
-        return cls(cells, keys, seeds, ss / df, df)
+        ss, df = _two_way_ss([[cells[k].by_seed[s] for s in seeds] for k in keys])
+        if base is None:
+            return cls(cells, keys, seeds, ss / df, df)
+        bases = {k: base(k) for k in keys}
+        within_ss, within_df = 0.0, 0
+        for b in set(bases.values()):
+            rows = [[cells[k].by_seed[s] for s in seeds] for k in keys if bases[k] == b]
+            if len(rows) >= 2:
+                b_ss, b_df = _two_way_ss(rows)
+                within_ss, within_df = within_ss + b_ss, within_df + b_df
+        within_mse = within_ss / within_df if within_df else math.nan
+        return cls(cells, keys, seeds, ss / df, df, bases, within_mse, within_df)
 
     @property
     def method(self) -> str:
         if len(self.keys) == 2:  # two settings: the two-way layout is the paired comparison
             return "paired by seed"
         return f"two-way {len(self.keys)} settings x {len(self.seeds)} seeds"
+
+    def _within_bases(self, terms: list[tuple[float, Hashable]]) -> bool:
+        """Whether the contrast is a difference within each base model (and there are several)."""
+        if self.within_df < 1 or len(set(self.bases.values())) < 2:
+            return False
+        sums = Counter()
+        for c, k in terms:
+            sums[self.bases[k]] += c
+        return all(abs(v) <= 1e-12 for v in sums.values())
 
     def contrast(self, terms: list[tuple[float, Hashable]]) -> Difference:
         """sum(c * setting) over (c, key) in terms, judged against the pooled residual where it can be."""
@@ -281,13 +307,28 @@ class Grid:
             value = sum(by_example[0].values()) / len(self.seeds)
         else:
             value = sum(c * est.mean for c, est in restricted)
-        se = math.sqrt(self.mse * sum(c * c for c, _ in terms) / len(self.seeds))
+        mse, df, method = self.mse, self.df, self.method
+        if self._within_bases(terms):
+            models = len(set(self.bases.values()))
+            mse, df = self.within_mse, self.within_df
+            method = f"two-way within {models} base models, {len(self.keys)} settings x {len(self.seeds)} seeds"
+        se = math.sqrt(mse * sum(c * c for c, _ in terms) / len(self.seeds))
         eval_se = by_example[1] if by_example else math.nan
-        return Difference(value, se, self.df, len(self.seeds), self.method, eval_se)
+        return Difference(value, se, df, len(self.seeds), method, eval_se)
 
     def difference(self, a: Hashable, b: Hashable) -> Difference:
         """a - b."""
         return self.contrast([(1.0, a), (-1.0, b)])
+
+
+def _two_way_ss(y: list[list[float]]) -> tuple[float, int]:
+    """The residual sum of squares of the additive fit y[setting][seed] ~ setting + seed, and its degrees of
+    freedom (settings - 1) (seeds - 1)."""
+    rows = [sum(r) / len(r) for r in y]
+    cols = [sum(r[j] for r in y) / len(y) for j in range(len(y[0]))]
+    grand = sum(rows) / len(y)
+    ss = sum((y[a][j] - rows[a] - cols[j] + grand) ** 2 for a in range(len(y)) for j in range(len(cols)))
+    return ss, (len(y) - 1) * (len(cols) - 1)
 
 
 def _restrict(est: Estimate, seeds: tuple) -> Estimate:

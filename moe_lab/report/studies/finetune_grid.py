@@ -38,7 +38,9 @@ def build(study: StudyResults) -> StudyReport:
         if len(lrs) < 2 or len(bss) < 2 or set(group["model"]) != {"sparse", "dense"}:
             continue
         lo_lr, hi_lr, small_bs, large_bs = lrs[0], lrs[-1], bss[0], bss[-1]
-        grid = Grid.of({k: v for k, v in val.items() if k[0] == task and v.n})
+        # sparse and dense at one seed are two pretrainings: each interaction is a difference of gains within
+        # each model, judged against the residual within each model (blocks: model x seed)
+        grid = Grid.of({k: v for k, v in val.items() if k[0] == task and v.n}, base=lambda key: key[1])
 
         # interaction contrasts (averaged over the other factor): how much more the sparse model gains than the
         # dense one from the smaller batch, and from the higher learning rate
