@@ -166,6 +166,12 @@ def test_a_sweep_launches_the_grid_then_each_extension_and_together_they_train_e
     assert from_hydra == {frozenset(p) for p in grid(study, overrides)}
     runs = {s: sum(f"+stability={s}" in p for p in grid(study, overrides)) for s in ("baseline", "jitter")}
     assert runs["baseline"] > runs["jitter"] == 3  # one learning rate: jitter's 3 seeds, the baseline's more
+    # a recheck at other seeds gives every key of the entry: its multirun would add no point, so it is not started
+    launched.clear()
+    recheck = ["+stability=baseline,z-loss", "seed=12,13", "train.threads=1"]
+    runner.run_study("z-loss-stability", recheck, root=tmp_path)
+    assert len(launched) == 1 and [a for a in launched[0] if a in recheck] == recheck
+    assert len(grid(study, recheck)) == 2 * 2 * len(str(study.params["optim.lr"]).split(","))
 
 
 def test_a_fine_tuning_sweep_refuses_an_architecture_key_before_running() -> None:

@@ -27,7 +27,7 @@ from moe_lab.sweeps.study import (
     Study,
     default_pretrained,
     exclude_keys,
-    grid_launches,
+    launch_plan,
     load_study,
     results_dir,
 )
@@ -91,9 +91,9 @@ def run_study(
         console.print(
             f"submitit: each grid point is a job; its output is in {results_dir(study, root) / 'runs' / '.submitit'}"
         )
-    codes = [  # the grid, then each `extend` entry's points (finished ones are skipped); a failed point stops none
+    codes = [  # the grid, then each `extend` entry that adds points (finished ones are skipped); none stops the rest
         subprocess.run(hydra_command(study, root, [*launch, *overrides], launcher), env=env).returncode
-        for launch in grid_launches(study)
+        for launch, _ in launch_plan(study, overrides)
     ]
     code = next((c for c in codes if c), 0)
     frame = collect(study, root)

@@ -97,6 +97,13 @@ def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
     """Every grid point's overrides, expanded by the rules of Hydra's BasicSweeper (user overrides may sweep too):
     the grid's points, then those of each `extend` entry the grid lacks. A command-line value of a key replaces
     it in the grid and in every entry."""
+    return [point for _, points in launch_plan(study, overrides) for point in points]
+
+
+def launch_plan(study: Study, overrides: list[str] | None = None) -> list[tuple[list[str], list[list[str]]]]:
+    """The multiruns that train the grid, each with the points it adds: the grid's, then each `extend` entry's
+    that no earlier one trains. An entry whose every point is already there (the command line overrode all its
+    keys, as a recheck at other seeds does) is left out, so no Hydra start-up is spent on it."""
     from moe_lab.config import sweep_points
 
     check_hydra_overrides(study, overrides or [])
@@ -104,13 +111,16 @@ def grid(study: Study, overrides: list[str] | None = None) -> list[list[str]]:
     # hydra_command, the points do not carry them
     runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
     sweep = [f"{k}={v}" for k, v in study.params.items()]
-    points, seen = [], set()
+    plan, seen = [], set()
     for launch in grid_launches(study):  # as run_study launches them; a key given again takes its last value
+        new = []
         for point in sweep_points([*sweep, *launch, *runs]):
             if frozenset(point) not in seen:
                 seen.add(frozenset(point))
-                points.append(point)
-    return points
+                new.append(point)
+        if new:
+            plan.append((launch, new))
+    return plan
 
 
 def grid_launches(study: Study) -> list[list[str]]:
