@@ -10,6 +10,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from rich.console import Console
@@ -547,6 +548,26 @@ def test_verdict_states_what_we_measured(tmp_path: Path) -> None:
     assert report.verdict.checked == "each step up in k lowers the validation loss"
     # the 95% interval, -0.049 +- 2.776 * 0.0015, lies wholly on the other side of 0
     assert [p.reason for p in report.verdict.parts] == ["95% interval excludes 0 on the other side"] * 2
+
+
+def test_overfit_judges_each_task_against_its_own_seeds(tmp_path: Path) -> None:
+    # the small task's sparse - dense moves by up to 18 points from seed to seed, the large task's by half a point:
+    # pooled over both tasks, the large task's clear gain would inherit the small task's noise
+    small_sparse, small_dense = [0.60, 0.70, 0.50], [0.66, 0.62, 0.60]
+    large_sparse, large_dense = [0.85, 0.86, 0.87], [0.80, 0.815, 0.825]
+    write_overfit(tmp_path, [
+        ("mini", "synth-small", 0.99, small_sparse),
+        ("dense-mini", "synth-small", 0.9, small_dense),
+        ("mini", "synth-large", 0.9, large_sparse),
+        ("dense-mini", "synth-large", 0.9, large_dense),
+    ])  # fmt: skip
+    parts = build("overfit", load_study(tmp_path, "overfit")).verdict.parts
+    for part, a, b in ((parts[0], small_sparse, small_dense), (parts[1], large_sparse, large_dense)):
+        deltas = np.subtract(a, b)
+        assert part.difference.method == "paired by seed" and part.difference.df == 2
+        assert part.difference.value == pytest.approx(deltas.mean())
+        assert part.difference.se == pytest.approx(deltas.std(ddof=1) / math.sqrt(3))
+    assert [p.verdict for p in parts] == ["inconclusive", "yes"]
 
 
 def test_finetune_grid_judges_its_interactions_within_each_pretraining(tmp_path: Path) -> None:
