@@ -266,9 +266,9 @@ class Grid:
         if len(keys) < 2:
             return cls(cells)
         ss, df = _two_way_ss([[cells[k].by_seed[s] for s in seeds] for k in keys])
-        if base is None:
+        bases = {k: base(k) for k in keys} if base is not None else {}
+        if len(set(bases.values())) < 2:  # one base model: its blocks are the seeds
             return cls(cells, keys, seeds, ss / df, df)
-        bases = {k: base(k) for k in keys}
         within_ss, within_df = 0.0, 0
         for b in set(bases.values()):
             rows = [[cells[k].by_seed[s] for s in seeds] for k in keys if bases[k] == b]
@@ -285,8 +285,8 @@ class Grid:
         return f"two-way {len(self.keys)} settings x {len(self.seeds)} seeds"
 
     def _within_bases(self, terms: list[tuple[float, Hashable]]) -> bool:
-        """Whether the contrast is a difference within each base model (and there are several)."""
-        if self.within_df < 1 or len(set(self.bases.values())) < 2:
+        """Whether the contrast is a difference within each base model (set only where there are several)."""
+        if self.within_df < 1:
             return False
         sums = Counter()
         for c, k in terms:

@@ -112,7 +112,9 @@ def launch_plan(study: Study, overrides: list[str] | None = None) -> list[tuple[
     runs = [o for o in overrides or [] if not o.lstrip("+~").startswith("hydra.")]
     sweep = [f"{k}={v}" for k, v in study.params.items()]
     plan, seen = [], set()
-    for launch in grid_launches(study):  # as run_study launches them; a key given again takes its last value
+    # the grid, then each entry's values; the command line's come last in every launch (a key given again takes
+    # its last value)
+    for launch in [[], *([f"{k}={v}" for k, v in entry.items()] for entry in study.extend)]:
         new = []
         for point in sweep_points([*sweep, *launch, *runs]):
             if frozenset(point) not in seen:
@@ -121,12 +123,6 @@ def launch_plan(study: Study, overrides: list[str] | None = None) -> list[tuple[
         if new:
             plan.append((launch, new))
     return plan
-
-
-def grid_launches(study: Study) -> list[list[str]]:
-    """The overrides of each multirun that trains the grid: none for the grid itself, then each `extend` entry's
-    values (the command line's own overrides come after them and win)."""
-    return [[], *([f"{k}={v}" for k, v in entry.items()] for entry in study.extend)]
 
 
 def _point_overrides(study: Study, point: list[str]) -> list[str]:
