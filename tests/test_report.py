@@ -594,6 +594,28 @@ def test_finetune_grid_judges_its_interactions_within_each_pretraining(tmp_path:
     assert report.verdict.reproduced == "yes"
 
 
+def test_aux_loss_finetune_judges_on_against_off_within_each_train_cf(tmp_path: Path) -> None:
+    # at every seed on - off is +0.1 points (+-0.05) at both CFs, but seed 1's CF effect is 5 points (CF 0.75 at
+    # 0.80, CF 1.25 at 0.85) against the others' 0: a two-way layout of 4 settings x 3 seeds pools that CF x seed
+    # term into both parts' error (se about 1.2 points); blocked by CF x seed it is no part of on - off
+    on_minus_off = {0.75: (0.0010, 0.0015, 0.0005), 1.25: (0.0005, 0.0010, 0.0015)}
+    runs = []
+    for cf in (0.75, 1.25):
+        base = [0.80, 0.80 if cf == 0.75 else 0.85, 0.80]
+        runs += [(0.0, cf, 0.1, base), (0.01, cf, 0.1, [b + d for b, d in zip(base, on_minus_off[cf], strict=True)])]
+    write_aux_loss(tmp_path, runs)
+    parts = build("aux-loss-finetune", load_study(tmp_path, "aux-loss-finetune")).verdict.parts
+    # per CF, (2 - 1)(3 - 1) = 2 df, 4 in all; the residual is the on - off spread within each CF
+    assert [(p.difference.method, p.difference.df) for p in parts] == [
+        ("two-way within 2 train CFs, 4 settings x 3 seeds", 4)
+    ] * 2
+    assert [p.difference.value for p in parts] == [pytest.approx(0.001)] * 2
+    within = sum(np.var(d, ddof=1) / 2 for d in on_minus_off.values()) / 2  # each CF's residual MS, pooled
+    assert [p.difference.se for p in parts] == [pytest.approx(math.sqrt(2 * within / 3))] * 2
+    # +0.1 +- 0.03 points: both 90% intervals lie inside the 0.4-point margin (the pooled grid's would not)
+    assert [p.verdict for p in parts] == ["no", "no"]
+
+
 # each writer below makes one case between a clear yes and a clear no (or a clear no by another path)
 
 

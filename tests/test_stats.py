@@ -707,9 +707,30 @@ def test_direction_no_comes_two_ways() -> None:
     assert judge(tiny, "direction", 0.05, ">") == ("no", "90% interval inside ±margin: too small to count")
     # but inside +-0.02 it is not: [-0.007, 0.027] crosses 0.02
     assert direction(tiny, ">", 0.02) == "inconclusive"
-    # a 95% interval that clears 0 on the paper's side is yes even when the 90% one is inside +-margin:
-    # 0.1 -+ 0.0248 at margin 0.5
-    assert direction(paired((0.09, 0.10, 0.11)), ">", 0.5) == "yes"
+    # a 95% interval that clears 0 on the paper's side is still no when the 90% one is inside +-margin: 0.1 -+
+    # 0.0248 (95%), 0.1 -+ 0.0169 (90%) at margin 0.5 is real but too small to count; at margin 0.1 it is yes
+    shown = paired((0.09, 0.10, 0.11))
+    assert judge(shown, "direction", 0.5, ">") == (
+        "no",
+        "90% interval inside ±margin: too small to count, though the 95% interval excludes 0",
+    )
+    assert judge(shown, "direction", 0.1, ">") == ("yes", "95% interval excludes 0 on the paper's side")
+    # on the other side the reason is the side: -0.1 at margin 0.5
+    assert judge(paired((-0.11, -0.10, -0.09)), "direction", 0.5, ">")[1] == "95% interval excludes 0 on the other side"
+
+
+def test_direction_verdict_on_a_small_true_effect_settles_as_seeds_grow() -> None:
+    # a true effect of 0.01 against a 0.05 margin, per-seed differences 0.01 -+ 0.05 alternating (sd 0.05):
+    #   n = 4:   95% [-0.082, +0.102], 90% [-0.058, +0.078] crosses the margin: inconclusive
+    #   n = 16:  95% [-0.018, +0.038] holds 0, 90% [-0.013, +0.033] inside +-0.05: no
+    #   n = 256: 95% [+0.004, +0.016] excludes 0, 90% [+0.005, +0.015] inside +-0.05: still no (deciding
+    #            significance first would say yes here, so the verdict would hang on the seed count)
+    verdicts = {}
+    for n in (4, 16, 64, 256):
+        a = Estimate({s: 0.01 + (0.05 if s % 2 else -0.05) for s in range(n)})
+        d = difference(a, Estimate(dict.fromkeys(range(n), 0.0)))
+        verdicts[n] = (direction(d, ">", 0.05), d.interval(0.95)[0] > 0)
+    assert verdicts == {4: ("inconclusive", False), 16: ("no", False), 64: ("no", False), 256: ("no", True)}
 
 
 def test_equivalence_and_at_most_reasons() -> None:

@@ -49,15 +49,17 @@ def _summaries(root: Path, name: str) -> dict[int, dict]:
 
 
 def claim(d: stats.Difference, better: str, margin: float) -> str:
-    """'sparse better', 'dense better', 'no difference' (inside the margin) or 'inconclusive': the direction rule
-    (verdict.judge) on sparse - dense, naming which way a 'no' went."""
+    """'sparse better', 'dense better', 'no difference' (inside the margin), 'sparse better by less than the
+    margin' or 'inconclusive': the direction rule (verdict.judge) on sparse - dense, naming which way a 'no' went."""
     verdict = judge(d, "direction", margin, better)[0]
     if verdict == "yes":
         return "sparse better"
     if verdict == "no":
         lo, hi = d.interval(stats.DIRECTION_LEVEL)
-        wrong_side = lo > 0 if better == "<" else hi < 0
-        return "dense better" if wrong_side else "no difference (inside the margin)"
+        wrong_side, right_side = (lo > 0, hi < 0) if better == "<" else (hi < 0, lo > 0)
+        if wrong_side:
+            return "dense better"
+        return "sparse better by less than the margin" if right_side else "no difference (inside the margin)"
     return "inconclusive" if d.decidable else "inconclusive (one seed)"
 
 
@@ -105,7 +107,8 @@ def sparse_vs_dense(results_root: Path) -> MainJob | None:
     rule = (
         "sparse - dense is paired by seed (and by validation sequence or fact query where the runs recorded them); "
         "sparse is better when the 95% Student's t interval (n - 1 degrees of freedom) excludes 0 on its side "
-        "(lower loss, higher recall), dense when it excludes 0 on the other side, no difference when the 90% "
-        "interval lies inside the margin, else inconclusive"
+        "(lower loss, higher recall) and the 90% interval does not lie inside the margin, dense when it excludes 0 "
+        "on the other side, no difference when the 90% interval lies inside the margin (better by less than the "
+        "margin where the 95% interval still excludes 0), else inconclusive"
     )
     return MainJob(pd.DataFrame(rows, columns=columns).fillna(""), rule)

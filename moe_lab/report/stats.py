@@ -14,7 +14,8 @@ Student's t at their real degrees of freedom.
   pretraining, not the seed: the residual pools each model's own two-way fit, with sum over models of
   (its settings - 1) (seeds - 1) degrees of freedom, and judges a contrast whose coefficients sum to zero within
   each model (a difference of gains). Blocking by seed alone would leave each base model's own offset at a seed
-  in the residual (a nested block design; Montgomery, ch. 14).
+  in the residual (a nested block design; Montgomery, ch. 14). The same holds for a factor the study's parts hold
+  fixed (aux-loss-finetune's train CF): each part is judged within that factor's levels (blocks: level x seed).
 - Per-example records pair two runs of one seed example by example (Dror et al. 2018): the seed's difference is
   the mean per-example difference over the examples both saw, and the per-example spread gives the validation
   set's share of the noise (`eval_se`), shown beside the total. The verdict rests on the seeds' spread, which holds
@@ -239,23 +240,31 @@ class Grid:
     The layout is the settings that share the most common set of two or more seeds (restricted to those seeds);
     its residual mean square pools the setting x seed noise of the whole grid. A contrast whose settings are all in
     the layout and whose coefficients sum to zero is judged against it; any other falls back to `contrast`.
-    With `base` (setting -> the model its runs fine-tune, one pretraining per model and seed), a contrast whose
-    coefficients also sum to zero within each model is judged against the pooled within-model residual instead
-    (blocks: model x seed)."""
+    With `base` (setting -> a level its runs share besides the seed: the model they fine-tune, one pretraining per
+    model and seed, or a setting that the study's parts hold fixed, such as the train CF), a contrast whose
+    coefficients also sum to zero within each level is judged against the residual pooled within the levels
+    (blocks: level x seed). That is a factorial design's own error term for an effect within a level, as in a
+    repeated-measures analysis (Maxwell and Delaney, "Designing Experiments and Analyzing Data", ch. 12: each
+    within-subject effect against its own interaction with subjects): how the levels themselves differ from seed
+    to seed is no part of that contrast's noise, and pooling it in would inflate the contrast's error."""
 
     cells: dict  # setting key -> Estimate
     keys: tuple = ()  # the settings in the layout
     seeds: tuple = ()
     mse: float = math.nan
     df: int = 0
-    bases: dict = field(default_factory=dict)  # setting key in the layout -> its base model, where given
-    within_mse: float = math.nan  # the residual pooled within each base model (blocks: model x seed)
+    bases: dict = field(default_factory=dict)  # setting key in the layout -> its level (base model), where given
+    within_mse: float = math.nan  # the residual pooled within each level (blocks: level x seed)
     within_df: int = 0
+    base_name: str = "base models"  # what the levels are, for the method text
 
     @classmethod
-    def of(cls, cells: dict, base: Callable[[Hashable], Hashable] | None = None) -> Grid:
-        """The layout of `cells` (setting -> Estimate); `base` names each setting's base model, where settings
-        fine-tune more than one."""
+    def of(
+        cls, cells: dict, base: Callable[[Hashable], Hashable] | None = None, base_name: str = "base models"
+    ) -> Grid:
+        """The layout of `cells` (setting -> Estimate); `base` names each setting's level (its base model, where
+        settings fine-tune more than one, or the setting a study's parts hold fixed); `base_name` says what the
+        levels are."""
         sets = Counter(frozenset(est.by_seed) for est in cells.values() if est.n >= 2)
         if not sets:
             return cls(cells)
@@ -267,7 +276,7 @@ class Grid:
             return cls(cells)
         ss, df = _two_way_ss([[cells[k].by_seed[s] for s in seeds] for k in keys])
         bases = {k: base(k) for k in keys} if base is not None else {}
-        if len(set(bases.values())) < 2:  # one base model: its blocks are the seeds
+        if len(set(bases.values())) < 2:  # one level: its blocks are the seeds
             return cls(cells, keys, seeds, ss / df, df)
         within_ss, within_df = 0.0, 0
         for b in set(bases.values()):
@@ -276,7 +285,7 @@ class Grid:
                 b_ss, b_df = _two_way_ss(rows)
                 within_ss, within_df = within_ss + b_ss, within_df + b_df
         within_mse = within_ss / within_df if within_df else math.nan
-        return cls(cells, keys, seeds, ss / df, df, bases, within_mse, within_df)
+        return cls(cells, keys, seeds, ss / df, df, bases, within_mse, within_df, base_name)
 
     @property
     def method(self) -> str:
@@ -285,7 +294,7 @@ class Grid:
         return f"two-way {len(self.keys)} settings x {len(self.seeds)} seeds"
 
     def _within_bases(self, terms: list[tuple[float, Hashable]]) -> bool:
-        """Whether the contrast is a difference within each base model (set only where there are several)."""
+        """Whether the contrast is a difference within each level (set only where there are several)."""
         if self.within_df < 1:
             return False
         sums = Counter()
@@ -309,9 +318,9 @@ class Grid:
             value = sum(c * est.mean for c, est in restricted)
         mse, df, method = self.mse, self.df, self.method
         if self._within_bases(terms):
-            models = len(set(self.bases.values()))
+            levels = len(set(self.bases.values()))
             mse, df = self.within_mse, self.within_df
-            method = f"two-way within {models} base models, {len(self.keys)} settings x {len(self.seeds)} seeds"
+            method = f"two-way within {levels} {self.base_name}, {len(self.keys)} settings x {len(self.seeds)} seeds"
         se = math.sqrt(mse * sum(c * c for c, _ in terms) / len(self.seeds))
         eval_se = by_example[1] if by_example else math.nan
         return Difference(value, se, df, len(self.seeds), method, eval_se)

@@ -4,12 +4,13 @@ A verdict is "yes", "partly", "no", "inconclusive" (the runs cannot tell) or "no
 the paper's claim (`Part`: what is compared, the difference, the rule, its margin and the part's verdict). Each
 builder states the check it made in `checked`, and every part states its test, so a reader can disagree.
 
-The rules (`judge`; ../shared/STATISTICS.md): a direction claim is yes when the 95% interval excludes zero on the
-paper's side, no when it excludes zero on the other side or the 90% interval lies inside +-margin, else
-inconclusive. An equivalence claim (two one-sided tests, Lakens 2017) is yes when the 90% interval lies inside
-+-margin, no when it lies wholly outside it. An "at most" claim (a cost of at most the margin: non-inferiority) is
-yes when the 90% interval's upper end is below the margin, no when its lower end is above it. Parts combine
-(`combine`) into the study's verdict.
+The rules (`judge`; ../shared/STATISTICS.md): a direction claim is no when the 95% interval excludes zero on the
+other side or the 90% interval lies inside +-margin (the margin decides first: an effect shown smaller than the
+smallest that counts is no, even when it is shown to differ from zero), yes when the 95% interval excludes zero on
+the paper's side, else inconclusive. An equivalence claim (two one-sided tests, Lakens 2017) is yes when the 90%
+interval lies inside +-margin, no when it lies wholly outside it. An "at most" claim (a cost of at most the
+margin: non-inferiority) is yes when the 90% interval's upper end is below the margin, no when its lower end is
+above it. Parts combine (`combine`) into the study's verdict.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ RULES = ("direction", "equivalence", "at most")
 
 RULE_TEXT = (
     "each part is judged on Student's t at its degrees of freedom (paired by seed, or pooled over the study's grid "
-    "of settings x seeds with seed as block; one seed measures no training noise and decides nothing): a direction "
-    "part is yes when the 95% interval excludes 0 on the paper's side, no when it excludes 0 on the other side or "
-    "the 90% interval lies inside +-margin; an equivalence part is yes when the 90% interval lies inside +-margin, "
+    "of settings x seeds with seed as block, within each level of a factor the part holds fixed, such as the base "
+    "model or the train CF; one seed measures no training noise and decides nothing): a direction "
+    "part is no when the 95% interval excludes 0 on the other side or the 90% interval lies inside +-margin (too "
+    "small to count, even where the 95% interval excludes 0), else yes when the 95% interval excludes 0 on the "
+    "paper's side; an equivalence part is yes when the 90% interval lies inside +-margin, "
     "no when it lies wholly outside; an 'at most' part is yes when the 90% interval ends below the margin, no when it "
     "starts above it; else inconclusive. Parts combine: all yes is yes, all no is no, a no of a necessary part is "
     "no, any other undecided part is inconclusive, and parts decided both ways are partly"
@@ -223,12 +226,19 @@ def judge(d: Difference, rule: str, margin: float, expected: str = ">") -> tuple
         return "inconclusive", "90% interval contains the margin"
     lo95, hi95 = d.interval(DIRECTION_LEVEL)
     right, wrong = (lo95 > 0, hi95 < 0) if expected == ">" else (hi95 < 0, lo95 > 0)
-    if right:
-        return "yes", "95% interval excludes 0 on the paper's side"
     if wrong:
         return "no", "95% interval excludes 0 on the other side"
+    # The margin decides before significance: an effect shown smaller than the smallest that counts is a "no"
+    # to the paper's claim even when it is shown to differ from 0 (Lakens, Scheel and Isager 2018, "Equivalence
+    # Testing for Psychological Research", AMPPS: significant and equivalent is "statistically but not practically
+    # different from 0"). Deciding significance first would make the verdict on a true effect inside the margin
+    # turn from no to yes as seeds are added; this way every verdict settles as the seeds grow.
     if inside:
+        if right:
+            return "no", "90% interval inside ±margin: too small to count, though the 95% interval excludes 0"
         return "no", "90% interval inside ±margin: too small to count"
+    if right:
+        return "yes", "95% interval excludes 0 on the paper's side"
     return "inconclusive", "95% interval contains 0, 90% interval crosses ±margin"
 
 

@@ -30,7 +30,9 @@ def build(study: StudyResults) -> StudyReport:
             for lab, cf in zip(label, agg["moe.train_capacity_factor"], strict=True)
         ],
     })  # fmt: skip
-    grid = Grid.of({k: v for k, v in val.items() if v.n})
+    # each part holds the train CF fixed: on - off is judged within each CF (blocks: CF x seed), so a seed whose
+    # CF effect is large adds nothing to the aux loss's error
+    grid = Grid.of({k: v for k, v in val.items() if v.n}, base=lambda key: key[1], base_name="train CFs")
     parts = []
     for cf, group in agg.groupby("moe.train_capacity_factor"):
         on = [(a, cf) for a in group["moe.aux_loss_coef"] if a > 0]
