@@ -597,7 +597,7 @@ def test_finetune_grid_judges_its_interactions_within_each_pretraining(tmp_path:
 def test_aux_loss_finetune_judges_on_against_off_within_each_train_cf(tmp_path: Path) -> None:
     # at every seed on - off is +0.1 points (+-0.05) at both CFs, but seed 1's CF effect is 5 points (CF 0.75 at
     # 0.80, CF 1.25 at 0.85) against the others' 0: a two-way layout of 4 settings x 3 seeds pools that CF x seed
-    # term into both parts' error (se about 1.2 points); blocked by CF x seed it is no part of on - off
+    # term into both parts' error (se about 1.4 points); blocked by CF x seed it is no part of on - off
     on_minus_off = {0.75: (0.0010, 0.0015, 0.0005), 1.25: (0.0005, 0.0010, 0.0015)}
     runs = []
     for cf in (0.75, 1.25):

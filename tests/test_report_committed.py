@@ -111,6 +111,7 @@ def test_sparse_vs_dense_needs_both_models(tmp_path: Path) -> None:
         (-0.002, 0.001, "<", "no difference (inside the margin)"),  # 90% interval (t 2.92) inside +-0.01
         # 95% [-0.0062, -0.0018] excludes 0, but 90% [-0.0055, -0.0025] is inside +-0.01: too small to count
         (-0.004, 0.0005, "<", "sparse better by less than the margin"),
+        (-0.004, 0.0005, ">", "dense better by less than the margin"),  # recall down by as little
         (-0.01, 0.004, "<", "inconclusive"),  # 95% interval holds 0, 90% one crosses -0.01
         (-0.01, float("nan"), "<", "inconclusive (one seed)"),
     ],

@@ -719,18 +719,24 @@ def test_direction_no_comes_two_ways() -> None:
     assert judge(paired((-0.11, -0.10, -0.09)), "direction", 0.5, ">")[1] == "95% interval excludes 0 on the other side"
 
 
-def test_direction_verdict_on_a_small_true_effect_settles_as_seeds_grow() -> None:
-    # a true effect of 0.01 against a 0.05 margin, per-seed differences 0.01 -+ 0.05 alternating (sd 0.05):
+def test_direction_verdict_ends_at_whether_the_effect_clears_the_margin() -> None:
+    # per-seed differences effect -+ 0.05 alternating (sd 0.05), margin 0.05. A true effect of 0.01, inside it:
     #   n = 4:   95% [-0.082, +0.102], 90% [-0.058, +0.078] crosses the margin: inconclusive
     #   n = 16:  95% [-0.018, +0.038] holds 0, 90% [-0.013, +0.033] inside +-0.05: no
     #   n = 256: 95% [+0.004, +0.016] excludes 0, 90% [+0.005, +0.015] inside +-0.05: still no (deciding
-    #            significance first would say yes here, so the verdict would hang on the seed count)
-    verdicts = {}
-    for n in (4, 16, 64, 256):
-        a = Estimate({s: 0.01 + (0.05 if s % 2 else -0.05) for s in range(n)})
-        d = difference(a, Estimate(dict.fromkeys(range(n), 0.0)))
-        verdicts[n] = (direction(d, ">", 0.05), d.interval(0.95)[0] > 0)
-    assert verdicts == {4: ("inconclusive", False), 16: ("no", False), 64: ("no", False), 256: ("no", True)}
+    #            significance first would say yes here: any nonzero effect would end at yes)
+    # A true effect of 0.07, beyond it: n = 4 95% [-0.022, +0.162] inconclusive; from n = 16 (95% [+0.042, +0.098],
+    # 90% [+0.047, +0.093] not inside +-0.05) yes
+    def verdicts(effect: float) -> dict[int, tuple[str, bool]]:
+        out = {}
+        for n in (4, 16, 64, 256):
+            a = Estimate({s: effect + (0.05 if s % 2 else -0.05) for s in range(n)})
+            d = difference(a, Estimate(dict.fromkeys(range(n), 0.0)))
+            out[n] = (direction(d, ">", 0.05), d.interval(0.95)[0] > 0)
+        return out
+
+    assert verdicts(0.01) == {4: ("inconclusive", False), 16: ("no", False), 64: ("no", False), 256: ("no", True)}
+    assert verdicts(0.07) == {4: ("inconclusive", False), 16: ("yes", True), 64: ("yes", True), 256: ("yes", True)}
 
 
 def test_equivalence_and_at_most_reasons() -> None:

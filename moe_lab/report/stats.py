@@ -14,8 +14,10 @@ Student's t at their real degrees of freedom.
   pretraining, not the seed: the residual pools each model's own two-way fit, with sum over models of
   (its settings - 1) (seeds - 1) degrees of freedom, and judges a contrast whose coefficients sum to zero within
   each model (a difference of gains). Blocking by seed alone would leave each base model's own offset at a seed
-  in the residual (a nested block design; Montgomery, ch. 14). The same holds for a factor the study's parts hold
-  fixed (aux-loss-finetune's train CF): each part is judged within that factor's levels (blocks: level x seed).
+  in the residual (a nested block design; Montgomery, ch. 14).
+- Where every part of a study holds a crossed factor fixed (aux-loss-finetune's train CF), each part is judged
+  within that factor's levels (blocks: level x seed): an effect against its own interaction with the seeds, as a
+  repeated-measures analysis tests it, not against how much the held factor moves a seed (`Grid`).
 - Per-example records pair two runs of one seed example by example (Dror et al. 2018): the seed's difference is
   the mean per-example difference over the examples both saw, and the per-example spread gives the validation
   set's share of the noise (`eval_se`), shown beside the total. The verdict rests on the seeds' spread, which holds

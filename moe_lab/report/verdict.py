@@ -28,8 +28,8 @@ RULES = ("direction", "equivalence", "at most")
 
 RULE_TEXT = (
     "each part is judged on Student's t at its degrees of freedom (paired by seed, or pooled over the study's grid "
-    "of settings x seeds with seed as block, within each level of a factor the part holds fixed, such as the base "
-    "model or the train CF; one seed measures no training noise and decides nothing): a direction "
+    "of settings x seeds with seed as block, or, where a part holds a factor fixed, such as the base model or the "
+    "train CF, within each level of it; one seed measures no training noise and decides nothing): a direction "
     "part is no when the 95% interval excludes 0 on the other side or the 90% interval lies inside +-margin (too "
     "small to count, even where the 95% interval excludes 0), else yes when the 95% interval excludes 0 on the "
     "paper's side; an equivalence part is yes when the 90% interval lies inside +-margin, "
@@ -230,9 +230,10 @@ def judge(d: Difference, rule: str, margin: float, expected: str = ">") -> tuple
         return "no", "95% interval excludes 0 on the other side"
     # The margin decides before significance: an effect shown smaller than the smallest that counts is a "no"
     # to the paper's claim even when it is shown to differ from 0 (Lakens, Scheel and Isager 2018, "Equivalence
-    # Testing for Psychological Research", AMPPS: significant and equivalent is "statistically but not practically
-    # different from 0"). Deciding significance first would make the verdict on a true effect inside the margin
-    # turn from no to yes as seeds are added; this way every verdict settles as the seeds grow.
+    # Testing for Psychological Research", AMPPS: an effect both significant and equivalent differs from 0 but is
+    # too small to matter). Deciding significance first, a true effect inside the margin would turn from no to
+    # yes as seeds are added, and any nonzero effect would end at yes; this way, as the seeds grow, the verdict
+    # ends at no for a true effect inside the margin and at yes for one beyond it.
     if inside:
         if right:
             return "no", "90% interval inside ±margin: too small to count, though the 95% interval excludes 0"
