@@ -50,13 +50,13 @@ STUDIES ?= top-k capacity-factor z-loss-stability router-fluctuation stablemoe f
 # grid points run in parallel, one process per core with one thread each (small matmuls scale poorly across
 # threads); with the studies' seeds the run of 2026-12-02 took 91 min on 2 cores, and the designs of 2026-12-07
 # (8 seeds of aux-loss-finetune; z-loss-stability under bf16, its baseline and z-loss at 12 seeds; finetune-grid on
-# the large task at 4 seeds; overfit at 7) bring it to about nine hours (docs/studies.md,
+# the large task at 4 seeds; overfit at 7) bring it to about eight hours (docs/studies.md,
 # "`make reproduce`"). The thread count
 # changes the float summation order, so a rerun of results/ needs these same arguments (and matches only to float
 # noise).
 SWEEP_ARGS ?= --launcher joblib train.threads=1 logger.progress=false
 
-reproduce: $(STAMP) ## run every study at its default size and seeds, then moe-lab report (about 9 h on 2 cores)
+reproduce: $(STAMP) ## run every study at its default size and seeds, then moe-lab report (about 8 h on 2 cores)
 	@start=$$(date +%s); failed=""; \
 	for study in $(STUDIES); do \
 		t0=$$(date +%s); \
