@@ -16,7 +16,7 @@ import pandas as pd
 from moe_lab.io import read_json
 from moe_lab.report import stats
 from moe_lab.report.results import final_examples
-from moe_lab.report.verdict import judge
+from moe_lab.report.verdict import clears_zero, inside_margin, judge
 
 SPARSE, DENSE = "small", "dense-small"
 LABELS = {SPARSE: "sparse: 8 experts, top-2, MoE in 2 of 4 blocks", DENSE: "dense twin"}
@@ -56,10 +56,8 @@ def claim(d: stats.Difference, better: str, margin: float) -> str:
     if verdict == "yes":
         return "sparse better"
     if verdict == "no":
-        lo, hi = d.interval(stats.DIRECTION_LEVEL)
-        wrong_side, right_side = (lo > 0, hi < 0) if better == "<" else (hi < 0, lo > 0)
-        lo90, hi90 = d.interval(stats.EQUIVALENCE_LEVEL)
-        small = " by less than the margin" if -margin < lo90 and hi90 < margin else ""
+        right_side, wrong_side = clears_zero(d, better)
+        small = " by less than the margin" if inside_margin(d, margin) else ""
         if wrong_side:
             return f"dense better{small}"
         return f"sparse better{small}" if right_side else "no difference (inside the margin)"

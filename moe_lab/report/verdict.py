@@ -198,6 +198,18 @@ def strictly_decreasing(values: list[float]) -> bool:
     return all(b < a for a, b in itertools.pairwise(values))
 
 
+def inside_margin(d: Difference, margin: float) -> bool:
+    """Whether d's 90% interval lies inside +-margin (two one-sided tests: too small to count)."""
+    lo, hi = d.interval(EQUIVALENCE_LEVEL)
+    return -margin < lo and hi < margin
+
+
+def clears_zero(d: Difference, expected: str) -> tuple[bool, bool]:
+    """(on the side `expected` ('>' or '<'), on the other side): where d's 95% interval excludes 0."""
+    lo, hi = d.interval(DIRECTION_LEVEL)
+    return (lo > 0, hi < 0) if expected == ">" else (hi < 0, lo > 0)
+
+
 def judge(d: Difference, rule: str, margin: float, expected: str = ">") -> tuple[str, str]:
     """(verdict, the reason in words) of a claim about d under `rule` (direction | equivalence | at most) with
     `margin`; `expected` is the paper's side ('>' or '<') of a direction claim."""
@@ -211,7 +223,7 @@ def judge(d: Difference, rule: str, margin: float, expected: str = ">") -> tuple
         why = "one seed measures no training noise" if d.n == 1 else "no standard error over seeds"
         return "inconclusive", why
     lo, hi = d.interval(EQUIVALENCE_LEVEL)
-    inside, below, above = -margin < lo and hi < margin, hi < -margin, lo > margin
+    inside, below, above = inside_margin(d, margin), hi < -margin, lo > margin
     if rule == "equivalence":
         if inside:
             return "yes", "90% interval inside ±margin"
@@ -224,8 +236,7 @@ def judge(d: Difference, rule: str, margin: float, expected: str = ">") -> tuple
         if lo > margin:
             return "no", "90% interval above the margin"
         return "inconclusive", "90% interval contains the margin"
-    lo95, hi95 = d.interval(DIRECTION_LEVEL)
-    right, wrong = (lo95 > 0, hi95 < 0) if expected == ">" else (hi95 < 0, lo95 > 0)
+    right, wrong = clears_zero(d, expected)
     if wrong:
         return "no", "95% interval excludes 0 on the other side"
     # The margin decides before significance: an effect shown smaller than the smallest that counts is a "no"
