@@ -129,15 +129,55 @@ def test_moe_positions_follow_moe_every() -> None:
     assert kinds(0) == [False] * 8
 
 
-def test_classifier_ignores_padding() -> None:
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dense_stacking", [False, True])
+def test_classifier_ignores_padding(causal: bool, dense_stacking: bool) -> None:
+    """An example's logits are those of the example alone, however much padding its batch adds, and its loss's
+    gradients (MoE losses included) do not change when the batch is padded further."""
     torch.manual_seed(0)
-    model = ClassifierModel(TINY, replace(MOE, train_capacity_factor=None, eval_capacity_factor=None), 258, 3)
+    cfg = replace(TINY, num_layers=4, causal=causal, dense_stacking=dense_stacking)
+    model = ClassifierModel(cfg, replace(MOE, train_capacity_factor=None, eval_capacity_factor=None), 258, 3, "last")
+    lengths = [10, 4, 7]
+    examples = [torch.randint(0, 256, (n,)) for n in lengths]
+
+    def batch(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((len(examples), width), 257)
+        for row, x in enumerate(examples):
+            ids[row, : len(x)] = x
+        return ids, ids != 257
+
     model.eval()
-    ids = torch.randint(0, 256, (1, 10))
-    padded = torch.cat([ids, torch.full((1, 6), 257)], dim=1)
-    mask = torch.cat([torch.ones(1, 10, dtype=torch.bool), torch.zeros(1, 6, dtype=torch.bool)], dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids), model(padded, mask), rtol=1e-4, atol=1e-5)
+        alone = torch.cat([model(x[None]) for x in examples])
+        for width in (10, 16):
+            torch.testing.assert_close(model(*batch(width)), alone, rtol=1e-4, atol=1e-5)
+
+    model.train()
+    labels = torch.tensor([0, 2, 1])
+    grads = []
+    for width in (10, 16):
+        model.zero_grad()
+        ids, mask = batch(width)
+        model.losses(ids, labels, mask).total.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for short, long in zip(*grads, strict=True):
+        torch.testing.assert_close(short, long, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_takes_no_projection_or_ffn_work() -> None:
+    """Every position-wise layer (attention's projections, dense and stacked FFNs, experts) sees only a padded
+    batch's real tokens."""
+    torch.manual_seed(0)
+    model = ClassifierModel(replace(TINY, dense_stacking=True), MOE, 258, 2)
+    rows: dict[str, int] = {}
+    block = model.transformer.blocks[1]  # the MoE block, with a stacked dense FFN
+    for name, module in [("qkv", block.attn.qkv), ("out", block.attn.out), ("stacked", block.stacked),
+                         ("dense", model.transformer.blocks[0].ffn), ("moe", block.ffn)]:  # fmt: skip
+        module.register_forward_hook(lambda m, args, out, name=name: rows.update({name: args[0].numel() // 32}))
+    ids = torch.randint(0, 256, (3, 9))
+    mask = torch.arange(9)[None, :] < torch.tensor([[9], [2], [5]])
+    model(ids, mask)
+    assert rows == dict.fromkeys(["qkv", "out", "stacked", "dense", "moe"], 16)
 
 
 def test_output_z_loss_is_added() -> None:

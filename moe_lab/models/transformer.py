@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,6 +31,21 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     return RMSNorm(dim) if kind == "rmsnorm" else nn.LayerNorm(dim)
 
 
+def on_real_tokens(
+    fn: Callable[[torch.Tensor], torch.Tensor], x_BSD: torch.Tensor, pad_mask_BS: torch.Tensor | None
+) -> torch.Tensor:
+    """A position-wise `fn` (rows [N, D] -> [N, W]) over the real tokens of x_BSD only, zeros at the padded
+    positions; over every position when there is no mask. A classifier reads the real tokens alone (and a causal
+    model's real tokens never attend to the padding on their right), so the padding's rows, about half of a
+    fine-tuning batch of sentences padded to its longest, are work that changes nothing."""
+    if pad_mask_BS is None:
+        return fn(x_BSD)
+    y_NW = fn(x_BSD[pad_mask_BS])
+    y_BSW = y_NW.new_zeros(*pad_mask_BS.shape, y_NW.shape[-1])
+    y_BSW[pad_mask_BS] = y_NW
+    return y_BSW
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, causal or bidirectional, with an optional padding mask."""
 
@@ -43,7 +59,9 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).unbind(2)
+        # the projections run on the real tokens only (padded positions get zero queries, keys and values)
+        qkv = on_real_tokens(self.qkv, x_BSD, pad_mask_BS)
+        q, k, v = qkv.view(B, S, 3, self.num_heads, D // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask = None
         # True = real token. Padding is on the right, so a causal model never attends to it anyway;
@@ -54,7 +72,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
-        return self.out(y.transpose(1, 2).reshape(B, S, D))
+        return on_real_tokens(self.out, y.transpose(1, 2).reshape(B, S, D), pad_mask_BS)
 
 
 class DenseFFN(nn.Module):
@@ -86,17 +104,15 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm_attn(x), pad_mask))
         h = self.norm_ffn(x)
-        if not isinstance(self.ffn, MoELayer):
-            y = self.ffn(h)
-        elif pad_mask is not None:
+        if isinstance(self.ffn, MoELayer):
             # padding must not take expert capacity or count in the routing metrics: route real tokens only
-            y = torch.zeros_like(h)
-            y[pad_mask] = self.ffn(h[pad_mask], None if ids is None else ids[pad_mask])
+            real_ids = ids if ids is None or pad_mask is None else ids[pad_mask]
+            y = on_real_tokens(lambda h_ND: self.ffn(h_ND, real_ids), h, pad_mask)
         else:
-            y = self.ffn(h, ids)
+            y = on_real_tokens(self.ffn, h, pad_mask)
         x = x + self.drop(y)
         if self.stacked is not None:
-            x = x + self.drop(self.stacked(self.norm_stacked(x)))
+            x = x + self.drop(on_real_tokens(self.stacked, self.norm_stacked(x), pad_mask))
         return x
 
 
