@@ -14,13 +14,13 @@ import torch
 from rich.console import Console
 
 from moe_lab.config import ModelConfig, TaskConfig, compose_finetune, to_run_config
-from moe_lab.data.tasks import build_classification_data
+from moe_lab.data.tasks import ClassificationData, build_classification_data
 from moe_lab.data.tokenizers import ByteTokenizer
 from moe_lab.models import ClassifierModel
 from moe_lab.moe import MoEConfig
 from moe_lab.paths import records_path
 from moe_lab.report.results import final_examples
-from moe_lab.train.finetune import macro_f1
+from moe_lab.train.finetune import ClassificationTask, macro_f1
 from moe_lab.train.freeze import PRESETS, apply_freeze, parameter_kinds
 from tests.conftest import SHARED, needs_shared, run_cli, signal_at_first_checkpoint
 from tests.test_pretrain import pretrain
@@ -411,3 +411,13 @@ def test_a_fine_tuning_resumes_only_on_the_base_weights_it_began_on(pretrained: 
     assert result.returncode == 0 and "resumed from" in result.stdout, result.stdout + result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["pretrained_weights"] == weights
+
+
+def test_the_padding_mask_comes_from_lengths_not_the_pad_token() -> None:
+    """A tokenizer whose pad is its eos (transformers' fallback) may put that token inside a text: it stays a real
+    token, and only what collation adds is padding."""
+    pad = 7
+    data = ClassificationData([[1, pad, 2], [3]], torch.tensor([0, 1]), [[4]], torch.tensor([0]), 2, ["a", "b"])
+    batch = ClassificationTask(data, batch_size=2, seed=0, pad_id=pad, train_eval=1).train_batch(0, torch.device("cpu"))
+    rows = sorted(zip(batch["ids"].tolist(), batch["mask"].tolist(), strict=True))
+    assert rows == [([1, pad, 2], [True, True, True]), ([3, pad, pad], [True, False, False])]

@@ -26,7 +26,7 @@ from moe_lab.track import RunLogger
 from moe_lab.train.loop import Trainer, train
 from moe_lab.train.optim import UpdateClipper, lr_lambda
 from moe_lab.train.pretrain import LMTask
-from tests.conftest import HostReads
+from tests.conftest import DeviceSyncs, HostReads
 
 TINY = ModelConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32, moe_every=2)
 MOE = MoEConfig(d_model=32, d_ff=64, num_experts=4, top_k=2)
@@ -131,12 +131,13 @@ def test_moe_positions_follow_moe_every() -> None:
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("dense_stacking", [False, True])
-def test_classifier_ignores_padding(causal: bool, dense_stacking: bool) -> None:
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_classifier_ignores_padding(causal: bool, dense_stacking: bool, pooling: str) -> None:
     """An example's logits are those of the example alone, however much padding its batch adds, and its loss's
     gradients (MoE losses included) do not change when the batch is padded further."""
     torch.manual_seed(0)
     cfg = replace(TINY, num_layers=4, causal=causal, dense_stacking=dense_stacking)
-    model = ClassifierModel(cfg, replace(MOE, train_capacity_factor=None, eval_capacity_factor=None), 258, 3, "last")
+    model = ClassifierModel(cfg, replace(MOE, train_capacity_factor=None, eval_capacity_factor=None), 258, 3, pooling)
     lengths = [10, 4, 7]
     examples = [torch.randint(0, 256, (n,)) for n in lengths]
 
@@ -178,6 +179,22 @@ def test_padding_takes_no_projection_or_ffn_work() -> None:
     mask = torch.arange(9)[None, :] < torch.tensor([[9], [2], [5]])
     model(ids, mask)
     assert rows == dict.fromkeys(["qkv", "out", "stacked", "dense", "moe"], 16)
+
+
+def test_padding_costs_one_host_read_per_forward() -> None:
+    """Skipping the padding finds the real tokens once per forward (on CUDA a host read) and moves them with
+    index ops, which read nothing: with the grouped_mm backend (no reads of its own) a padded forward and backward
+    wait for the device once more than an unpadded one, however many blocks."""
+    torch.manual_seed(0)
+    moe = replace(MOE, backend="grouped_mm", train_capacity_factor=None, eval_capacity_factor=None)
+    model = ClassifierModel(replace(TINY, num_layers=4, dense_stacking=True), moe, 258, 2)
+    ids = torch.randint(0, 256, (3, 9))
+    syncs = []
+    for mask in (None, torch.arange(9)[None, :] < torch.tensor([[9], [2], [5]])):
+        with DeviceSyncs() as counted:
+            model.losses(ids, torch.tensor([0, 1, 0]), mask).total.backward()
+        syncs.append(counted.ops)
+    assert sorted(syncs[1]) == sorted([*syncs[0], "aten.nonzero.default"])
 
 
 def test_output_z_loss_is_added() -> None:

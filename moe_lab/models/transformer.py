@@ -31,19 +31,25 @@ def make_norm(kind: str, dim: int) -> nn.Module:
     return RMSNorm(dim) if kind == "rmsnorm" else nn.LayerNorm(dim)
 
 
+def real_tokens(pad_mask_BS: torch.Tensor | None) -> torch.Tensor | None:
+    """The flat indices of a padded batch's real tokens (one host read on CUDA, once per forward), or None."""
+    return None if pad_mask_BS is None else pad_mask_BS.flatten().nonzero().squeeze(1)
+
+
 def on_real_tokens(
-    fn: Callable[[torch.Tensor], torch.Tensor], x_BSD: torch.Tensor, pad_mask_BS: torch.Tensor | None
+    fn: Callable[[torch.Tensor], torch.Tensor], x_BSD: torch.Tensor, real_N: torch.Tensor | None
 ) -> torch.Tensor:
-    """A position-wise `fn` (rows [N, D] -> [N, W]) over the real tokens of x_BSD only, zeros at the padded
-    positions; over every position when there is no mask. A classifier reads the real tokens alone (and a causal
-    model's real tokens never attend to the padding on their right), so the padding's rows, about half of a
-    fine-tuning batch of sentences padded to its longest, are work that changes nothing."""
-    if pad_mask_BS is None:
+    """A position-wise `fn` (rows [N, D] -> [N, W]) over the real tokens of x_BSD only (`real_tokens`), zeros at
+    the padded positions; over every position when there is no padding. A classifier reads the real tokens alone
+    (and a causal model's real tokens never attend to the padding on their right), so the padding's rows, about
+    half of a fine-tuning batch of sentences padded to its longest, are work that changes nothing. Index ops, not
+    boolean masks: they read nothing on the host."""
+    if real_N is None:
         return fn(x_BSD)
-    y_NW = fn(x_BSD[pad_mask_BS])
-    y_BSW = y_NW.new_zeros(*pad_mask_BS.shape, y_NW.shape[-1])
-    y_BSW[pad_mask_BS] = y_NW
-    return y_BSW
+    *lead, D = x_BSD.shape
+    y_NW = fn(x_BSD.reshape(-1, D).index_select(0, real_N))
+    y_TW = y_NW.new_zeros(x_BSD.numel() // D, y_NW.shape[-1]).index_copy(0, real_N, y_NW)
+    return y_TW.view(*lead, -1)
 
 
 class Attention(nn.Module):
@@ -57,10 +63,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, pad_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, pad_mask_BS: torch.Tensor | None = None, real_N: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, S, D = x_BSD.shape
+        if real_N is None:
+            real_N = real_tokens(pad_mask_BS)
         # the projections run on the real tokens only (padded positions get zero queries, keys and values)
-        qkv = on_real_tokens(self.qkv, x_BSD, pad_mask_BS)
+        qkv = on_real_tokens(self.qkv, x_BSD, real_N)
         q, k, v = qkv.view(B, S, 3, self.num_heads, D // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask = None
@@ -72,7 +82,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )  # fmt: skip
-        return on_real_tokens(self.out, y.transpose(1, 2).reshape(B, S, D), pad_mask_BS)
+        return on_real_tokens(self.out, y.transpose(1, 2).reshape(B, S, D), real_N)
 
 
 class DenseFFN(nn.Module):
@@ -100,19 +110,26 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
+        real_N: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm_attn(x), pad_mask))
+        """`real_N`: `real_tokens(pad_mask)`, computed here when not given."""
+        if real_N is None:
+            real_N = real_tokens(pad_mask)
+        x = x + self.drop(self.attn(self.norm_attn(x), pad_mask, real_N))
         h = self.norm_ffn(x)
         if isinstance(self.ffn, MoELayer):
             # padding must not take expert capacity or count in the routing metrics: route real tokens only
-            real_ids = ids if ids is None or pad_mask is None else ids[pad_mask]
-            y = on_real_tokens(lambda h_ND: self.ffn(h_ND, real_ids), h, pad_mask)
+            real_ids = ids if ids is None or real_N is None else ids.flatten().index_select(0, real_N)
+            y = on_real_tokens(lambda h_ND: self.ffn(h_ND, real_ids), h, real_N)
         else:
-            y = on_real_tokens(self.ffn, h, pad_mask)
+            y = on_real_tokens(self.ffn, h, real_N)
         x = x + self.drop(y)
         if self.stacked is not None:
-            x = x + self.drop(on_real_tokens(self.stacked, self.norm_stacked(x), pad_mask))
+            x = x + self.drop(on_real_tokens(self.stacked, self.norm_stacked(x), real_N))
         return x
 
 
@@ -158,8 +175,9 @@ class Transformer(nn.Module):
         if self.cfg.max_seq_len < S:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.drop(self.embed(ids_BS) + self.pos(torch.arange(S, device=ids_BS.device)))
+        real_N = real_tokens(pad_mask_BS)
         for block in self.blocks:
-            x = block(x, pad_mask_BS, ids_BS)
+            x = block(x, pad_mask_BS, ids_BS, real_N)
         return self.norm(x)
 
 

@@ -54,7 +54,10 @@ class ClassificationTask:
         batch = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         for row, x in enumerate(ids):
             batch[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-        return batch.to(device), (batch != self.pad_id).to(device)
+        # the mask from the lengths, not from pad_id: a tokenizer whose pad is its eos (a transformers fallback)
+        # may put that token inside a text
+        lengths = torch.tensor([len(x) for x in ids])
+        return batch.to(device), (torch.arange(width)[None, :] < lengths[:, None]).to(device)
 
     def train_batch(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
         epoch, j = divmod(index, self.batches_per_epoch)
