@@ -66,10 +66,9 @@ class Attention(nn.Module):
     def forward(
         self, x_BSD: torch.Tensor, pad_mask_BS: torch.Tensor | None = None, real_N: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """`real_N` (`real_tokens(pad_mask_BS)`, which Block passes): the projections run on those tokens only
+        (padded positions get zero queries, keys and values); None runs them on every position."""
         B, S, D = x_BSD.shape
-        if real_N is None:
-            real_N = real_tokens(pad_mask_BS)
-        # the projections run on the real tokens only (padded positions get zero queries, keys and values)
         qkv = on_real_tokens(self.qkv, x_BSD, real_N)
         q, k, v = qkv.view(B, S, 3, self.num_heads, D // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

@@ -50,13 +50,13 @@ class ClassificationTask:
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _collate(self, ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(1, max(len(x) for x in ids))
+        lengths = torch.tensor([len(x) for x in ids])
+        width = max(1, int(lengths.max()))
         batch = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
         for row, x in enumerate(ids):
             batch[row, : len(x)] = torch.tensor(x, dtype=torch.long)
         # the mask from the lengths, not from pad_id: a tokenizer whose pad is its eos (a transformers fallback)
         # may put that token inside a text
-        lengths = torch.tensor([len(x) for x in ids])
         return batch.to(device), (torch.arange(width)[None, :] < lengths[:, None]).to(device)
 
     def train_batch(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
