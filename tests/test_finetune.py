@@ -14,8 +14,9 @@ import torch
 from rich.console import Console
 
 from moe_lab.config import ModelConfig, TaskConfig, compose_finetune, to_run_config
-from moe_lab.data.tasks import ClassificationData, build_classification_data
-from moe_lab.data.tokenizers import ByteTokenizer
+from moe_lab.data.synthetic import generate_documents
+from moe_lab.data.tasks import ClassificationData, build_classification_data, polarity_task
+from moe_lab.data.tokenizers import ByteTokenizer, train_bpe
 from moe_lab.models import ClassifierModel
 from moe_lab.moe import MoEConfig
 from moe_lab.paths import records_path
@@ -76,6 +77,20 @@ def test_synthetic_tasks_share_validation_and_differ_in_size(tmp_path: Path, mon
     assert a.train_ids == b.train_ids[:250]
     assert not set(map(tuple, a.val_ids)) & set(map(tuple, b.train_ids))  # no validation sentence in training
     assert 0.35 < b.train_labels.float().mean().item() < 0.65  # roughly balanced
+
+
+def test_a_polarity_cloze_is_read_up_to_where_its_cue_would_start(tmp_path: Path, monkeypatch) -> None:
+    cfg = replace(task_config("polarity-small", monkeypatch), synthetic_train=20, synthetic_val=30)
+    train, val = polarity_task(20, 30, 4)
+    assert all(text.endswith(" ") for text in [*train["text"], *val["text"]])
+    data = build_classification_data(cfg, ByteTokenizer(), str(tmp_path), seed=0)
+    # bytes: the space is the token before every word, so it stays (the committed byte results stand)
+    assert [bytes(ids).decode() for ids in data.val_ids] == list(val["text"])
+    bpe = train_bpe(generate_documents(200, seed=0, valence_cues=True)["text"], 600)
+    data = build_classification_data(cfg, bpe, str(tmp_path), seed=0)
+    # a BPE starts the cue with its space: the example ends on the word before it, not on a lone space token
+    assert [bpe.decode(ids) for ids in data.val_ids] == [text[:-1] for text in val["text"]]
+    assert sorted(bpe.decode(ids) for ids in data.train_ids) == sorted(text[:-1] for text in train["text"])
 
 
 def _model() -> ClassifierModel:

@@ -7,8 +7,17 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from moe_lab.data.synthetic import CATEGORIES, char_categories, generate_documents, token_categories
+from moe_lab.data.synthetic import (
+    CATEGORIES,
+    NEGATIVE_CUES,
+    POSITIVE_CUES,
+    char_categories,
+    generate_documents,
+    token_categories,
+)
 from moe_lab.data.tokenizers import (
     KINDS,
     BPETokenizer,
@@ -16,6 +25,7 @@ from moe_lab.data.tokenizers import (
     HFTokenizer,
     Tokenizer,
     build_tokenizer,
+    encode_context,
     token_text,
     train_bpe,
 )
@@ -87,6 +97,27 @@ def test_bpe_round_trips_and_compresses(bpe: BPETokenizer) -> None:
     assert bpe.vocab_size == 600
     assert len({bpe.eos_id, bpe.pad_id}) == 2 and max(bpe.eos_id, bpe.pad_id) < bpe.vocab_size
     assert bpe.decode([bpe.eos_id, *bpe.encode("the end"), bpe.pad_id]) == "the end"
+
+
+@given(st.text(max_size=40))
+def test_a_byte_context_is_its_bytes_trailing_space_and_all(text: str) -> None:
+    assert encode_context(ByteTokenizer(), text) == ByteTokenizer().encode(text)
+
+
+def test_a_bpe_context_ends_on_its_last_word_where_the_next_word_begins(bpe: BPETokenizer) -> None:
+    from moe_lab.data.tasks import polarity_task
+
+    clozes = polarity_task(0, 40, 4)[1]["text"]  # "what a wuky and ": cut before the cue word
+    assert all(text.endswith(" ") for text in clozes)
+    for text in clozes:
+        context = encode_context(bpe, text)
+        assert bpe.decode(context) == text[:-1]
+        assert bpe.encode(text)[:-1] == context and bpe.decode(bpe.encode(text)[-1:]) == " "  # encode: a lone space
+        for cue in (*POSITIVE_CUES, *NEGATIVE_CUES):
+            full = bpe.encode(text + cue)
+            # the context's tokens are the ones the sentence has before its cue, and the cue follows whole
+            assert full[: len(context)] == context and bpe.decode(full[len(context) :]) == f" {cue}"
+    assert encode_context(bpe, "the end") == bpe.encode("the end")  # no trailing space: nothing to cut
 
 
 def test_bpe_offsets_give_tokens_the_category_of_their_word(bpe: BPETokenizer) -> None:

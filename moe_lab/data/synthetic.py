@@ -187,9 +187,10 @@ def valenced_adjectives(num_domains: int) -> dict[int, tuple[str, ...]]:
 
 
 def cue_contexts(seed: int, adjectives: dict[int, tuple[int, ...]]) -> Iterator[tuple[str, int]]:
-    """Endless cue sentences cut where their cue word would come (the text ends with the space before it), of
-    domains drawn uniformly from `adjectives` (domain -> indices of its VALENCED adjectives, one of which each
-    sentence teaches): (text, the taught adjective's valence, +1 or -1)."""
+    """Endless cue sentences cut where their cue word would come (the text ends with the space before it, which a
+    BPE reads as the cue's: moe_lab.data.tokenizers.encode_context), of domains drawn uniformly from `adjectives`
+    (domain -> indices of its VALENCED adjectives, one of which each sentence teaches): (text, the taught
+    adjective's valence, +1 or -1)."""
     domains = sorted(adjectives)
     cues = set(POSITIVE_CUES) | set(NEGATIVE_CUES)
     for i in itertools.count():

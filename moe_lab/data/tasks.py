@@ -14,6 +14,7 @@ import torch
 
 from moe_lab.config import TaskConfig
 from moe_lab.data.sources import data_files, load_files
+from moe_lab.data.tokenizers import encode_context
 from moe_lab.hub import require_hub
 
 
@@ -208,7 +209,9 @@ def build_classification_data(
 
     def encode(ds: datasets.Dataset) -> tuple[list[list[int]], torch.Tensor]:
         texts = [" | ".join(str(row[c]) for c in cfg.text_columns) for row in ds]
-        ids = [x[: cfg.max_len] for x in tokenizer.encode_batch(texts)]
+        # a text ending in whitespace is read as the context before its next word (a polarity cloze; SST-2)
+        encoded = zip(texts, tokenizer.encode_batch(texts), strict=True)
+        ids = [(encode_context(tokenizer, t) if t[-1:].isspace() else x)[: cfg.max_len] for t, x in encoded]
         raw = ds[cfg.label_column]
         if by_name:
             text = [v if isinstance(v, str) or v is None else str(v) for v in raw]

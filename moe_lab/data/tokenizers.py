@@ -191,6 +191,25 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
+def encode_context(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The tokens of `text` as a language model reads them just before the word that would follow it.
+
+    A text ending in whitespace (a cloze cut before its answer, or GLUE's SST-2 sentences) loses the tokens that
+    would reach past its end once a word followed: a BPE that starts each word with its space (GPT-2's, ours) then
+    ends on the last word, where its pretraining predicted the next one, not on a lone space token it never saw
+    end a context; a byte tokenizer keeps the space, the byte before every word. The next word is probed with
+    "the", which any BPE trained on English-like text merges with its space (a rare letter might not be: a
+    space the next word does not take stays). Fact recall splits a prompt from its answer the same way
+    (moe_lab.train.recall). Other texts, and tokenizers without character offsets: `encode`."""
+    if not text[-1:].isspace():
+        return tokenizer.encode(text)
+    try:
+        ids, offsets = tokenizer.encode_with_offsets(text + "the")
+    except NotImplementedError:  # a slow transformers tokenizer has no offsets
+        return tokenizer.encode(text)
+    return ids[: next((i for i, (_, end) in enumerate(offsets) if end > len(text)), len(ids))]
+
+
 def _json_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     return path / "tokenizer.json" if path.is_dir() else path
