@@ -9,7 +9,9 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
+from moe_lab.config import ModelConfig
 from moe_lab.data import synthetic, tasks
 from moe_lab.data.facts import VALUE_CATEGORIES
 from moe_lab.data.synthetic import (
@@ -20,8 +22,13 @@ from moe_lab.data.synthetic import (
     load_synthetic,
     token_categories,
 )
+from moe_lab.data.tokenizers import ByteTokenizer, encode_context, train_bpe
+from moe_lab.models import LanguageModel
+from moe_lab.moe import MoEConfig
+from moe_lab.train.recall import ValenceRecall
 
 CAT = {name: i for i, name in enumerate(CATEGORIES)}
+
 # Written out here rather than imported, so the test checks the labels against English, not against itself.
 _ENGLISH_FUNCTION_WORDS = """
 the a an this that these those every each some any no its their his her it they he she we of in on at to with
@@ -225,3 +232,78 @@ def test_the_polarity_task_asks_about_adjectives_its_small_training_set_never_sh
             assert text.endswith(" ") and not set(text.split()) & set(synthetic.POSITIVE_CUES + synthetic.NEGATIVE_CUES)
             assert label == int(synthetic.valence(adjective) > 0)
     assert 0.4 < sum(val["label"]) / len(val) < 0.65
+
+
+# --- valence recall: what a pretrained model learnt of the cue sentences --------------------------------------------
+
+
+class _ValenceOracle(torch.nn.Module):
+    """Puts a logit of 5 on each next token of the rows whose cue word has the valence of its sentence, flipped for
+    the sentences in `wrong`, and 0 everywhere else (byte vocabulary)."""
+
+    def __init__(self, recall: ValenceRecall, wrong: set[int]) -> None:
+        super().__init__()
+        self.rows = {tuple(r.tolist()): i for i, r in enumerate(recall.ids_RL[:, :-1])}
+        self.recall, self.wrong = recall, wrong
+
+    def forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*ids_BS.shape, 258)
+        words = len(self.recall.words)
+        for b, row in enumerate(ids_BS):
+            r = self.rows[tuple(row.tolist())]
+            sentence, word = divmod(r, words)
+            pleasant = (word < self.recall.positive) == (self.recall.signs[sentence] > 0)
+            if pleasant != (sentence in self.wrong):
+                nxt = self.recall.ids_RL[r, 1:]
+                logits[b, torch.arange(len(nxt)), nxt] = 5.0
+        return logits
+
+
+def test_valence_recall_scores_the_cue_words_after_each_sentence() -> None:
+    taught = {d: tuple(range(len(ws))) for d, ws in synthetic.valenced_adjectives(4).items()}
+    sentences = list(itertools.islice(synthetic.cue_contexts(3, taught), 9))
+    recall = ValenceRecall(sentences, ByteTokenizer(), max_len=128)
+    cues = (*synthetic.POSITIVE_CUES, *synthetic.NEGATIVE_CUES)
+    # a row per (sentence, cue word): eos + sentence + word, the word's bytes scored and nothing else
+    for r, (ids, scored) in enumerate(zip(recall.ids_RL, recall.scored_RL, strict=True)):
+        text, word = sentences[r // len(cues)][0], cues[r % len(cues)]
+        length = 1 + len((text + word).encode())
+        assert bytes(ids[1:length].tolist()).decode() == text + word
+        assert scored.nonzero().flatten().tolist() == list(range(length - 1 - len(word), length - 1))
+    out, records = recall.evaluate(_ValenceOracle(recall, set()), torch.device("cpu"), batch_size=5)
+    assert out["valence_recall"] == 1.0
+    out, records = recall.evaluate(_ValenceOracle(recall, {2, 7}), torch.device("cpu"), batch_size=5)
+    assert out["valence_recall"] == pytest.approx(7 / 9)
+    assert records["hit"].tolist() == [int(n not in (2, 7)) for n in range(9)]
+    assert records["valence"].tolist() == [sign for _, sign in sentences]
+    assert ((records["log_odds"] > 0) == (records["valence"] > 0)).tolist() == records["hit"].astype(bool).tolist()
+    # a model of a shorter context reads each sentence from its end, the cue word whole
+    short = ValenceRecall(sentences, ByteTokenizer(), max_len=20)
+    assert short.ids_RL.shape[1] == 21
+    for r, (ids, scored) in enumerate(zip(short.ids_RL, short.scored_RL, strict=True)):
+        text, word = sentences[r // len(cues)][0], cues[r % len(cues)]
+        row = [256, *(text + word).encode()][-21:]
+        assert ids[: len(row)].tolist() == row
+        assert scored.nonzero().flatten().tolist() == list(range(len(row) - 1 - len(word), len(row) - 1))
+
+
+def test_valence_recall_matches_each_word_scored_alone_on_a_bpe_model() -> None:
+    torch.manual_seed(0)
+    bpe = train_bpe(synthetic.generate_documents(200, seed=0, valence_cues=True)["text"], 600)
+    cfg = ModelConfig(d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=64, moe_every=2)
+    model = LanguageModel(cfg, MoEConfig(d_model=32, d_ff=64, num_experts=4, train_capacity_factor=None), 600)
+    taught = {d: tuple(range(len(ws))) for d, ws in synthetic.valenced_adjectives(4).items()}
+    sentences = list(itertools.islice(synthetic.cue_contexts(3, taught), 6))
+    _, records = ValenceRecall(sentences, bpe, max_len=64).evaluate(model, torch.device("cpu"), batch_size=7)
+    expected = []
+    with torch.no_grad():
+        for text, _ in sentences:
+            start = 1 + len(encode_context(bpe, text))  # the cue word's first token, after eos + the context
+            scores = []
+            for word in (*synthetic.POSITIVE_CUES, *synthetic.NEGATIVE_CUES):
+                ids = torch.tensor([bpe.eos_id, *bpe.encode(text + word)])
+                logp = model(ids[None, :-1])[0].log_softmax(-1)
+                scores.append(sum(logp[t - 1, ids[t]] for t in range(start, len(ids))))
+            score = torch.stack(scores)
+            expected.append(float(score[:4].logsumexp(0) - score[4:].logsumexp(0)))
+    assert records["log_odds"].tolist() == pytest.approx(expected, abs=1e-4)

@@ -23,6 +23,7 @@ from moe_lab.paths import records_path
 from moe_lab.report.results import final_examples
 from moe_lab.train.finetune import ClassificationTask, macro_f1
 from moe_lab.train.freeze import PRESETS, apply_freeze, parameter_kinds
+from moe_lab.train.recall import VALENCE_SENTENCES
 from tests.conftest import SHARED, needs_shared, run_cli, signal_at_first_checkpoint
 from tests.test_pretrain import pretrain
 from tests.test_run_safety import assert_one_line_error
@@ -303,6 +304,18 @@ def test_a_facts_task_asks_about_the_pretrained_corpus_people_and_refuses_a_corp
 @pytest.fixture(scope="module")
 def pretrained_with_cues(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_pretraining(tmp_path_factory, "pretrained-cues", "data.valence_cues=true")
+
+
+def test_a_corpus_that_teaches_valence_has_its_valence_recall_measured(pretrained_with_cues: Path, pretrained: Path):
+    summary = json.loads((pretrained_with_cues / "summary.json").read_text())
+    assert 0.0 <= summary["final_valence_recall"] <= 1.0
+    steps = sorted((pretrained_with_cues / "eval").glob("valence-step*.csv.gz"))
+    assert steps, "no valence records"
+    records = pd.read_csv(steps[-1])
+    assert records["sentence"].tolist() == list(range(VALENCE_SENTENCES)) and set(records["valence"]) == {-1, 1}
+    assert records["hit"].mean() == pytest.approx(summary["final_valence_recall"])
+    assert "final_valence_recall" not in json.loads((pretrained / "summary.json").read_text())
+    assert not list((pretrained / "eval").glob("valence-*"))
 
 
 def test_the_polarity_task_fine_tunes_from_pretraining_or_from_scratch(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -19,7 +20,7 @@ from moe_lab.models import LanguageModel, flops_per_token
 from moe_lab.models.transformer import ModelLosses
 from moe_lab.runs import identity_config
 from moe_lab.train.loop import Evaluation
-from moe_lab.train.recall import FactRecall
+from moe_lab.train.recall import VALENCE_SENTENCES, FactRecall, ValenceRecall
 from moe_lab.train.run import Built, run_training
 
 
@@ -34,9 +35,10 @@ class LMTask:
         eval_batches: int,
         token_name: Callable[[int], str] | None = None,
         recall: FactRecall | None = None,
+        valence: ValenceRecall | None = None,
     ) -> None:
         self.data = data
-        self.recall = recall
+        self.recall, self.valence = recall, valence
         self.token_name = token_name
         self.batch_size = batch_size
         self.seed = seed
@@ -97,7 +99,8 @@ class LMTask:
     def evaluate(self, model: LanguageModel, device: torch.device) -> Evaluation:
         """Cross-entropy and perplexity on the first eval_batches batches of validation (always the same), with
         each sequence's loss as a record ("val": sequence, tokens, loss in nats per token), and fact recall
-        with each query's hit ("facts") where the corpus has facts."""
+        with each query's hit ("facts") where the corpus has facts, and valence recall with each cue sentence's
+        ("valence") where its cue sentences teach valence."""
         val = self.data.val_BS[: self.eval_batches * self.batch_size]
         losses = []
         for start in range(0, val.shape[0], self.batch_size):
@@ -118,6 +121,10 @@ class LMTask:
             metrics, hits = self.recall.evaluate(model, device, self.batch_size)
             out.update(metrics)
             records["facts"] = hits
+        if self.valence is not None:
+            metrics, sentences = self.valence.evaluate(model, device, self.batch_size)
+            out.update(metrics)
+            records["valence"] = sentences
         return Evaluation(out, records)
 
 
@@ -133,6 +140,18 @@ def fact_recall(run: RunConfig, tokenizer) -> FactRecall | None:
     return FactRecall(chosen, tokenizer, run.model.max_seq_len)
 
 
+def valence_recall(run: RunConfig, tokenizer) -> ValenceRecall | None:
+    """VALENCE_SENTENCES cue sentences over every adjective a synthetic corpus with valence cues teaches (a
+    stream of their own, not the polarity tasks'), or None."""
+    if run.data.source != "synthetic" or not run.data.valence_cues:
+        return None
+    from moe_lab.data.synthetic import cue_contexts, valenced_adjectives
+
+    taught = {d: tuple(range(len(ws))) for d, ws in valenced_adjectives(run.data.num_domains).items()}
+    sentences = list(itertools.islice(cue_contexts(3, taught), VALENCE_SENTENCES))
+    return ValenceRecall(sentences, tokenizer, run.model.max_seq_len)
+
+
 def build_pretraining(run: RunConfig) -> Built:
     """The data, language model and next-token task of a pretraining run."""
     if run.train.seq_len > run.model.max_seq_len:
@@ -140,8 +159,10 @@ def build_pretraining(run: RunConfig) -> Built:
     data = build_lm_data(run.data, run.tokenizer, run.train.seq_len)
     model = LanguageModel(run.model, run.moe, data.vocab_size)
     tokenizer = lm_tokenizer(run.data, run.tokenizer)
-    recall = fact_recall(run, tokenizer)
-    task = LMTask(data, run.train.batch_size, run.seed, run.train.eval_batches, partial(token_text, tokenizer), recall)
+    recall, valence = fact_recall(run, tokenizer), valence_recall(run, tokenizer)
+    task = LMTask(
+        data, run.train.batch_size, run.seed, run.train.eval_batches, partial(token_text, tokenizer), recall, valence
+    )
     flops = flops_per_token(run.model, run.moe, data.vocab_size, run.train.seq_len)
     about = (
         f"data: {data.train_tokens:,} train tokens ({data.tokenizer_name}), {data.val_BS.numel():,} val; "
