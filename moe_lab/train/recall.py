@@ -32,7 +32,7 @@ class FactRecall:
             raise ValueError("fact recall needs at least one query")
         self.attributes = [q.attribute for q in queries]
         pairs = [(q.prompt, q.target) for q in queries]
-        self.ids_QL, self.scored_QL = _prompt_rows(pairs, tokenizer, tokenizer.eos_id)
+        self.ids_QL, self.scored_QL = _prompt_rows(pairs, tokenizer)
         if self.ids_QL.shape[1] > max_len + 1:
             raise ValueError(f"a fact query is {self.ids_QL.shape[1]} tokens, more than the model's {max_len} + 1")
 
@@ -67,10 +67,10 @@ class FactRecall:
 
 
 def _prompt_rows(
-    pairs: list[tuple[str, str]], tokenizer: Tokenizer, pad: int, window: int | None = None
+    pairs: list[tuple[str, str]], tokenizer: Tokenizer, window: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [R, L], scored [R, L - 1]) of (prompt, target) pairs, each row an eos then prompt + target, padded with
-    `pad`; scored[r, t] marks the logits at t that predict a target token (the first token reaching into the
+    eos; scored[r, t] marks the logits at t that predict a target token (the first token reaching into the
     target onward: a BPE token may straddle the boundary). A row longer than `window` keeps its last `window`
     tokens, as a model of that context length would read it (the target whole)."""
     rows, starts = [], []
@@ -83,7 +83,7 @@ def _prompt_rows(
             raise ValueError(f"the target {target!r} is longer than a window of {window} tokens")
         rows.append(row[cut:])
         starts.append(start - cut)
-    ids_RL = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    ids_RL = torch.full((len(rows), max(map(len, rows))), tokenizer.eos_id, dtype=torch.long)
     scored_RL = torch.zeros((len(rows), ids_RL.shape[1] - 1), dtype=torch.bool)
     for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
         ids_RL[i, : len(row)] = torch.tensor(row)
@@ -108,7 +108,7 @@ class ValenceRecall:
         self.signs = torch.tensor([sign for _, sign in sentences])
         pairs = [(text, word) for text in self.texts for word in self.words]
         # a sentence longer than the model's context is read from its end: the cue hangs on the last few words
-        self.ids_RL, self.scored_RL = _prompt_rows(pairs, tokenizer, tokenizer.eos_id, window=max_len + 1)
+        self.ids_RL, self.scored_RL = _prompt_rows(pairs, tokenizer, window=max_len + 1)
 
     @torch.no_grad()
     def evaluate(
